@@ -1,0 +1,58 @@
+"""The single entry point ``nemo-lpo <command>``.
+
+Thin on purpose: each command lives in the module that owns it, which exposes
+``register(subparsers)`` adding its sub-parsers with ``set_defaults(func=...)``.
+Command modules must stay cheap to import (import megatron/torch inside ``func``),
+so that ``nemo-lpo --help`` and ``nemo-lpo pack`` do not pay for megatron's import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute commands; a module that does not exist yet is skipped.
+COMMAND_MODULES = (
+    "nemo_lpo.data.cli",  # pack, inspect
+    "nemo_lpo.train.cli",  # train, ref-logps
+    "nemo_lpo.convert.cli",  # convert hf-to-mcore / mcore-to-hf
+    "nemo_lpo.evaluate.cli",  # eval
+    "nemo_lpo.demo.cli",  # demo, reproduce
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every available command registered."""
+    from nemo_lpo import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nemo-lpo",
+        description="Listwise preference optimisation (LPO) on megatron-core.",
+    )
+    parser.add_argument("--version", action="version", version=f"nemo-lpo {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and module_name.startswith(err.name):
+                continue  # the command's module has not been written yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

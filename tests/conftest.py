@@ -1,0 +1,18 @@
+"""Shared pytest fixtures: the real third-party data beside the checkout, and torchrun launching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data (real UltraFeedback, HH-RLHF, AlpacaEval samples); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real third-party data not found at {SHARED_DATA} (only present beside the dev checkout)")
+    return SHARED_DATA
