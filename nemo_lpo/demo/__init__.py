@@ -1,0 +1,1 @@
+"""The embedded default demo: dataset generator, pipeline, plots and the reproduce script."""
