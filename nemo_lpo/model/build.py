@@ -1,0 +1,94 @@
+"""Layer-spec selection (Transformer Engine when it imports, megatron's local spec otherwise) and model building."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_lpo.model.presets import ModelPreset
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine imports here (lazily; a broken TE raises RuntimeError/OSError, not ImportError)."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = None):
+    """The decoder block spec for ``config``: TE's when ``use_te`` (default: when TE imports), local otherwise.
+
+    MoE configs get megatron's MoE layers (SequentialMLP experts on the local path; TE grouped GEMM when
+    TE is used and ``moe_grouped_gemm`` is set). FP8 without TE is an error.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    if use_te is None:
+        use_te = transformer_engine_available()
+    elif use_te and not transformer_engine_available():
+        raise RuntimeError("use_te=True but transformer_engine does not import on this machine")
+    if getattr(config, "fp8", None) and not use_te:
+        raise ValueError(
+            f"fp8={config.fp8!r} needs Transformer Engine, which is not available here "
+            "(or use_te=False was passed); set fp8=None to run in bf16/fp32"
+        )
+    if use_te:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
+                                          vp_stage=vp_stage)
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                      vp_stage=vp_stage)
+
+
+def build_gpt_model(
+    preset: ModelPreset,
+    config,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    use_te: bool | None = None,
+    vp_stage: int | None = None,
+):
+    """Build the megatron GPTModel of ``preset`` for this rank's pipeline stage.
+
+    Needs ``parallel.initialize_parallel`` first. The model is a ``GPTModelWithPositions`` (a GPTModel
+    whose RoPE honours ``position_ids``; same parameters and state dict), with untied input/output
+    embeddings, RoPE θ from the preset, and unpadded vocab (``preset.vocab_size``).
+
+    Args:
+        preset: the architecture.
+        config: ``presets.transformer_config(preset, ...)``.
+        pre_process: this stage holds the embedding (default: first pipeline stage).
+        post_process: this stage holds the output layer (default: last pipeline stage).
+        use_te: force the TE (True) or local (False) layer spec; default: TE when it imports.
+        vp_stage: virtual pipeline stage, if interleaving.
+    """
+    from megatron.core import parallel_state
+
+    from nemo_lpo.model.gpt import GPTModelWithPositions
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if config.num_layers != preset.num_layers:
+        raise ValueError(f"config has {config.num_layers} layers but preset {preset.name} has {preset.num_layers}")
+    if not torch.cuda.is_available() and not config.use_cpu_initialization:
+        raise ValueError("no CUDA here: build with transformer_config(..., use_cpu_initialization=True)")
+    spec = layer_spec(config, use_te=use_te, vp_stage=vp_stage)
+    return GPTModelWithPositions(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=preset.vocab_size,
+        max_sequence_length=preset.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(preset.rotary_base),
+        sliding_window=preset.sliding_window,
+        vp_stage=vp_stage,
+    )

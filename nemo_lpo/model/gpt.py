@@ -1,0 +1,106 @@
+"""megatron's GPTModel with per-token RoPE positions, plus the masks of padded and packed batches.
+
+megatron-core 0.19.2 computes rotary angles from the sequence length only and ignores ``position_ids``
+(see ../shared/notes/megatron-positions-masks.md). Packed batches restart positions at 0 for every
+sequence, so ``GPTModelWithPositions`` rebuilds the angles from the ids it is given. It adds no
+parameters: its state dict and sharded state dict are GPTModel's, key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+
+def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, *, interleaved: bool = False,
+                  interpolation_factor: float | None = None) -> torch.Tensor:
+    """RoPE angles for explicit positions, laid out as megatron's ``RotaryEmbedding.get_emb``.
+
+    Args:
+        position_ids: [B, S] integer positions.
+        inv_freq: [D/2] inverse frequencies (``RotaryEmbedding.inv_freq``).
+        interleaved: megatron's ``rotary_interleaved`` layout.
+        interpolation_factor: megatron's ``seq_len_interpolation_factor`` (positions are divided by it).
+
+    Returns:
+        [S, B, 1, D] angles; ``apply_rotary_pos_emb`` broadcasts them over heads.
+    """
+    positions = position_ids.to(device=inv_freq.device, dtype=inv_freq.dtype)
+    if interpolation_factor is not None:
+        positions = positions / interpolation_factor
+    freqs = positions[..., None] * inv_freq  # [B, S, D/2]
+    if interleaved:
+        emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.transpose(0, 1)[:, :, None, :].contiguous()
+
+
+class GPTModelWithPositions(GPTModel):
+    """GPTModel whose RoPE honours ``position_ids`` (per token, per sequence) when they are given.
+
+    Args:
+        *args: GPTModel's.
+        sliding_window: the architecture's attention window, if any. The local attention path cannot
+            combine a window with an explicit mask, so a forward whose positions reach the window
+            raises instead of silently attending too far.
+        **kwargs: GPTModel's.
+    """
+
+    def __init__(self, *args, sliding_window: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sliding_window = sliding_window
+
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
+                    packed_seq_params=None, padding_mask=None):
+        """GPTModel._preprocess, then the rotary angles replaced by ones built from ``position_ids``."""
+        out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
+                                  inference_context=inference_context, packed_seq_params=packed_seq_params,
+                                  padding_mask=padding_mask)
+        if position_ids is None or self.position_embedding_type != "rope" or out[1] is None:
+            return out
+        if self.sliding_window is not None and int(position_ids.max()) >= self.sliding_window:
+            raise ValueError(
+                f"a sequence reaches position {int(position_ids.max())} but the model's sliding window is "
+                f"{self.sliding_window}: megatron's local attention cannot apply a sliding window together "
+                f"with an explicit mask; use sequences of at most {self.sliding_window} tokens"
+            )
+        rope = self.rotary_pos_emb
+        angles = rotary_angles(position_ids, rope.inv_freq, interleaved=rope.rotary_interleaved,
+                               interpolation_factor=rope.seq_len_interpolation_factor)
+        return (out[0], angles, *out[2:])
+
+
+def causal_padding_mask(seq_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Causal mask of a right-padded batch, True = masked, [N, 1, T, T].
+
+    Padded query rows keep their causal prefix, so no row is fully masked (no NaN); their outputs are
+    excluded by the loss mask.
+    """
+    positions = torch.arange(seq_len, device=seq_lengths.device)
+    future = positions[None, :] > positions[:, None]  # [T, T]: key after query
+    padded_key = positions[None, :] >= seq_lengths[:, None]  # [N, T]
+    mask = future[None] | (padded_key[:, None, :] & ~padded_key[:, :, None])
+    return mask[:, None]
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Block-diagonal causal mask of a packed row, True = masked, [1, 1, S, S].
+
+    Token i may attend to token j iff both lie in the same sequence ``[cu_seqlens[k], cu_seqlens[k+1])``
+    and j <= i. Tail padding past ``cu_seqlens[-1]`` forms its own causal block (its outputs are unused).
+    """
+    positions = torch.arange(seq_len, device=cu_seqlens.device)
+    segment = torch.bucketize(positions, cu_seqlens[1:].to(positions.dtype), right=True)  # [S]
+    same = segment[:, None] == segment[None, :]
+    causal = positions[None, :] <= positions[:, None]
+    return ~(same & causal)[None, None]
+
+
+def padding_token_mask(batch: dict) -> torch.Tensor:
+    """[N, T] bool, True at padding tokens (for MoE routing statistics), for padded or packed batches."""
+    tokens = batch["tokens"]
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    if "cu_seqlens" in batch:
+        return (positions >= batch["cu_seqlens"][-1].to(tokens.device))[None].expand_as(tokens)
+    return positions[None, :] >= batch["seq_lengths"].to(tokens.device)[:, None]
