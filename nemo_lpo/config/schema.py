@@ -1,0 +1,283 @@
+"""The training configuration schema: one dataclass per section, a docstring per field.
+
+Values are validated at construction (``Config.__post_init__``); ``nemo_lpo.config.loader`` builds these
+from layered YAML and ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names its source and the key."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    """The policy model.
+
+    Attributes:
+        preset: Name in ``nemo_lpo.model.presets.PRESETS`` (tiny-mixtral, mixtral-8x7b, mistral-7b, ...).
+        params_dtype: Parameter / compute dtype: fp32 or bf16 (bf16 keeps fp32 main grads and weights).
+        recompute: Activation recompute: none, full (every layer) or selective (attention core).
+        fp8: FP8 format (hybrid or e4m3) with Transformer Engine; None disables FP8.
+        moe_aux_loss_coeff: Router load-balancing loss coefficient; None keeps the preset's value.
+        moe_token_dispatcher: MoE token dispatcher: alltoall or allgather.
+        init_checkpoint: Megatron dist checkpoint of the starting policy (the SFT model, also the
+            reference); None initialises randomly from ``train.seed`` (tests, demo).
+    """
+
+    preset: str = "tiny-mixtral"
+    params_dtype: str = field(default="fp32", metadata=_choices("fp32", "bf16"))
+    recompute: str = field(default="none", metadata=_choices("none", "full", "selective"))
+    fp8: str | None = field(default=None, metadata=_choices("hybrid", "e4m3"))
+    moe_aux_loss_coeff: float | None = None
+    moe_token_dispatcher: str = field(default="alltoall", metadata=_choices("alltoall", "allgather"))
+    init_checkpoint: str | None = None
+
+
+@dataclass
+class ParallelConfig:
+    """The parallel layout; data parallelism is whatever the world size leaves.
+
+    Attributes:
+        tp: Tensor-parallel size.
+        pp: Pipeline-parallel size.
+        ep: Expert-parallel size (MoE models).
+        etp: Expert tensor-parallel size; None means 1 when ep > 1, else tp.
+        sequence_parallel: Shard activations along the sequence over TP (required for MoE with tp > 1).
+        distributed_optimizer: Megatron's DistributedOptimizer (optimizer state sharded over DP).
+        overlap_grad_reduce: Overlap the DP gradient reduce with backward.
+        overlap_param_gather: Overlap the distributed optimizer's parameter all-gather.
+        backend: torch.distributed backend; None picks nccl on GPU and gloo on CPU.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    backend: str | None = field(default=None, metadata=_choices("gloo", "nccl"))
+
+
+@dataclass
+class DataConfig:
+    """The packed listwise dataset and batching.
+
+    Attributes:
+        train_prefix: Prefix of the packed dataset (``nemo-lpo pack`` output); relative paths are
+            resolved against the current directory.
+        global_batch_size: Lists per optimizer step, over all data-parallel ranks.
+        micro_batch_size: Lists per forward/backward micro-batch on one rank.
+        shuffle: Shuffle lists every epoch (seeded by ``seed``).
+        seed: Sampler seed.
+        pad_to_multiple_of: Round the padded sequence length up to this (times tp under sequence parallel).
+        packed: Pack the sequences of a micro-batch back to back (block-diagonal causal mask).
+    """
+
+    train_prefix: str | None = None
+    global_batch_size: int = 4
+    micro_batch_size: int = 1
+    shuffle: bool = True
+    seed: int = 1234
+    pad_to_multiple_of: int = 8
+    packed: bool = False
+
+
+@dataclass
+class LossConfig:
+    """The listwise loss (``nemo_lpo.losses.LOSSES``).
+
+    Attributes:
+        type: Registry name: lpo, lpo_abs, dpo, dpo_pw, ipo, kto, nca, infonca, lipo ...
+        beta: Implicit-reward scale β.
+        length_average: Average token log-probs over the response instead of summing them.
+        options: Extra keyword options of the loss (e.g. preference, alpha, sft_weight).
+    """
+
+    type: str = "lpo"
+    beta: float = 0.1
+    length_average: bool = False
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs μ(y|x) come from.
+
+    Attributes:
+        mode: precomputed (the dataset's sidecar from ``nemo-lpo ref-logps``; no reference model in
+            training) or online (a frozen copy of the starting policy).
+        offload: Online mode: keep the frozen copy on CPU between uses (GPU memory saving).
+        checkpoint: Reference checkpoint; None means ``model.init_checkpoint``.
+    """
+
+    mode: str = field(default="precomputed", metadata=_choices("precomputed", "online"))
+    offload: bool = False
+    checkpoint: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Megatron optimizer and OptimizerParamScheduler.
+
+    Attributes:
+        lr: Peak learning rate.
+        min_lr: Final learning rate of the decay.
+        warmup_steps: Linear warm-up steps from 0.
+        decay_style: constant, linear or cosine.
+        decay_steps: Steps of warm-up + decay; None means the run's total steps.
+        weight_decay: AdamW weight decay.
+        adam_beta1: Adam β1.
+        adam_beta2: Adam β2.
+        adam_eps: Adam ε.
+        clip_grad: Clip the global gradient norm to this (0 disables).
+    """
+
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_style: str = field(default="cosine", metadata=_choices("constant", "linear", "cosine"))
+    decay_steps: int | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run and its seed.
+
+    Attributes:
+        max_steps: Optimizer steps; None means ``epochs`` passes over the dataset.
+        epochs: Passes over the data when ``max_steps`` is None.
+        seed: Seed of initialisation and dropout.
+    """
+
+    max_steps: int | None = None
+    epochs: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron dist checkpoints of the whole training state.
+
+    Attributes:
+        dir: Checkpoint folder; None means ``<logging.run_dir>/checkpoints``.
+        save_interval: Save every N steps (None: only at the end).
+        save_at_end: Save after the last step.
+        keep_last: Keep the newest N checkpoints (0 keeps all).
+        resume: Continue from ``<dir>/latest`` when it exists.
+    """
+
+    dir: str | None = None
+    save_interval: int | None = None
+    save_at_end: bool = True
+    keep_last: int = 2
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics JSONL, console, TensorBoard and W&B.
+
+    Attributes:
+        run_dir: Folder of the run: metrics.jsonl, config.yaml, tensorboard/, checkpoints/.
+        log_interval: Console progress line every N steps (the JSONL gets every step).
+        tensorboard: Write TensorBoard events.
+        wandb_project: W&B project; None disables W&B (imported lazily only when set).
+        wandb_name: W&B run name.
+    """
+
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+
+
+@dataclass
+class Config:
+    """One training / reference-pass run.
+
+    Attributes:
+        name: Name of the run (W&B, console).
+        model: The policy model.
+        parallel: The parallel layout.
+        data: Dataset and batching.
+        loss: The listwise loss.
+        reference: Reference log-prob source.
+        optim: Optimizer and schedule.
+        train: Length and seed.
+        checkpoint: Checkpointing.
+        logging: Logging.
+    """
+
+    name: str = "lpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        """Check the cross-field constraints that single values cannot express."""
+        p, d = self.parallel, self.data
+        for name in ("tp", "pp", "ep"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        if d.micro_batch_size < 1 or d.global_batch_size % d.micro_batch_size:
+            raise ConfigError(
+                f"data.global_batch_size ({d.global_batch_size}) must be a positive multiple of "
+                f"data.micro_batch_size ({d.micro_batch_size})"
+            )
+        if self.loss.beta <= 0:
+            raise ConfigError(f"loss.beta must be > 0, got {self.loss.beta}")
+        if self.optim.lr < 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
+            raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr, got {self.optim.min_lr}, {self.optim.lr}")
+        if p.overlap_param_gather and not p.distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
+        if self.train.max_steps is not None and self.train.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
+
+    def to_dict(self) -> dict:
+        """Return the config as plain nested dicts (YAML / checkpoint friendly)."""
+        return dataclasses.asdict(self)
+
+    def checkpoint_dir(self) -> Path:
+        """Return the checkpoint folder (``checkpoint.dir`` or ``<run_dir>/checkpoints``)."""
+        return Path(self.checkpoint.dir or Path(self.logging.run_dir) / "checkpoints")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Return the data-parallel size the layout leaves at ``world_size``; raise when it does not divide."""
+        model_parallel = self.parallel.tp * self.parallel.pp
+        if world_size % model_parallel:
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp = {model_parallel}")
+        dp = world_size // model_parallel
+        if (dp * self.parallel.tp) % self.parallel.ep:
+            raise ConfigError(f"parallel.ep={self.parallel.ep} must divide dp*tp = {dp * self.parallel.tp}")
+        if self.data.global_batch_size % (self.data.micro_batch_size * dp):
+            raise ConfigError(
+                f"data.global_batch_size ({self.data.global_batch_size}) must be a multiple of "
+                f"micro_batch_size*dp = {self.data.micro_batch_size * dp}"
+            )
+        return dp
+
+
