@@ -1,0 +1,1 @@
+"""Held-out ranking evaluation of a policy checkpoint on a packed listwise dataset."""
