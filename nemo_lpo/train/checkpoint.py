@@ -1,0 +1,188 @@
+"""Megatron dist checkpoints of the whole training state: exact resume, keep-last-N, crash safety, resharding.
+
+Layout under the checkpoint folder::
+
+    step_0000006/        a megatron dist checkpoint (torch_dist): model, optimizer, RNG (sharded), and the
+                         common state (step, scheduler, data position, config, layout)
+    step_0000006.tmp/    a save in progress (renamed when every rank has finished; a crash leaves it behind)
+    latest               the name of the newest COMPLETE checkpoint, written last (temp name + rename)
+
+A ``kill -9`` during a save therefore leaves ``latest`` pointing at the previous checkpoint. Model and
+optimizer state are saved in megatron's reshardable formats (the DistributedOptimizer in
+``fully_sharded_model_space``), so a checkpoint saved under one TP/PP/EP/DP layout loads under another;
+the per-rank RNG state is only restored when the layout is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def layout() -> dict:
+    """This run's parallel layout (sizes), as stored with each checkpoint."""
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+            "world": torch.distributed.get_world_size()}
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (from its ``latest`` marker), or None."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
+    return path
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded() -> object:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state", _rng_state(),
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+         ps.get_data_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+        replica_id=0,
+    )
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feeder, config_dict: dict,
+                    keep_last: int = 0) -> Path:
+    """Save the training state after ``step`` steps under ``root`` (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f"{final.name}.tmp"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step_*.tmp"):  # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    model_sd = lpo.module.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA),
+        "rng": _rng_sharded(),
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "data": feeder.state_dict(),
+        "config": config_dict,
+        "layout": layout(),
+        "format_version": FORMAT_VERSION,
+    }
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = root / f"{LATEST}.tmp"
+        marker_tmp.write_text(final.name + "\n")
+        os.replace(marker_tmp, root / LATEST)  # the checkpoint is complete before `latest` names it
+        if keep_last > 0:
+            done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
+    """Restore the training state saved at ``path``; returns its step. Works across layouts (see module doc)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if common.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a nemo-lpo training checkpoint (format {common.get('format_version')})")
+    same_layout = common["layout"] == layout()
+    model_sd = lpo.module.sharded_state_dict()
+    request = {"model": model_sd,
+               "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}
+    if same_layout:
+        request["rng"] = _rng_sharded()
+    loaded = dist_checkpointing.load(request, str(path))
+    lpo.module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    feeder.load_state_dict(common["data"])
+    if same_layout:
+        _set_rng_state(loaded["rng"])
+    return int(common["step"])
+
+
+def load_model_weights(module, path: str | Path) -> None:
+    """Load only the model weights of a dist checkpoint (a training checkpoint or a converted model).
+
+    Keys are megatron-core's own GPTModel sharded keys, so any TP/PP/EP layout can read any other.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = latest_checkpoint(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    loaded = dist_checkpointing.load(module.sharded_state_dict(), str(path))
+    module.load_state_dict(loaded)
+
+
+def save_model_weights(module, path: str | Path) -> None:
+    """Save only the model weights as a dist checkpoint (e.g. the starting weights of a test run)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(module.sharded_state_dict(), str(path))
+    _barrier()

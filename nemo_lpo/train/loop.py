@@ -1,0 +1,136 @@
+"""The training loop: set up parallel state, model, data, optimizer; resume; step, log, checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nemo_lpo.config import Config, dump_config
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_parallel(cfg: Config) -> None:
+    """Initialise torch.distributed and megatron's groups for ``cfg.parallel`` (gloo on CPU)."""
+    from nemo_lpo.model.parallel import initialize_parallel
+
+    p = cfg.parallel
+    initialize_parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, seed=cfg.train.seed, backend=p.backend)
+    cfg.data_parallel_size(torch.distributed.get_world_size())  # clear error for an impossible layout
+
+
+class Trainer:
+    """Everything one rank needs to train; ``run()`` does the steps (call ``init_parallel`` first).
+
+    Args:
+        cfg: the validated configuration.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        from megatron.core import parallel_state as ps
+
+        from nemo_lpo.train.lpo_model import LPOModel
+        from nemo_lpo.train.metrics import MetricsLogger
+        from nemo_lpo.train.optimizer import build_optimizer, total_steps
+        from nemo_lpo.train.step import BatchFeeder
+
+        self.cfg = cfg
+        self.rank = torch.distributed.get_rank()
+        self.device = _device()
+        self.feeder = BatchFeeder(cfg, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                                  device=self.device)
+        if cfg.reference.mode == "precomputed" and not self.feeder.dataset.has_ref_logps:
+            raise ValueError(f"reference.mode=precomputed but {cfg.data.train_prefix} has no reference log-probs: "
+                             "run `nemo-lpo ref-logps` on it first, or set reference.mode=online")
+        self.lpo = LPOModel(cfg)
+        self.total_steps = total_steps(cfg, self.feeder.steps_per_epoch)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.lpo.model, self.total_steps)
+        self.ckpt_root = cfg.checkpoint_dir()
+        self.step = 0
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.logger = MetricsLogger(self.run_dir, self.total_steps, self.rank, tensorboard=cfg.logging.tensorboard,
+                                    wandb_project=cfg.logging.wandb_project, wandb_name=cfg.logging.wandb_name,
+                                    config=cfg.to_dict(), log_interval=cfg.logging.log_interval)
+
+    def resume(self) -> int:
+        """Load ``<checkpoint dir>/latest`` when resuming is on and it exists; returns the step reached."""
+        from nemo_lpo.train.checkpoint import latest_checkpoint, load_checkpoint
+
+        path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.resume else None
+        if path is not None:
+            self.step = load_checkpoint(path, self.lpo, self.optimizer, self.scheduler, self.feeder)
+            if self.rank == 0:
+                print(f"resumed from {path} at step {self.step}", flush=True)
+        self.logger.truncate_after(self.step)
+        return self.step
+
+    def save(self) -> Path:
+        """Save a checkpoint of the current step (collective)."""
+        from nemo_lpo.train.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.ckpt_root, self.step, self.lpo, self.optimizer, self.scheduler, self.feeder,
+                               self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+
+    def record(self, result, seq_len: int) -> dict:
+        """The metrics line of one step (throughput, and TFLOP/s + MFU on GPU)."""
+        from nemo_lpo.train.metrics import peak_tflops, step_flops
+
+        rec = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "tokens": result.tokens,
+               "tokens_per_s": result.tokens / max(result.step_time, 1e-9), "step_time": result.step_time}
+        rec.update({f"time/{k}": v for k, v in result.timings.items()})
+        peak = peak_tflops()
+        if peak is not None:
+            flops = step_flops(self.lpo.preset, result.tokens, seq_len,
+                               reference_forward=self.lpo.reference is not None,
+                               recompute=self.cfg.model.recompute == "full")
+            tflops = flops / result.step_time / torch.distributed.get_world_size() / 1e12
+            rec.update(tflops_per_gpu=tflops, mfu=tflops / peak)
+        return rec
+
+    def run(self, max_steps: int | None = None) -> dict:
+        """Train up to the run's last step (or ``max_steps``, for tests); returns the last metrics line."""
+        from nemo_lpo.train.step import train_step
+
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        last_step = min(self.total_steps, max_steps or self.total_steps)
+        ck = self.cfg.checkpoint
+        record: dict = {}
+        while self.step < last_step:
+            microbatches = self.feeder.next_global_batch()
+            result = train_step(self.lpo, self.optimizer, self.scheduler, microbatches)
+            self.step += 1
+            record = self.record(result, microbatches[0]["tokens"].shape[1])
+            self.logger.log(self.step, record)
+            if ck.save_interval and self.step % ck.save_interval == 0 and self.step < self.total_steps:
+                self.save()
+        if ck.save_at_end and self.step == self.total_steps and self.step > 0 \
+                and latest_name(self.ckpt_root) != f"step_{self.step:07d}":
+            self.save()
+        self.logger.close()
+        return record
+
+
+def latest_name(root: Path) -> str | None:
+    """Name in ``root/latest``, if any."""
+    marker = Path(root) / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def train(cfg: Config) -> dict:
+    """Run training for ``cfg`` in this process (one rank of torchrun / srun, or a single process)."""
+    from nemo_lpo.model.parallel import destroy_parallel
+
+    init_parallel(cfg)
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume()
+        return trainer.run()
+    finally:
+        destroy_parallel()

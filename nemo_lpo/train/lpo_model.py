@@ -1,0 +1,236 @@
+"""LPOModel: the megatron GPTModel of this pipeline stage, its reference handling and the listwise loss.
+
+What a NeMo model class is to NeMo: it builds the policy (megatron DDP around a GPTModel, a Float16Module
+in between for bf16), the optional online reference (a frozen copy of the starting policy, optionally
+offloaded to CPU between uses), and the ``forward_step`` / loss function that megatron's
+``get_forward_backward_func`` schedules call. Precomputed reference log-probs (``nemo-lpo ref-logps``)
+arrive in the batch as ``ref_logps``; then training holds no reference model.
+
+Loss reduction (DESIGN §1): the loss is the sum of per-list losses over the GLOBAL batch divided by the
+global number of valid lists. Megatron's schedule divides each micro-batch loss by ``num_microbatches``
+and DDP averages gradients over data-parallel ranks, so each micro-batch returns
+``sum(per_list_loss) * num_microbatches * dp_size / global_valid`` and the gradient is exactly that of
+the global mean, for every layout and micro-batch split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+
+from nemo_lpo.config import Config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_transformer_config(cfg: Config):
+    """Return (preset, TransformerConfig) for ``cfg.model`` under ``cfg.parallel``."""
+    from nemo_lpo.model.presets import get_preset, transformer_config
+
+    preset = get_preset(cfg.model.preset)
+    p, m = cfg.parallel, cfg.model
+    dtype = DTYPES[m.params_dtype]
+    extra = {} if m.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": m.moe_aux_loss_coeff}
+    config = transformer_config(
+        preset, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp8=m.fp8,
+        recompute=None if m.recompute == "none" else m.recompute,
+        moe_token_dispatcher_type=m.moe_token_dispatcher, **extra,
+    )
+    return preset, config
+
+
+def _build_module(cfg: Config):
+    from nemo_lpo.model.build import build_gpt_model
+
+    preset, config = build_transformer_config(cfg)
+    module = build_gpt_model(preset, config)
+    if torch.cuda.is_available():
+        module.cuda(torch.cuda.current_device())
+    if config.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        module = Float16Module(config, module)
+    return preset, config, module
+
+
+def count_valid_lists(batch: dict) -> torch.Tensor:
+    """Lists with at least two valid responses (the loss module's notion of a valid list), as a 0-dim tensor."""
+    return (batch["response_mask"].sum(dim=1) >= 2).sum()
+
+
+class LPOModel:
+    """Policy, reference and loss for one rank; needs ``initialize_parallel`` first.
+
+    Args:
+        cfg: the validated run configuration.
+        train: wrap the policy in megatron DDP and build the online reference (when configured); with
+            ``train=False`` only the bare module is built (the reference pass).
+    """
+
+    def __init__(self, cfg: Config, *, train: bool = True) -> None:
+        from megatron.core import parallel_state
+
+        from nemo_lpo.losses import LOSSES
+        from nemo_lpo.train.checkpoint import load_model_weights
+
+        if cfg.loss.type not in LOSSES:
+            import difflib
+
+            close = difflib.get_close_matches(cfg.loss.type, list(LOSSES), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {sorted(LOSSES)}"
+            raise ValueError(f"loss.type: unknown loss {cfg.loss.type!r}{hint}")
+        self.cfg = cfg
+        self.preset, self.config, self.module = _build_module(cfg)
+        if cfg.model.init_checkpoint:
+            load_model_weights(self.module, cfg.model.init_checkpoint)
+        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.reference = None
+        if train and cfg.reference.mode == "online":
+            self.reference = self._build_reference()
+        self.model = self.module
+        if train:
+            self.model = self._wrap_ddp()
+        self.metric_names = self._metric_names()
+
+    def _build_reference(self):
+        from nemo_lpo.train.checkpoint import load_model_weights
+
+        _, _, reference = _build_module(self.cfg)
+        ref_ckpt = self.cfg.reference.checkpoint
+        if ref_ckpt and ref_ckpt != self.cfg.model.init_checkpoint:
+            load_model_weights(reference, ref_ckpt)
+        else:  # same layout, same stage: the policy's starting weights, tensor for tensor
+            reference.load_state_dict(self.module.state_dict(), strict=True)
+        reference.eval()
+        for param in reference.parameters():
+            param.requires_grad_(False)
+        if self.cfg.reference.offload and torch.cuda.is_available():
+            reference.cpu()
+        return reference
+
+    def _wrap_ddp(self):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        p = self.cfg.parallel
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+            use_distributed_optimizer=p.distributed_optimizer,
+            check_for_nan_in_grad=False,
+            bucket_size=None if not p.overlap_grad_reduce else 40_000_000,
+        )
+        ddp = DistributedDataParallel(self.config, ddp_config, self.module)
+        self.config.no_sync_func = ddp.no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        if p.overlap_grad_reduce:
+            self.config.grad_sync_func = ddp.start_grad_sync
+        if p.overlap_param_gather:
+            self.config.param_sync_func = ddp.start_param_sync
+        return ddp
+
+    def _metric_names(self) -> list[str]:
+        """Names the loss reports (same on every rank, whether or not it computes the loss)."""
+        from nemo_lpo.losses import listwise_loss
+
+        zeros = torch.zeros(1, 2)
+        _, metrics = listwise_loss(self.cfg.loss.type, zeros, zeros, torch.tensor([[1.0, 0.0]]),
+                                   torch.ones(1, 2, dtype=torch.bool), self.cfg.loss.beta,
+                                   **self._loss_options({"response_lengths": torch.ones(1, 2, dtype=torch.long)}))
+        return ["loss", *sorted(metrics)]
+
+    def _loss_options(self, batch: dict) -> dict:
+        options = dict(self.cfg.loss.options)
+        if options.get("sft_weight", 0) and "response_lengths" in batch:
+            options["response_lengths"] = batch["response_lengths"]
+        return options
+
+    # ------------------------------------------------------------------ schedule callbacks
+    def forward_step(self, global_valid: torch.Tensor, num_microbatches: int, data_iterator, model):
+        """Megatron ``forward_step_func``: run this stage on the next micro-batch, return the loss callback."""
+        from nemo_lpo.train.logprobs import model_inputs
+
+        batch = next(data_iterator)
+        output = model(**model_inputs(batch, model))
+        return output, partial(self.loss_func, batch, global_valid, num_microbatches)
+
+    def loss_func(self, batch: dict, global_valid: torch.Tensor, num_microbatches: int, output: torch.Tensor):
+        """Return (scaled micro-batch loss, metric SUMS) on the last stage; see the module docstring."""
+        from nemo_lpo.losses import listwise_loss
+        from nemo_lpo.train.logprobs import sequence_logps
+
+        policy = sequence_logps(-output.float(), batch, self.cfg.loss.length_average)
+        reference = batch["ref_logps"].to(policy)
+        per_list, metrics = listwise_loss(self.cfg.loss.type, policy, reference, batch["rewards"].to(policy),
+                                          batch["response_mask"], self.cfg.loss.beta, **self._loss_options(batch))
+        loss_sum = per_list.sum()
+        scale = num_microbatches * self.dp_size / global_valid.clamp(min=1).to(loss_sum)
+        valid = metrics["lists/valid"]
+        sums = {name: (value * valid).detach() for name, value in metrics.items() if name != "lists/valid"}
+        sums["lists/valid"] = valid.detach()
+        sums["loss"] = loss_sum.detach()
+        sums["tokens"] = batch["seq_lengths"].sum().to(loss_sum)
+        return loss_sum * scale, sums
+
+    def reference_forward_step(self, length_average: bool, data_iterator, model):
+        """``forward_step_func`` of the forward-only reference pass: the callback reports [B, K] log-probs."""
+        from nemo_lpo.train.logprobs import model_inputs, sequence_logps
+
+        batch = next(data_iterator)
+        output = model(**model_inputs(batch, model))
+
+        def loss_func(out):
+            logps = sequence_logps(-out.float(), batch, length_average).detach()
+            return torch.zeros((), device=out.device), {"ref_logps": logps}
+
+        return output, loss_func
+
+    # ------------------------------------------------------------------ reference
+    @contextlib.contextmanager
+    def _reference_on_device(self):
+        offload = self.cfg.reference.offload and torch.cuda.is_available()
+        if offload:
+            self.reference.cuda(torch.cuda.current_device())
+        try:
+            yield self.reference
+        finally:
+            if offload:
+                self.reference.cpu()
+                torch.cuda.empty_cache()
+
+    def attach_online_reference(self, microbatches: list[dict]) -> None:
+        """Fill ``ref_logps`` of every micro-batch with the frozen reference (forward only, same schedule)."""
+        if self.reference is None:
+            raise RuntimeError("reference.mode is precomputed but the batch has no ref_logps "
+                               "(run `nemo-lpo ref-logps` on the dataset first, or set reference.mode=online)")
+        with self._reference_on_device() as reference:
+            logps = run_forward_only(reference, self.reference_forward_step, microbatches,
+                                     self.cfg.loss.length_average)
+        for batch, value in zip(microbatches, logps, strict=False):
+            batch["ref_logps"] = value
+
+
+def run_forward_only(module, forward_step_factory, microbatches: list[dict], length_average: bool) -> list:
+    """Run ``microbatches`` forward through ``module`` with megatron's schedule; [B, K] log-probs on the last stage.
+
+    Other pipeline stages get an empty list (they do not need the values).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    first = microbatches[0]["tokens"]
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=partial(forward_step_factory, length_average),
+            data_iterator=iter(microbatches), model=[module], num_microbatches=len(microbatches),
+            seq_length=first.shape[1], micro_batch_size=first.shape[0], forward_only=True,
+        )
+    return [item["ref_logps"] for item in out] if out else []

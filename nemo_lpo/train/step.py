@@ -1,0 +1,152 @@
+"""One optimizer step on megatron's schedules, and the data feeding it.
+
+``train_step`` counts the valid lists of the global batch (all-reduced over data-parallel ranks BEFORE
+the step, so every micro-batch's loss is divided by the same global count), fills online reference
+log-probs when configured, runs ``get_forward_backward_func`` (no pipelining or 1F1B, with gradient
+accumulation over the micro-batches), steps the megatron optimizer (gradient clipping inside) and the
+learning-rate scheduler, and reduces the loss metrics over micro-batches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_lpo.config import Config
+from nemo_lpo.train.lpo_model import LPOModel, count_valid_lists
+
+
+@dataclass
+class StepResult:
+    """What one step produced (metrics already reduced over the global batch, identical on every rank)."""
+
+    metrics: dict[str, float]
+    grad_norm: float
+    lr: float
+    tokens: int
+    step_time: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class BatchFeeder:
+    """Turns the listwise dataset into this rank's micro-batches of one global batch at a time.
+
+    Every rank of a data-parallel replica (its TP and PP peers) reads the same lists, so no broadcast
+    is needed; the sampler gives each data-parallel rank its contiguous chunk of the global batch.
+    """
+
+    def __init__(self, cfg: Config, *, dp_rank: int, dp_size: int, device: torch.device) -> None:
+        from nemo_lpo.data import ListwiseCollator, ListwiseDataset, ListwiseSampler
+
+        if not cfg.data.train_prefix:
+            raise ValueError("data.train_prefix is not set: give the packed dataset prefix (nemo-lpo pack output)")
+        self.dataset = ListwiseDataset(cfg.data.train_prefix)
+        d = cfg.data
+        self.sampler = ListwiseSampler(len(self.dataset), d.global_batch_size, d.micro_batch_size,
+                                       dp_rank, dp_size, d.seed, shuffle=d.shuffle)
+        multiple = d.pad_to_multiple_of
+        if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
+            multiple = math.lcm(multiple, cfg.parallel.tp)  # SP splits the sequence dimension over TP
+        self.collator = ListwiseCollator(self.dataset.pad_id, pad_to_multiple_of=multiple, packed=d.packed)
+        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
+        self.device = device
+        self._iter = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the dataset."""
+        return self.sampler.global_batches_per_epoch
+
+    def next_global_batch(self) -> list[dict]:
+        """This rank's micro-batches of the next global batch (tensors on the device)."""
+        if self._iter is None:
+            self._iter = iter(self.sampler)
+        batches = []
+        for _ in range(self.num_microbatches):
+            try:
+                indices = next(self._iter)
+            except StopIteration:  # the sampler moved to the next epoch; keep going
+                self._iter = iter(self.sampler)
+                indices = next(self._iter)
+            batch = self.collator([self.dataset[i] for i in indices])
+            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return batches
+
+    def state_dict(self) -> dict:
+        """Data position (the sampler's consumed lists and epoch)."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved data position."""
+        self.sampler.load_state_dict(state)
+        self._iter = None
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reduce_metrics(lpo: LPOModel, outputs: list[dict], device: torch.device) -> tuple[dict[str, float], int]:
+    """Sum the per-micro-batch metric sums and divide by the global valid count; same result on all ranks.
+
+    Only the last pipeline stage at tensor-parallel rank 0 contributes (one copy per data-parallel
+    replica), and the sums are all-reduced over the whole world so that rank 0 can log them.
+    """
+    from megatron.core import parallel_state
+
+    names = [*lpo.metric_names, "lists/valid", "tokens"]
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    contributes = lpo.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+    if contributes:
+        for out in outputs:
+            for i, name in enumerate(names):
+                totals[i] += out[name].double().to(device)
+    torch.distributed.all_reduce(totals)
+    values = dict(zip(names, totals.tolist(), strict=True))
+    valid = values.pop("lists/valid")
+    tokens = int(values.pop("tokens"))
+    metrics = {name: value / max(valid, 1.0) for name, value in values.items()}
+    metrics["lists/valid"] = valid
+    return metrics, tokens
+
+
+def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) -> StepResult:
+    """One optimizer step over this rank's ``microbatches`` of the global batch."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    _sync()
+    start = time.perf_counter()
+    device = microbatches[0]["tokens"].device
+    global_valid = sum(count_valid_lists(b) for b in microbatches).to(device=device, dtype=torch.float32)
+    torch.distributed.all_reduce(global_valid, group=lpo.dp_group)
+    timings = {}
+    if "ref_logps" not in microbatches[0]:
+        lpo.attach_online_reference(microbatches)
+        _sync()
+        timings["reference"] = time.perf_counter() - start
+
+    lpo.model.zero_grad_buffer()
+    optimizer.zero_grad()
+    first = microbatches[0]["tokens"]
+    fb_start = time.perf_counter()
+    outputs = get_forward_backward_func()(
+        forward_step_func=lambda it, model: lpo.forward_step(global_valid, len(microbatches), it, model),
+        data_iterator=iter(microbatches), model=[lpo.model], num_microbatches=len(microbatches),
+        seq_length=first.shape[1], micro_batch_size=first.shape[0], forward_only=False,
+    )
+    _sync()
+    opt_start = time.perf_counter()
+    timings["forward_backward"] = opt_start - fb_start
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves it after)
+    success, grad_norm, _ = optimizer.step()
+    if success:
+        scheduler.step(increment=1)
+    _sync()
+    timings["optimizer"] = time.perf_counter() - opt_start
+    metrics, tokens = reduce_metrics(lpo, outputs, device)
+    return StepResult(metrics=metrics, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                      lr=float(lr), tokens=tokens, step_time=time.perf_counter() - start, timings=timings)
