@@ -296,11 +296,13 @@ PATCHES: dict[str, Callable[[], None]] = {
 
 
 def apply_cpu_compat(*, exclude: Collection[str] = ()) -> bool:
-    """Apply every patch of PATCHES once when CUDA is absent; return whether the patches are active.
+    """Apply every patch of PATCHES when CUDA is absent; return whether the layer is active.
+
+    Idempotent: only the first call patches, later calls (``initialize_parallel`` makes one) return at once.
 
     Args:
-        exclude: names of PATCHES to leave out (only for tests that show a patch is necessary; a call
-            with exclusions does not mark the layer as applied).
+        exclude: names of PATCHES to leave out. Only for tests that show a patch is necessary: the first
+            call decides, so such a test must call this before anything else applies the layer.
     """
     global _APPLIED
     if torch.cuda.is_available():
@@ -313,5 +315,5 @@ def apply_cpu_compat(*, exclude: Collection[str] = ()) -> bool:
     for name, patch in PATCHES.items():
         if name not in exclude:
             patch()
-    _APPLIED = not exclude
+    _APPLIED = True
     return True

@@ -133,7 +133,7 @@ def transformer_config(
     recompute_num_layers: int | None = None,
     moe_aux_loss_coeff: float = 1e-2,
     moe_token_dispatcher_type: str = "alltoall",
-    variable_seq_lengths: bool = True,
+    variable_seq_lengths: bool | None = None,
     use_cpu_initialization: bool | None = None,
     fusions: bool | None = None,
     **overrides,
@@ -156,7 +156,8 @@ def transformer_config(
         recompute_num_layers: layers per recompute chunk for ``'full'`` (default 1).
         moe_aux_loss_coeff: weight of the router load-balancing loss (added to the backward by megatron).
         moe_token_dispatcher_type: ``'alltoall'`` or ``'allgather'``.
-        variable_seq_lengths: micro-batches may differ in length (pipeline p2p exchanges shapes).
+        variable_seq_lengths: micro-batches may differ in length, so pipeline p2p exchanges shapes first
+            (default: when pp > 1; megatron allows it only with the alltoall dispatcher).
         use_cpu_initialization: init weights on the host (default: when CUDA is absent).
         fusions: enable megatron's fused kernels (default: only with CUDA; they need it).
         **overrides: any further TransformerConfig fields, passed through unchanged.
@@ -185,6 +186,8 @@ def transformer_config(
         raise ValueError(f"{preset.name} is dense: expert parallelism ep={ep} needs a MoE preset")
     if preset.is_moe and preset.num_experts % ep:
         raise ValueError(f"{preset.name}: num_experts {preset.num_experts} is not divisible by ep={ep}")
+    if variable_seq_lengths is None:
+        variable_seq_lengths = pp > 1
     if sequence_parallel and tp == 1:
         sequence_parallel = False  # megatron forbids it at tp=1; it is a no-op there anyway
 
@@ -223,6 +226,7 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        moe_token_dispatcher_type=moe_token_dispatcher_type,
     )
     if fusions:
         kwargs.update(bias_activation_fusion=True, bias_dropout_fusion=True)
@@ -232,7 +236,6 @@ def transformer_config(
             moe_router_topk=preset.moe_router_topk,
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=moe_aux_loss_coeff,
-            moe_token_dispatcher_type=moe_token_dispatcher_type,
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
         )

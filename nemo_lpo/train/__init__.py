@@ -1,0 +1,1 @@
+"""Training: log-probs, megatron schedules, the loop, the reference pass, checkpoints, metrics."""
