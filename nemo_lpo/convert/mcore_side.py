@@ -1,0 +1,216 @@
+"""The megatron side of the converters: a meta-device model and a streaming dist-checkpoint save.
+
+The save produces each tensor's data one parameter at a time, while it is written.
+
+Why a meta model: megatron decides the dist-checkpoint keys, shapes and factories (stacked layers,
+stacked experts, the SwiGLU split of ``linear_fc1``, TE-compatible norm keys); building the real model
+on the ``meta`` device gives exactly what the trainer's ``dist_checkpointing.load(model.sharded_state_dict())``
+will ask for, at no memory cost. Why a custom save strategy: megatron's own torch_dist save stages every
+tensor before writing; torch DCP's ``FileSystemWriter`` asks the planner for each tensor only when it
+writes it, so ``resolve_data`` reads the HF tensors of that one parameter there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nemo_lpo.convert.hf_config import ConversionError
+
+SIDECAR_NAME = "nemo_lpo_model.json"
+"""Model description written beside the dist checkpoint (preset, architecture, HF config)."""
+SIDECAR_VERSION = 1
+# megatron's sharded_state_dict(metadata=...) variants: the layout a checkpoint was saved with is detected
+# on load by which one's keys it holds; the converter writes megatron's default (the first).
+SHARDED_METADATA_VARIANTS: tuple[dict, ...] = (
+    {},
+    {"non_homogeneous_layers": True},
+    {"singleton_local_shards": True},
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def ensure_single_process_parallel() -> None:
+    """Initialise a one-rank megatron world (gloo on CPU) unless one exists; refuse a model-parallel one."""
+    from megatron.core import parallel_state
+
+    from nemo_lpo.model.parallel import initialize_parallel
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        initialize_parallel(tp=1, pp=1, ep=1)
+        return
+    sizes = (parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_expert_model_parallel_world_size())
+    if sizes != (1, 1, 1) or torch.distributed.get_world_size() != 1:
+        raise RuntimeError(f"the converters run in one process at TP=PP=EP=1 (megatron is initialised with "
+                           f"tp/pp/ep={sizes}, world {torch.distributed.get_world_size()}); the checkpoint "
+                           "they write loads at any layout")
+
+
+def build_meta_model(preset, params_dtype: torch.dtype):
+    """The preset's megatron GPTModel (local spec, TP=PP=EP=1) with parameters on the meta device."""
+    from nemo_lpo.model.build import build_gpt_model
+    from nemo_lpo.model.presets import transformer_config
+
+    config = transformer_config(preset, params_dtype=params_dtype, use_cpu_initialization=True,
+                                perform_initialization=False)
+    with torch.device("meta"):
+        return build_gpt_model(preset, config, pre_process=True, post_process=True, use_te=False)
+
+
+def check_layout(preset, tp: int, pp: int, ep: int) -> None:
+    """Raise ConversionError when the preset cannot run at TP/PP/EP (megatron's own checks)."""
+    from nemo_lpo.model.presets import transformer_config
+
+    try:
+        transformer_config(preset, tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1 and preset.is_moe,
+                           use_cpu_initialization=True)
+    except (ValueError, AssertionError) as err:
+        raise ConversionError(f"layout tp={tp} pp={pp} ep={ep} is not possible for this model: {err}") from err
+
+
+def model_sharded_state_dict(model, metadata: dict) -> dict:
+    """``model.sharded_state_dict(metadata=...)`` with extra state objects kept (megatron saves them)."""
+    return model.sharded_state_dict(metadata=dict(metadata))
+
+
+def chunk_locations(sharded_sd: dict) -> dict[tuple[str, tuple[int, ...]], tuple[str, tuple, tuple, int]]:
+    """Where each saved chunk lives in its parameter.
+
+    Returns ``{(checkpoint key, global offset): (param name, size, stride, storage offset)}``, from the
+    meta sharded state dict (its dict keys are the parameter names). Factories (the SwiGLU split) are
+    built on the meta data to find which view of the parameter each of their chunks is.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    locations = {}
+    for name, obj in sharded_sd.items():
+        if isinstance(obj, ShardedTensorFactory):
+            base_offset = obj.data.storage_offset()
+            chunks = list(nested_values(obj.build()))
+        elif isinstance(obj, ShardedTensor):
+            base_offset = obj.data.storage_offset()
+            chunks = [obj]
+        else:
+            continue
+        for sh in chunks:
+            if not isinstance(sh, ShardedTensor):
+                raise RuntimeError(f"unexpected nested sharded object under {name}: {type(sh).__name__}")
+            view = sh.data
+            locations[(sh.key, tuple(sh.global_offset))] = (
+                name, tuple(view.shape), tuple(view.stride()), view.storage_offset() - base_offset)
+    return locations
+
+
+class LazyParameters:
+    """Produces megatron parameters on demand and keeps the last few (a factory writes halves in turn)."""
+
+    def __init__(self, produce: Callable[[str], torch.Tensor], keep: int = 2):
+        """``produce(param_name)`` returns the full (TP=1) parameter tensor."""
+        self.produce = produce
+        self.keep = keep
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.produced = 0
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full parameter ``name``."""
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        tensor = self.produce(name)
+        self.produced += 1
+        self._cache[name] = tensor
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return tensor
+
+    def clear(self) -> None:
+        """Drop the kept parameters."""
+        self._cache.clear()
+
+
+def make_lazy_save_strategy(locations: dict, params: LazyParameters):
+    """A torch_dist save strategy whose tensor chunks are read from ``params`` while they are written."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class LazySavePlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            key = (write_item.index.fqn, tuple(write_item.index.offset))
+            name, size, stride, offset = locations[key]
+            full = params.get(name)
+            chunk = full.as_strided(size, stride, offset).contiguous()
+            return chunk.reshape(tuple(write_item.tensor_data.chunk.sizes))
+
+    class LazyTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+            for shards in flat.values():
+                for sh in shards:
+                    if isinstance(sh, ShardedTensor) and (sh.key, tuple(sh.global_offset)) not in locations:
+                        raise RuntimeError(f"no source for checkpoint chunk {sh.key} @ {sh.global_offset}")
+            pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
+            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            planner = LazySavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+
+    return LazyTorchDistSaveStrategy("torch_dist", 1)
+
+
+def write_sidecar(ckpt_dir: Path, *, preset, architecture: str, hf_config, dtype: str, sharded_metadata: dict,
+                  source: str) -> None:
+    """Write :data:`SIDECAR_NAME`: what model the checkpoint holds, for the trainer and the exporter."""
+    import dataclasses
+
+    payload = {
+        "format": "nemo-lpo-model",
+        "version": SIDECAR_VERSION,
+        "preset": dataclasses.asdict(preset),
+        "architecture": architecture,
+        "params_dtype": dtype,
+        "sharded_metadata": sharded_metadata,
+        "hf_config": hf_config.to_dict() if hf_config is not None else None,
+        "source": source,
+    }
+    (Path(ckpt_dir) / SIDECAR_NAME).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_sidecar(ckpt_dir: str | Path) -> dict | None:
+    """The checkpoint's :data:`SIDECAR_NAME` as a dict (``preset`` rebuilt as a ModelPreset), or None."""
+    from nemo_lpo.model.presets import ModelPreset
+
+    path = Path(ckpt_dir) / SIDECAR_NAME
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+        payload["preset"] = ModelPreset(**payload["preset"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ConversionError(f"{path}: unreadable model description ({err})") from err
+    if payload.get("format") != "nemo-lpo-model" or payload.get("version") != SIDECAR_VERSION:
+        raise ConversionError(f"{path}: not a nemo-lpo model description of version {SIDECAR_VERSION}")
+    return payload
+
+
+def read_checkpoint_preset(ckpt_dir: str | Path):
+    """The ModelPreset recorded with a converted checkpoint (for the trainer's ``model.init_checkpoint``)."""
+    payload = read_sidecar(ckpt_dir)
+    if payload is None:
+        raise ConversionError(f"{Path(ckpt_dir) / SIDECAR_NAME}: not found (not a converted checkpoint)")
+    return payload["preset"]
