@@ -256,7 +256,8 @@ def _prepare(
     pairs = pair_valid & (rewards.unsqueeze(-1) > rewards.unsqueeze(-2))
     masked_rewards = torch.where(mask, rewards, torch.full_like(rewards, -math.inf))
     best_slot = masked_rewards.argmax(dim=-1)  # first maximum = lowest slot on ties
-    best = F.one_hot(best_slot, num_classes=mask.shape[1]).bool() & mask
+    slots = torch.arange(mask.shape[1], device=mask.device)
+    best = (slots == best_slot.unsqueeze(-1)) & mask  # not F.one_hot: it range-checks the indices (a host sync)
     return ListBatch(
         logratio=logratio,
         reward_theta=reward_theta,
