@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -244,7 +245,7 @@ def _prepare(
             )
     if not policy_logps.is_floating_point():
         raise TypeError(f"policy_logps must be a floating tensor, got {policy_logps.dtype}")
-    if not (isinstance(beta, int | float) and beta > 0):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0:
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
     mask = mask if mask.dtype == torch.bool else mask != 0
