@@ -16,6 +16,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -79,33 +80,103 @@ def model_sharded_state_dict(model, metadata: dict) -> dict:
     return model.sharded_state_dict(metadata=dict(metadata))
 
 
-def chunk_locations(sharded_sd: dict) -> dict[tuple[str, tuple[int, ...]], tuple[str, tuple, tuple, int]]:
-    """Where each saved chunk lives in its parameter.
+def iter_chunks(sharded_sd: dict):
+    """Yield ``(param name, ShardedTensor, parameter's storage offset)`` for every chunk megatron saves.
 
-    Returns ``{(checkpoint key, global offset): (param name, size, stride, storage offset)}``, from the
-    meta sharded state dict (its dict keys are the parameter names). Factories (the SwiGLU split) are
-    built on the meta data to find which view of the parameter each of their chunks is.
+    The dict keys of megatron's sharded state dict are the parameter names; factories (the SwiGLU split
+    of ``linear_fc1``) are built on the (meta) data to find which view of the parameter each chunk is.
     """
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    locations = {}
     for name, obj in sharded_sd.items():
         if isinstance(obj, ShardedTensorFactory):
-            base_offset = obj.data.storage_offset()
             chunks = list(nested_values(obj.build()))
         elif isinstance(obj, ShardedTensor):
-            base_offset = obj.data.storage_offset()
             chunks = [obj]
         else:
             continue
         for sh in chunks:
             if not isinstance(sh, ShardedTensor):
                 raise RuntimeError(f"unexpected nested sharded object under {name}: {type(sh).__name__}")
-            view = sh.data
-            locations[(sh.key, tuple(sh.global_offset))] = (
-                name, tuple(view.shape), tuple(view.stride()), view.storage_offset() - base_offset)
+            yield name, sh, obj.data.storage_offset()
+
+
+class ChunkLocation(NamedTuple):
+    """Where a saved chunk lives in its (TP=1) parameter, and its extent in checkpoint coordinates."""
+
+    param: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    dcp_sizes: tuple[int, ...]
+
+    def view_of(self, full: torch.Tensor) -> torch.Tensor:
+        """The chunk as a view of the full parameter tensor."""
+        return full.as_strided(self.size, self.stride, self.storage_offset)
+
+
+def chunk_locations(sharded_sd: dict) -> dict[tuple[str, tuple[int, ...]], ChunkLocation]:
+    """``{(checkpoint key, global offset): ChunkLocation}`` for every chunk of the model's sharded state dict."""
+    locations = {}
+    for name, sh, base_offset in iter_chunks(sharded_sd):
+        view = sh.data
+        locations[(sh.key, tuple(sh.global_offset))] = ChunkLocation(
+            name, tuple(view.shape), tuple(view.stride()), view.storage_offset() - base_offset,
+            (1,) * sh.prepend_axis_num + tuple(sh.local_shape))
     return locations
+
+
+class _ChunkRequest(torch.Tensor):
+    """The chunks of one checkpoint key to read, in torch DCP's checkpointable protocol."""
+
+    @staticmethod
+    def __new__(cls, global_shape, chunks: dict, dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=dtype)
+
+    def __init__(self, global_shape, chunks: dict, dtype):
+        self.chunks = chunks  # {offset tuple: tensor of the chunk's DCP sizes}
+
+    def __create_chunk_list__(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=t.shape) for o, t in self.chunks.items()]
+
+    def __get_tensor_shard__(self, index):
+        return self.chunks[tuple(index.offset)]
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{cls.__name__} only carries read requests")
+
+
+def read_parameters(ckpt_dir: str | Path, locations: dict, names: set[str], shapes: dict, global_shapes: dict,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read the full (TP=1) parameters ``names`` from a torch_dist checkpoint saved at any layout.
+
+    torch DCP reassembles each requested chunk from the stored ones, whatever TP/PP/EP wrote them.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    params = {name: torch.empty(shapes[name], dtype=dtype) for name in names}
+    requests: dict[str, dict] = {}
+    for (key, offset), loc in locations.items():
+        if loc.param in params:
+            chunk = loc.view_of(params[loc.param])
+            if not chunk.is_contiguous():
+                raise RuntimeError(f"chunk {key}@{offset} is not a contiguous view of {loc.param}")
+            requests.setdefault(key, {})[offset] = chunk.view(loc.dcp_sizes)
+    state = {key: _ChunkRequest(global_shapes[key], chunks, dtype) for key, chunks in requests.items()}
+    dcp_load(state, storage_reader=FileSystemReader(str(ckpt_dir)),
+             planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=True)
+    return params
+
+
+def checkpoint_global_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
+    """``{checkpoint key: global shape}`` of every tensor the model's sharded state dict asks for."""
+    return {sh.key: tuple(sh.global_shape) for _, sh, _ in iter_chunks(sharded_sd)}
 
 
 class LazyParameters:
@@ -153,9 +224,8 @@ def make_lazy_save_strategy(locations: dict, params: LazyParameters):
             if write_item.type == WriteItemType.BYTE_IO:
                 return super().resolve_data(write_item)
             key = (write_item.index.fqn, tuple(write_item.index.offset))
-            name, size, stride, offset = locations[key]
-            full = params.get(name)
-            chunk = full.as_strided(size, stride, offset).contiguous()
+            location = locations[key]
+            chunk = location.view_of(params.get(location.param)).contiguous()
             return chunk.reshape(tuple(write_item.tensor_data.chunk.sizes))
 
     class LazyTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
