@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny models on a 2-core machine: extra intra-op threads only add contention (torchrun workers inherit this).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
