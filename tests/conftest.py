@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 # Tiny models on a 2-core machine: extra intra-op threads only add contention (torchrun workers inherit this).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
