@@ -106,6 +106,9 @@ def test_state_dict_is_gptmodels(megatron_single):
     assert set(ours.sharded_state_dict()) == set(plain.sharded_state_dict())
     plain.load_state_dict(ours.state_dict())
     assert "output_layer.weight" in ours.state_dict()  # untied embeddings
+    layer = ours.decoder.layers[0]  # megatron's local spec: torch RMSNorm, per-expert MLPs
+    assert isinstance(layer.input_layernorm, torch.nn.RMSNorm)
+    assert type(layer.mlp.experts).__name__ == "SequentialMLP" and len(layer.mlp.experts.local_experts) == 4
 
 
 def test_sliding_window_is_enforced(megatron_single):
