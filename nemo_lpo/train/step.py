@@ -47,13 +47,20 @@ class BatchFeeder:
         d = cfg.data
         self.sampler = ListwiseSampler(len(self.dataset), d.global_batch_size, d.micro_batch_size,
                                        dp_rank, dp_size, d.seed, shuffle=d.shuffle)
-        multiple = d.pad_to_multiple_of
-        if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
-            multiple = math.lcm(multiple, cfg.parallel.tp)  # SP splits the sequence dimension over TP
-        self.collator = ListwiseCollator(self.dataset.pad_id, pad_to_multiple_of=multiple, packed=d.packed)
+        self.collator = ListwiseCollator(self.dataset.pad_id, pad_to_multiple_of=self.pad_multiple(cfg),
+                                         packed=d.packed)
         self.num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
         self.device = device
+        self.drop_ref_logps = cfg.reference.mode == "online"  # the frozen copy supplies them
         self._iter = None
+
+    @staticmethod
+    def pad_multiple(cfg: Config) -> int:
+        """Padded length multiple: ``data.pad_to_multiple_of``, and a multiple of tp under sequence parallel."""
+        multiple = cfg.data.pad_to_multiple_of
+        if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
+            multiple = math.lcm(multiple, cfg.parallel.tp)  # SP splits the sequence dimension over TP
+        return multiple
 
     @property
     def steps_per_epoch(self) -> int:
@@ -72,6 +79,8 @@ class BatchFeeder:
                 self._iter = iter(self.sampler)
                 indices = next(self._iter)
             batch = self.collator([self.dataset[i] for i in indices])
+            if self.drop_ref_logps:
+                batch.pop("ref_logps", None)
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return batches
 
@@ -124,7 +133,7 @@ def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) ->
     global_valid = sum(count_valid_lists(b) for b in microbatches).to(device=device, dtype=torch.float32)
     torch.distributed.all_reduce(global_valid, group=lpo.dp_group)
     timings = {}
-    if "ref_logps" not in microbatches[0]:
+    if lpo.reference is not None:
         lpo.attach_online_reference(microbatches)
         _sync()
         timings["reference"] = time.perf_counter() - start

@@ -1,0 +1,89 @@
+"""The reference pass (``nemo-lpo ref-logps``): μ's log-prob of every response, stored beside the dataset.
+
+It runs the frozen reference (the starting checkpoint) over the packed dataset with the training layout
+(TP/PP/EP through megatron's forward-only schedule, lists spread over data-parallel ranks), gathers the
+per-list log-probs on rank 0 and writes them with ``write_reference_logps`` (atomic sidecar). Training
+with ``reference.mode=precomputed`` then reads them from the batch and holds no reference model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from nemo_lpo.config import Config
+
+CHUNK_MICROBATCHES = 64  # micro-batches per schedule call (bounds host memory of the gathered results)
+
+
+def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
+    """Compute μ's log-probs of every list on this rank's share; returns {list index: float32[K_i]}.
+
+    Only the last pipeline stage at tensor-parallel rank 0 returns values; other ranks return {}.
+    Needs ``init_parallel(cfg)`` first.
+    """
+    from megatron.core import parallel_state as ps
+
+    from nemo_lpo.data import ListwiseCollator, ListwiseDataset
+    from nemo_lpo.train.checkpoint import load_model_weights
+    from nemo_lpo.train.lpo_model import LPOModel, run_forward_only
+    from nemo_lpo.train.step import BatchFeeder
+
+    lpo = LPOModel(cfg, train=False)
+    if cfg.reference.checkpoint and cfg.reference.checkpoint != cfg.model.init_checkpoint:
+        load_model_weights(lpo.module, cfg.reference.checkpoint)
+    lpo.module.eval()
+    dataset = ListwiseDataset(cfg.data.train_prefix)
+    multiple = BatchFeeder.pad_multiple(cfg)
+    collator = ListwiseCollator(dataset.pad_id, pad_to_multiple_of=multiple, packed=cfg.data.packed)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mbs = cfg.data.micro_batch_size
+    starts = list(range(0, len(dataset), mbs))[dp_rank::dp_size]  # micro-batch j goes to rank j % dp
+    keep = lpo.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    results: dict[int, np.ndarray] = {}
+    for c in range(0, len(starts), CHUNK_MICROBATCHES):
+        batches = []
+        for start in starts[c:c + CHUNK_MICROBATCHES]:
+            items = [dataset[i] for i in range(start, min(start + mbs, len(dataset)))]
+            batches.append({k: v.to(device) for k, v in collator(items).items()})
+        logps = run_forward_only(lpo.module, lpo.reference_forward_step, batches, cfg.loss.length_average)
+        if not keep:
+            continue
+        for batch, values in zip(batches, logps, strict=True):
+            mask = batch["response_mask"].cpu().numpy()
+            values = values.float().cpu().numpy()
+            for row, list_id in enumerate(batch["list_ids"].tolist()):
+                results[list_id] = values[row][mask[row]].astype(np.float32)
+    return results
+
+
+def write_reference(cfg: Config) -> int:
+    """Run the reference pass on every rank and write the sidecar from rank 0; returns the list count."""
+    from nemo_lpo.data import ListwiseDataset, write_reference_logps
+
+    start = time.perf_counter()
+    local = reference_logps(cfg)
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    merged: dict[int, np.ndarray] = {}
+    for part in gathered:
+        merged.update(part)
+    num_lists = len(ListwiseDataset(cfg.data.train_prefix))
+    missing = sorted(set(range(num_lists)) - merged.keys())
+    if missing:
+        raise RuntimeError(f"reference pass produced no log-probs for lists {missing[:10]} ...")
+    if torch.distributed.get_rank() == 0:
+        meta = {"checkpoint": cfg.reference.checkpoint or cfg.model.init_checkpoint,
+                "init_seed": cfg.train.seed if not (cfg.reference.checkpoint or cfg.model.init_checkpoint) else None,
+                "preset": cfg.model.preset, "params_dtype": cfg.model.params_dtype,
+                "length_average": cfg.loss.length_average,
+                "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
+                           "world": torch.distributed.get_world_size()}}
+        write_reference_logps(cfg.data.train_prefix, (merged[i] for i in range(num_lists)), meta)
+        print(f"wrote reference log-probs of {num_lists} lists beside {cfg.data.train_prefix} "
+              f"in {time.perf_counter() - start:.1f} s", flush=True)
+    torch.distributed.barrier()
+    return num_lists
