@@ -1,0 +1,99 @@
+"""The canonical in-memory list every reader produces, and the error a bad record raises."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# Reasons a whole input record (list) is rejected; the keys of the manifest's ``skipped`` counts.
+MALFORMED_JSON = "malformed_json"
+INVALID_UTF8 = "invalid_utf8"
+MISSING_FIELD = "missing_field"
+BAD_REWARD = "bad_reward"
+EMPTY_RESPONSE = "empty_response"
+TOO_FEW_RESPONSES = "too_few_responses"
+DUPLICATE_ID = "duplicate_id"
+TOKENIZER_ERROR = "tokenizer_error"
+TOO_LONG = "too_long"
+
+
+class InvalidRecord(ValueError):
+    """A record that cannot become a list; ``reason`` is one of the module's reason constants."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclasses.dataclass
+class ListwiseExample:
+    """One prompt with K scored responses.
+
+    Attributes:
+        prompt: chat messages ``{"role": "system"|"user"|"assistant", "content": str}``, ending with a user turn.
+        responses: the K assistant replies (plain text).
+        rewards: one float per response, higher is better. Preference data without scores gets
+            rewards derived from the order (best = K-1 ... worst = 0) and ``reward_kind = "order"``.
+        id: unique id of the list within the packed dataset.
+        source: ``file:line`` (or ``file:row``) the list was read from.
+        reward_kind: ``"score"`` (annotated rewards) or ``"order"`` (derived from a preference order).
+    """
+
+    prompt: list[dict]
+    responses: list[str]
+    rewards: list[float]
+    id: str
+    source: str = ""
+    reward_kind: str = "score"
+
+    def validate(self, skip_invalid: bool = False) -> list[str]:
+        """Check rewards and responses; with ``skip_invalid`` drop bad responses instead of raising.
+
+        Returns:
+            The reasons of the responses dropped (empty unless ``skip_invalid``).
+
+        Raises:
+            InvalidRecord: a bad reward or empty response (unless skipped), or fewer than 2 usable responses.
+        """
+        if len(self.responses) != len(self.rewards):
+            raise InvalidRecord(MISSING_FIELD, f"{len(self.responses)} responses but {len(self.rewards)} rewards")
+        if not self.prompt or not any(m.get("content") for m in self.prompt):
+            raise InvalidRecord(MISSING_FIELD, "empty prompt")
+        keep_responses, keep_rewards, dropped = [], [], []
+        for k, (text, reward) in enumerate(zip(self.responses, self.rewards, strict=True)):
+            problem = None
+            if not isinstance(reward, int | float) or isinstance(reward, bool) or not math.isfinite(reward):
+                problem = InvalidRecord(BAD_REWARD, f"response {k}: reward {reward!r} is not a finite number")
+            elif not isinstance(text, str) or not text.strip():
+                problem = InvalidRecord(EMPTY_RESPONSE, f"response {k} is empty")
+            if problem is not None:
+                if not skip_invalid:
+                    raise problem
+                dropped.append(problem.reason)
+                continue
+            keep_responses.append(text)
+            keep_rewards.append(float(reward))
+        if len(keep_responses) < 2:
+            raise InvalidRecord(TOO_FEW_RESPONSES, f"{len(keep_responses)} usable responses (need at least 2)")
+        self.responses, self.rewards = keep_responses, keep_rewards
+        return dropped
+
+
+def parse_reward(value, field: str) -> float:
+    """Return ``value`` as a finite float.
+
+    Raises:
+        InvalidRecord: the value is missing, not numeric, NaN or infinite.
+    """
+    if value is None:
+        raise InvalidRecord(MISSING_FIELD, f"missing reward field {field!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidRecord(BAD_REWARD, f"{field}: reward {value!r} is not a number")
+    try:
+        result = float(value)
+    except ValueError:
+        raise InvalidRecord(BAD_REWARD, f"{field}: reward {value!r} is not a number") from None
+    if not math.isfinite(result):
+        raise InvalidRecord(BAD_REWARD, f"{field}: reward {value!r} is not finite")
+    return result

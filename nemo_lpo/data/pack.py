@@ -1,0 +1,336 @@
+"""``nemo-lpo pack``: read → validate → convert → tokenise (worker processes) → megatron IndexedDatasets.
+
+Records are read and validated in input order in the main process (so ``file:line`` errors and duplicate
+ids are found deterministically); chunks of lists are tokenised by a pool of worker processes and written
+back in input order, so the output bytes do not depend on the worker count. Everything is written under
+temporary names and renamed at the end, the manifest last: a failure leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nemo_lpo.data import layout
+from nemo_lpo.data.examples import DUPLICATE_ID, TOKENIZER_ERROR, TOO_LONG, InvalidRecord
+from nemo_lpo.data.readers import FORMATS, get_reader, iter_records, sniff_format
+from nemo_lpo.data.transforms import LengthLimits, RewardTransform, limit_k, list_rng, to_pairs
+
+CHUNK_LISTS = 32
+
+
+class PackError(RuntimeError):
+    """Packing stopped on bad input (``file:line: reason``) or bad options."""
+
+
+@dataclasses.dataclass
+class PackConfig:
+    """Options of one ``pack`` run (every field is recorded in the manifest).
+
+    Attributes:
+        inputs: JSONL(.gz) / JSON / parquet files (or hub dataset names when online).
+        output_prefix: prefix ``P`` of the packed dataset.
+        tokenizer: ``mistral`` or a local Hugging Face tokenizer directory.
+        format: one of ``readers.FORMATS`` or ``auto`` (detected per file, reported).
+        ultrafeedback_score: which raw UltraFeedback score is the reward.
+        reward_transform: applied to each list's rewards after the pair / max-K conversion.
+        pairs: ``zephyr`` / ``1vs0`` / ``all`` to convert lists into pairs, or None.
+        max_k: keep the best and max_k - 1 random other responses, or None.
+        limits: token length limits and overflow policy.
+        skip_invalid: skip bad records (counted per reason) instead of stopping at the first.
+        seed: seed of every random choice (per list: seed + the list's input position).
+        workers: tokenisation processes (1 = in the main process).
+        progress: show a tqdm progress bar.
+    """
+
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str = "mistral"
+    format: str = "auto"
+    ultrafeedback_score: str = "overall"
+    reward_transform: RewardTransform = dataclasses.field(default_factory=RewardTransform)
+    pairs: str | None = None
+    max_k: int | None = None
+    limits: LengthLimits = dataclasses.field(default_factory=LengthLimits)
+    skip_invalid: bool = False
+    seed: int = 1234
+    workers: int = 1
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in (*FORMATS, "auto"):
+            raise PackError(f"--format {self.format!r} not in {('auto', *FORMATS)}")
+        if self.pairs is not None and self.max_k is not None:
+            raise PackError("--pairs and --max-k are exclusive")
+        if self.max_k is not None and self.max_k < 2:
+            raise PackError(f"--max-k must be >= 2, got {self.max_k}")
+        if self.workers < 1:
+            raise PackError(f"--workers must be >= 1, got {self.workers}")
+
+
+_WORKER = {}
+
+
+def _init_worker(config: PackConfig) -> None:
+    from nemo_lpo.data.templates import load_tokenizer
+
+    _WORKER["config"] = config
+    _WORKER["tokenizer"] = load_tokenizer(config.tokenizer)
+
+
+def _process_chunk(chunk: list) -> list:
+    """Convert and tokenise a chunk; items are ("error", ...) passed through or ("ok", ordinal, example)."""
+    config, tokenizer = _WORKER["config"], _WORKER["tokenizer"]
+    out = []
+    for item in chunk:
+        if item[0] == "error":
+            out.append(item)
+            continue
+        _, ordinal, example = item
+        rng = list_rng(config.seed, ordinal)
+        tied = 0
+        if config.pairs is not None:
+            examples, tied = to_pairs(example, config.pairs, rng)
+        elif config.max_k is not None:
+            examples = [limit_k(example, config.max_k, rng)]
+        else:
+            examples = [example]
+        try:
+            encoded = []
+            for ex in examples:
+                rewards = np.asarray(config.reward_transform(ex.rewards), dtype=np.float32)
+                prompt, responses = tokenizer.encode_list(ex.prompt, ex.responses)
+                limited = config.limits.apply(prompt, responses, tokenizer.bos_id)
+                if limited is None:
+                    raise InvalidRecord(TOO_LONG, "exceeds the length limits (overflow policy 'drop' or no room)")
+                prompt, responses, prompt_cut, response_cuts = limited
+                encoded.append((np.asarray(prompt, np.int32), [np.asarray(r, np.int32) for r in responses],
+                                rewards, prompt_cut, response_cuts))
+        except InvalidRecord as err:
+            out.append(("error", example.source, err.reason, err.message))
+            continue
+        except ValueError as err:  # the chat template or tokenizer refused the list
+            out.append(("error", example.source, TOKENIZER_ERROR, str(err)))
+            continue
+        out.append(("ok", encoded, tied))
+    return out
+
+
+def _sha256(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Reader:
+    """Reads and validates the inputs in order, yielding chunks of ("ok"/"error", ...) items."""
+
+    def __init__(self, config: PackConfig, log) -> None:
+        self.config = config
+        self.log = log
+        self.inputs = []
+        self.read = 0
+        self.responses_skipped = collections.Counter()
+
+    def items(self):
+        seen_ids = {}
+        ordinal = 0
+        for path in self.config.inputs:
+            fmt, why = self.config.format, "given by --format"
+            if fmt == "auto":
+                fmt, why = sniff_format(path)
+                self.log(f"{path}: detected format {fmt} ({why})")
+            self.inputs.append({"path": str(path), "format": fmt, "format_reason": why, "sha256": _sha256(path)})
+            reader = get_reader(fmt, self.config.ultrafeedback_score)
+            name = Path(path).name
+            for number, record in iter_records(path):
+                self.read += 1
+                source = f"{path}:{number}"
+                try:
+                    if isinstance(record, InvalidRecord):
+                        raise record
+                    example = reader(record, f"{name}:{number}")
+                    example.source = source
+                    self.responses_skipped.update(example.validate(self.config.skip_invalid))
+                    if example.id in seen_ids:
+                        raise InvalidRecord(DUPLICATE_ID, f"duplicate id {example.id!r} (first at {seen_ids[example.id]})")
+                    seen_ids[example.id] = source
+                except InvalidRecord as err:
+                    yield ("error", source, err.reason, err.message)
+                    continue
+                yield ("ok", ordinal, example)
+                ordinal += 1
+
+    def chunks(self):
+        chunk = []
+        for item in self.items():
+            chunk.append(item)
+            if len(chunk) == CHUNK_LISTS:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+def _start_pool(config: PackConfig):
+    """Worker pool for ``workers > 1``, else None.
+
+    fork (as torch DataLoader workers do): works from any caller (spawn needs an importable ``__main__``);
+    the CLI forks before megatron or torch are imported, so no threads exist yet.
+    """
+    if config.workers == 1:
+        _init_worker(config)
+        return None
+    return multiprocessing.get_context("fork").Pool(config.workers, initializer=_init_worker, initargs=(config,))
+
+
+def _ordered_results(config: PackConfig, pool, chunks):
+    """Yield the processed chunks in input order, at most ``4 * workers`` chunks in flight."""
+    if pool is None:
+        for chunk in chunks:
+            yield _process_chunk(chunk)
+        return
+    window = collections.deque()
+    for chunk in chunks:
+        window.append(pool.apply_async(_process_chunk, (chunk,)))
+        if len(window) >= 4 * config.workers:
+            yield window.popleft().get()
+    while window:
+        yield window.popleft().get()
+
+
+def pack(config: PackConfig, log=None) -> dict:
+    """Pack ``config.inputs`` into ``config.output_prefix``; returns the manifest.
+
+    Raises:
+        PackError: bad input without ``skip_invalid`` (``file:line: reason``), or bad options. Nothing is
+            left at the output prefix in that case.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr))
+    prefix = os.fspath(config.output_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    reader = _Reader(config, log)
+    tag = f"{os.getpid()}"
+    parts = {part: layout.temp_name(layout.part_prefix(prefix, part), tag) for part in (layout.TOKENS, layout.REWARDS)}
+    temp_manifest = layout.temp_name(str(layout.manifest_path(prefix)), tag)
+    temp_files = [f for part in parts.values() for f in layout.indexed_files(part)] + [temp_manifest]
+    skipped = collections.Counter()
+    counts = collections.Counter()
+    k_hist = collections.Counter()
+    pool = None
+    try:
+        pool = _start_pool(config)
+        results = _ordered_results(config, pool, reader.chunks())
+        from nemo_lpo.data.dataset import _indexed_builder
+
+        tokens = _indexed_builder(layout.indexed_files(parts[layout.TOKENS])[0], np.int32)
+        rewards = _indexed_builder(layout.indexed_files(parts[layout.REWARDS])[0], np.float32)
+        progress = _progress(config.progress)
+        for chunk in results:
+            for item in chunk:
+                progress.update(1)
+                if item[0] == "error":
+                    _, source, reason, message = item
+                    if not config.skip_invalid:
+                        raise PackError(f"{source}: {reason}: {message}")
+                    skipped[reason] += 1
+                    continue
+                _, encoded, tied = item
+                counts["lists_kept"] += 1
+                counts["tied_pairs_left_out"] += tied
+                for prompt, responses, reward_row, prompt_cut, response_cuts in encoded:
+                    lengths = [len(prompt), *map(len, responses)]
+                    tokens.add_document(np.concatenate([prompt, *responses]), lengths)
+                    rewards.add_document(reward_row, [len(reward_row)])
+                    counts["lists_written"] += 1
+                    counts["prompts_truncated"] += prompt_cut
+                    counts["responses_truncated"] += response_cuts
+                    counts["prompt_tokens"] += lengths[0]
+                    counts["response_tokens"] += sum(lengths[1:])
+                    counts["max_sequence_length"] = max(counts["max_sequence_length"], lengths[0] + max(lengths[1:]))
+                    k_hist[len(responses)] += 1
+        progress.close()
+        if counts["lists_written"] == 0:
+            raise PackError(f"no list left to write from {config.inputs} (skipped: {dict(skipped)})")
+        for part, builder in ((layout.TOKENS, tokens), (layout.REWARDS, rewards)):
+            builder.finalize(layout.indexed_files(parts[part])[1])
+        from nemo_lpo.data.templates import load_tokenizer
+
+        manifest = _manifest(config, reader, load_tokenizer(config.tokenizer).identity(), counts, skipped, k_hist)
+        with open(temp_manifest, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+        _publish(prefix, parts, temp_manifest)
+    except BaseException:
+        layout.remove_quietly(temp_files)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if skipped or reader.responses_skipped:
+        log(f"skipped lists by reason: {dict(sorted(skipped.items()))}; "
+            f"skipped responses by reason: {dict(sorted(reader.responses_skipped.items()))}")
+    log(f"wrote {counts['lists_written']} lists ({counts['lists_kept']} of {reader.read} read) to {prefix}")
+    return manifest
+
+
+def _progress(enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(unit=" lists", disable=not enabled, mininterval=0.5)
+
+
+def _publish(prefix: str, parts: dict, temp_manifest: str) -> None:
+    """Rename the finished files into place, manifest last; stale manifest / reference sidecar go first."""
+    ref_part = layout.part_prefix(prefix, layout.REF_LOGPS)
+    layout.remove_quietly([str(layout.manifest_path(prefix)), str(layout.ref_meta_path(prefix)),
+                           *layout.indexed_files(ref_part)])
+    for part, temp in parts.items():
+        for src, dst in zip(layout.indexed_files(temp), layout.indexed_files(layout.part_prefix(prefix, part)),
+                            strict=True):
+            os.replace(src, dst)
+    os.replace(temp_manifest, layout.manifest_path(prefix))
+
+
+def _manifest(config: PackConfig, reader: _Reader, tokenizer: dict, counts, skipped, k_hist) -> dict:
+    kept = counts["lists_kept"]
+    return {
+        "format_version": layout.FORMAT_VERSION,
+        "tokenizer": tokenizer,
+        "inputs": reader.inputs,
+        "options": {
+            "ultrafeedback_score": config.ultrafeedback_score, "reward_transform": config.reward_transform.describe(),
+            "pairs": config.pairs, "max_k": config.max_k, "limits": config.limits.describe(),
+            "skip_invalid": config.skip_invalid, "seed": config.seed,
+        },
+        "counts": {
+            "lists_read": reader.read, "lists_kept": kept, "lists_skipped": sum(skipped.values()),
+            "skipped": dict(sorted(skipped.items())), "responses_skipped": dict(sorted(reader.responses_skipped.items())),
+            "lists_written": counts["lists_written"], "tied_pairs_left_out": counts["tied_pairs_left_out"],
+            "prompts_truncated": counts["prompts_truncated"], "responses_truncated": counts["responses_truncated"],
+        },
+        "stats": {
+            "prompt_tokens": counts["prompt_tokens"], "response_tokens": counts["response_tokens"],
+            "max_sequence_length": counts["max_sequence_length"],
+            "k_histogram": {str(k): n for k, n in sorted(k_hist.items())},
+        },
+        "files": {
+            "tokens": {"prefix": Path(layout.part_prefix(config.output_prefix, layout.TOKENS)).name, "dtype": "int32",
+                       "layout": "one document per list: prompt, then the K responses"},
+            "rewards": {"prefix": Path(layout.part_prefix(config.output_prefix, layout.REWARDS)).name,
+                        "dtype": "float32", "layout": "one document per list: one sequence of K rewards"},
+        },
+    }

@@ -1,0 +1,268 @@
+"""Readers: raw records of every supported format → ``ListwiseExample``.
+
+JSONL files (optionally ``.gz``) are read line by line by this module, so that every bad record is
+reported as ``file:line``; ``.json`` / ``.parquet`` files and hub dataset names go through HF ``datasets``
+(their rows are reported as ``file:row N``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterator
+
+from nemo_lpo.data.examples import (
+    INVALID_UTF8,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    InvalidRecord,
+    ListwiseExample,
+    parse_reward,
+)
+
+MISMATCHED_PROMPT = "mismatched_prompt"
+
+
+def iter_records(path: str) -> Iterator[tuple[int, dict | InvalidRecord]]:
+    """Yield ``(line or row number, record)`` for every record of ``path``; unreadable ones as InvalidRecord."""
+    name = os.fspath(path)
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")) or (name.endswith(".gz") and ".json" in name):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(name, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield number, InvalidRecord(INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    yield number, InvalidRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
+                    continue
+                if not isinstance(record, dict):
+                    yield number, InvalidRecord(MALFORMED_JSON, f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                yield number, record
+        return
+    import datasets
+
+    if os.path.exists(name):
+        kind = "parquet" if name.endswith(".parquet") else "json"
+        table = datasets.load_dataset(kind, data_files=name, split="train")
+    else:  # a hub dataset name, optionally "name:split"
+        repo, _, split = name.partition(":")
+        table = datasets.load_dataset(repo, split=split or "train")
+    for row, record in enumerate(table, start=1):
+        yield row, record
+
+
+def _field(record: dict, key: str):
+    value = record.get(key)
+    if value is None:
+        raise InvalidRecord(MISSING_FIELD, f"missing field {key!r}")
+    return value
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRecord(MISSING_FIELD, f"field {key!r} is not a string")
+    return value
+
+
+def _messages(value, key: str) -> list[dict]:
+    """Normalise chat messages (``role``/``content`` or ShareGPT-like ``from``/``value``)."""
+    if not isinstance(value, list) or not value:
+        raise InvalidRecord(MISSING_FIELD, f"field {key!r} is not a non-empty list of messages")
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    out = []
+    for m in value:
+        if not isinstance(m, dict):
+            raise InvalidRecord(MISSING_FIELD, f"field {key!r}: message is not an object")
+        role = roles.get(str(m.get("role", m.get("from", ""))).lower())
+        content = m.get("content", m.get("value"))
+        if role is None or not isinstance(content, str):
+            raise InvalidRecord(MISSING_FIELD, f"field {key!r}: message without a known role and string content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _split_conversation(messages: list[dict], key: str) -> tuple[list[dict], str]:
+    """Split ``[..., user, assistant]`` into (prompt turns, final assistant text)."""
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise InvalidRecord(MISSING_FIELD, f"field {key!r}: conversation does not end with an assistant turn")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _response(value, key: str) -> tuple[list[dict] | None, str]:
+    """A response given as plain text or as a conversation ending with the assistant turn."""
+    if isinstance(value, str):
+        return None, value
+    if value is None:
+        raise InvalidRecord(MISSING_FIELD, f"missing field {key!r}")
+    return _split_conversation(_messages(value, key), key)
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _pair(prompt: list[dict], chosen: str, rejected: str, rewards: list[float] | None, rid: str) -> ListwiseExample:
+    if rewards is None:
+        return ListwiseExample(prompt, [chosen, rejected], [1.0, 0.0], rid, reward_kind="order")
+    return ListwiseExample(prompt, [chosen, rejected], rewards, rid)
+
+
+def read_listwise(record: dict, rid: str) -> ListwiseExample:
+    """``{"prompt" | "messages", "responses": [{"text" | "messages", "reward"}], "id"?}``."""
+    prompt = _user(_text(record["prompt"], "prompt")) if "prompt" in record else _messages(
+        _field(record, "messages"), "messages")
+    responses = _field(record, "responses")
+    if not isinstance(responses, list):
+        raise InvalidRecord(MISSING_FIELD, "field 'responses' is not a list")
+    texts, rewards = [], []
+    for k, item in enumerate(responses):
+        if not isinstance(item, dict):
+            raise InvalidRecord(MISSING_FIELD, f"responses[{k}] is not an object")
+        if "text" in item:
+            texts.append(_text(item["text"], f"responses[{k}].text"))
+        else:
+            texts.append(_response(item.get("messages"), f"responses[{k}].messages")[1])
+        rewards.append(parse_reward(item.get("reward"), f"responses[{k}].reward"))
+    return ListwiseExample(prompt, texts, rewards, str(record.get("id", rid)))
+
+
+ULTRAFEEDBACK_SCORES = ("overall", "fine_grained", "helpfulness", "honesty", "instruction_following", "truthfulness")
+
+
+def make_ultrafeedback_reader(score: str = "overall") -> Callable[[dict, str], ListwiseExample]:
+    """Reader of raw UltraFeedback (``instruction`` + ``completions``) using the chosen score."""
+    if score not in ULTRAFEEDBACK_SCORES:
+        raise ValueError(f"ultrafeedback score {score!r} not in {ULTRAFEEDBACK_SCORES}")
+
+    def read_ultrafeedback(record: dict, rid: str) -> ListwiseExample:
+        prompt = _user(_text(_field(record, "instruction"), "instruction"))
+        completions = _field(record, "completions")
+        texts, rewards = [], []
+        for k, c in enumerate(completions):
+            texts.append(_text(c.get("response"), f"completions[{k}].response"))
+            if score == "overall":
+                rewards.append(parse_reward(c.get("overall_score"), f"completions[{k}].overall_score"))
+            elif score == "fine_grained":
+                rewards.append(parse_reward(c.get("fine-grained_score"), f"completions[{k}].fine-grained_score"))
+            else:
+                rating = (c.get("annotations") or {}).get(score) or {}
+                rewards.append(parse_reward(rating.get("Rating"), f"completions[{k}].annotations.{score}.Rating"))
+        return ListwiseExample(prompt, texts, rewards, str(record.get("prompt_id", record.get("id", rid))))
+
+    return read_ultrafeedback
+
+
+def read_ultrafeedback_binarized(record: dict, rid: str) -> ListwiseExample:
+    """HuggingFaceH4 (message lists) and trl-lib (plain strings or messages) variants, with scores."""
+    chosen_prompt, chosen = _response(record.get("chosen"), "chosen")
+    rejected_prompt, rejected = _response(record.get("rejected"), "rejected")
+    if isinstance(record.get("prompt"), str) and chosen_prompt is None:
+        prompt = _user(record["prompt"])
+    elif chosen_prompt is not None:
+        if rejected_prompt is not None and rejected_prompt != chosen_prompt:
+            raise InvalidRecord(MISMATCHED_PROMPT, "chosen and rejected conversations have different prompts")
+        prompt = chosen_prompt
+    elif isinstance(record.get("prompt"), list):
+        prompt = _messages(record["prompt"], "prompt")
+    else:
+        raise InvalidRecord(MISSING_FIELD, "missing field 'prompt'")
+    scores = record if "score_chosen" in record else (record.get("metadata") or {})
+    rewards = [parse_reward(scores.get("score_chosen"), "score_chosen"),
+               parse_reward(scores.get("score_rejected"), "score_rejected")]
+    rid = str(record.get("prompt_id", record.get("source_index", rid)))
+    return _pair(prompt, chosen, rejected, rewards, rid)
+
+
+def read_ultrainteract(record: dict, rid: str) -> ListwiseExample:
+    """UltraInteract pairs: multi-turn ``trajectory`` prompt, ``chosen`` > ``rejected``."""
+    prompt = _messages(_field(record, "trajectory"), "trajectory")
+    if prompt[-1]["role"] != "user":
+        raise InvalidRecord(MISSING_FIELD, "trajectory does not end with a user turn")
+    chosen = _text(_field(record, "chosen"), "chosen")
+    rejected = _text(_field(record, "rejected"), "rejected")
+    return _pair(prompt, chosen, rejected, None, str(record.get("id", rid)))
+
+
+def _hh_turns(transcript: str, key: str) -> list[dict]:
+    turns = []
+    for block in transcript.split("\n\nHuman:")[1:] if transcript.startswith("\n\nHuman:") else [None]:
+        if block is None:
+            raise InvalidRecord(MISSING_FIELD, f"field {key!r} does not start with '\\n\\nHuman:'")
+        human, *assistants = block.split("\n\nAssistant:")
+        turns.append({"role": "user", "content": human.strip()})
+        turns.extend({"role": "assistant", "content": a.strip()} for a in assistants)
+    return turns
+
+
+def read_hh_rlhf(record: dict, rid: str) -> ListwiseExample:
+    """Anthropic HH-RLHF transcripts: the shared turns before the last ``Assistant:`` are the prompt."""
+    chosen = _hh_turns(_text(_field(record, "chosen"), "chosen"), "chosen")
+    rejected = _hh_turns(_text(_field(record, "rejected"), "rejected"), "rejected")
+    prompt, chosen_text = _split_conversation(chosen, "chosen")
+    rejected_prompt, rejected_text = _split_conversation(rejected, "rejected")
+    if prompt != rejected_prompt:
+        raise InvalidRecord(MISMATCHED_PROMPT, "chosen and rejected transcripts differ before the last reply")
+    return _pair(prompt, chosen_text, rejected_text, None, str(record.get("id", rid)))
+
+
+def read_nemo_dpo(record: dict, rid: str) -> ListwiseExample:
+    """NeMo-Aligner DPO jsonl: ``prompt``, ``chosen_response``, ``rejected_response``, optional rewards."""
+    prompt = _user(_text(_field(record, "prompt"), "prompt"))
+    chosen = _text(_field(record, "chosen_response"), "chosen_response")
+    rejected = _text(_field(record, "rejected_response"), "rejected_response")
+    rewards = None
+    if "chosen_reward" in record or "rejected_reward" in record:
+        rewards = [parse_reward(record.get("chosen_reward"), "chosen_reward"),
+                   parse_reward(record.get("rejected_reward"), "rejected_reward")]
+    return _pair(prompt, chosen, rejected, rewards, str(record.get("id", rid)))
+
+
+FORMATS = ("ultrafeedback", "ultrafeedback_binarized", "ultrainteract", "hh_rlhf", "nemo_dpo", "listwise")
+
+
+def get_reader(fmt: str, ultrafeedback_score: str = "overall") -> Callable[[dict, str], ListwiseExample]:
+    """Return the record → ListwiseExample function of ``fmt``."""
+    readers = {"ultrafeedback_binarized": read_ultrafeedback_binarized, "ultrainteract": read_ultrainteract,
+               "hh_rlhf": read_hh_rlhf, "nemo_dpo": read_nemo_dpo, "listwise": read_listwise}
+    if fmt == "ultrafeedback":
+        return make_ultrafeedback_reader(ultrafeedback_score)
+    if fmt not in readers:
+        raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
+    return readers[fmt]
+
+
+def detect_format(record: dict) -> tuple[str, str]:
+    """Guess the format of a record; returns (format, why) or raises ValueError."""
+    keys = set(record)
+    if "responses" in keys:
+        return "listwise", "has 'responses'"
+    if {"instruction", "completions"} <= keys:
+        return "ultrafeedback", "has 'instruction' and 'completions'"
+    if {"chosen_response", "rejected_response"} <= keys:
+        return "nemo_dpo", "has 'chosen_response' and 'rejected_response'"
+    if "trajectory" in keys and {"chosen", "rejected"} <= keys:
+        return "ultrainteract", "has 'trajectory', 'chosen' and 'rejected'"
+    if {"chosen", "rejected"} <= keys:
+        chosen = record["chosen"]
+        if "prompt" not in keys and isinstance(chosen, str) and chosen.startswith("\n\nHuman:"):
+            return "hh_rlhf", "'chosen' is a '\\n\\nHuman:' transcript"
+        return "ultrafeedback_binarized", "has 'chosen' and 'rejected' with a separate prompt or messages"
+    raise ValueError(f"cannot detect the format from keys {sorted(keys)}")
+
+
+def sniff_format(path: str) -> tuple[str, str]:
+    """Detect the format of ``path`` from its first readable record; returns (format, explanation)."""
+    for number, record in iter_records(path):
+        if isinstance(record, dict):
+            fmt, why = detect_format(record)
+            return fmt, f"{path}:{number} {why}"
+    raise ValueError(f"{path}: no readable record to detect the format from")

@@ -1,0 +1,177 @@
+"""Chat templates + tokenisation: prompt ids (shared by the K responses) and response ids (EOS appended).
+
+``--tokenizer mistral``: the real Mistral-7B / Mixtral-8x7B v1 tokenizer from ``mistral-common`` with its
+instruct format. The prompt is mistral-common's encoding of the chat-completion request (``<s>[INST] ... [/INST]``);
+a response is ``encode(text) + [EOS]``, which is exactly how mistral-common encodes a final assistant turn, so
+``prompt_ids + response_ids`` equals the tokenisation of the whole conversation (tested).
+
+``--tokenizer PATH``: a local Hugging Face tokenizer with its own ``chat_template``. The prompt is the template
+rendered with ``add_generation_prompt=True``; the response is the rest of the template rendered with the
+assistant turn appended, cut after its EOS (text the template puts after EOS, e.g. a newline, is not
+trained on), with EOS appended when the template has none. Prompt and response text are tokenised
+separately so that one prompt tokenisation serves all K responses.
+"""
+
+from __future__ import annotations
+
+import os
+
+MISTRAL = "mistral"
+
+
+class TemplateError(ValueError):
+    """The chat template cannot split a conversation into prompt and response."""
+
+
+class MistralChatTokenizer:
+    """The Mistral v1 tokenizer (sentencepiece, 32000 pieces) with the Mistral instruct format."""
+
+    def __init__(self) -> None:
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        self._mistral = MistralTokenizer.v1()
+        self._raw = self._mistral.instruct_tokenizer.tokenizer
+        self.vocab_size = int(self._raw.n_words)
+        self.bos_id = int(self._raw.bos_id)
+        self.eos_id = int(self._raw.eos_id)
+        self.pad_id = int(self._raw.unk_id)  # Mistral has no pad token; padded positions are masked anyway
+
+    def identity(self) -> dict:
+        """Describe the tokenizer for the manifest."""
+        import mistral_common
+
+        return {"name": MISTRAL, "kind": "mistral-common", "version": mistral_common.__version__,
+                "model": "tokenizer.model.v1", "template": "mistral-instruct-v1", "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "pad_token": "<unk>"}
+
+    @staticmethod
+    def _messages(messages: list[dict]):
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+
+        classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        try:
+            return [classes[m["role"]](content=m["content"]) for m in messages]
+        except KeyError as err:
+            raise TemplateError(f"unknown chat role {err.args[0]!r}") from None
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of the prompt (BOS, the turns, up to and including the last ``[/INST]``)."""
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        try:
+            request = ChatCompletionRequest(messages=self._messages(messages))
+            return list(self._mistral.encode_chat_completion(request).tokens)
+        except MistralCommonException as err:
+            raise TemplateError(f"mistral-common rejected the prompt: {err}") from None
+
+    def encode_list(self, messages: list[dict], responses: list[str]) -> tuple[list[int], list[list[int]]]:
+        """Return the prompt ids and, per assistant reply, its ids followed by EOS."""
+        prompt = self.encode_prompt(messages)
+        return prompt, [self._raw.encode(text, bos=False, eos=False) + [self.eos_id] for text in responses]
+
+    def encode_conversation(self, messages: list[dict], response: str) -> list[int]:
+        """Token ids of the whole conversation as mistral-common encodes it for fine-tuning (for checks)."""
+        from mistral_common.protocol.instruct.messages import AssistantMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+        from mistral_common.protocol.instruct.validator import ValidationMode
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        tokenizer = MistralTokenizer.v1()
+        tokenizer._chat_completion_request_validator._mode = ValidationMode.finetuning
+        request = ChatCompletionRequest(messages=self._messages(messages) + [AssistantMessage(content=response)])
+        return list(tokenizer.encode_chat_completion(request).tokens)
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` with the control tokens (BOS/EOS) shown as ``<s>`` / ``</s>``."""
+        return self._raw.decode([int(i) for i in ids], special_token_policy=_keep_special())
+
+    def templated_text(self, messages: list[dict], response: str) -> str:
+        """The text the packed ids of one sequence decode to (for round-trip checks)."""
+        prompt, (response_ids,) = self.encode_list(messages, [response])
+        return self.decode(prompt) + self.decode(response_ids)
+
+
+def _keep_special():
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    return SpecialTokenPolicy.KEEP
+
+
+class HFChatTokenizer:
+    """A local Hugging Face tokenizer directory with a ``chat_template``."""
+
+    def __init__(self, path: str) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+
+        self.path = os.fspath(path)
+        self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if not getattr(self._tok, "chat_template", None):
+            raise TemplateError(f"{self.path}: tokenizer has no chat_template")
+        if self._tok.eos_token_id is None:
+            raise TemplateError(f"{self.path}: tokenizer has no eos token")
+        self.vocab_size = len(self._tok)
+        self.eos_id = int(self._tok.eos_token_id)
+        self.bos_id = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
+        pad = self._tok.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_id)
+
+    def identity(self) -> dict:
+        """Describe the tokenizer for the manifest."""
+        import transformers
+
+        return {"name": self.path, "kind": "huggingface", "class": type(self._tok).__name__,
+                "transformers_version": transformers.__version__, "template": self._tok.chat_template,
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "pad_token": self._tok.convert_ids_to_tokens(self.pad_id)}
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def _response_texts(self, messages: list[dict], responses: list[str]) -> tuple[str, list[str]]:
+        prompt_text = self._render(messages, add_generation_prompt=True)
+        suffixes = []
+        for response in responses:
+            full = self._render([*messages, {"role": "assistant", "content": response}], add_generation_prompt=False)
+            if not full.startswith(prompt_text):
+                raise TemplateError("the chat template does not render the prompt as a prefix of the conversation")
+            suffix = full[len(prompt_text):]
+            eos = self._tok.eos_token
+            cut = suffix.rfind(eos)
+            suffixes.append(suffix[:cut + len(eos)] if cut >= 0 else suffix + eos)
+        return prompt_text, suffixes
+
+    def encode_list(self, messages: list[dict], responses: list[str]) -> tuple[list[int], list[list[int]]]:
+        """Return the prompt ids (with generation prompt) and each reply's ids as rendered after it, up to EOS."""
+        prompt_text, suffixes = self._response_texts(messages, responses)
+        ids = self._ids([prompt_text, *suffixes])
+        for response_ids in ids[1:]:
+            if not response_ids or response_ids[-1] != self.eos_id:
+                raise TemplateError("the response does not tokenise to a sequence ending with EOS")
+        return ids[0], ids[1:]
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` with special tokens kept."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def templated_text(self, messages: list[dict], response: str) -> str:
+        """The templated conversation up to the response's EOS (for round-trip checks)."""
+        prompt_text, suffixes = self._response_texts(messages, [response])
+        return prompt_text + suffixes[0]
+
+
+def load_tokenizer(spec: str):
+    """Return the chat tokenizer named by ``--tokenizer``: ``mistral`` or a local HF tokenizer directory.
+
+    Raises:
+        FileNotFoundError: ``spec`` is neither ``mistral`` nor an existing directory.
+    """
+    if spec == MISTRAL:
+        return MistralChatTokenizer()
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"--tokenizer {spec!r}: not 'mistral' and not a local tokenizer directory")
+    return HFChatTokenizer(spec)
