@@ -1,0 +1,173 @@
+"""Evaluate a checkpoint on a packed dataset: load policy and reference, run them forward, rank.
+
+The policy is a megatron dist checkpoint: a training checkpoint folder (its ``latest`` marker or one
+``step_*`` folder; the run's config is read from it) or a weights-only one (``save_model_weights``,
+``nemo-lpo convert hf-to-mcore``; then the preset comes from ``preset``). The reference μ of the implicit
+reward β(log π − log μ) is, in order: an explicit reference checkpoint; the run's own reference (its
+``reference.checkpoint`` or ``model.init_checkpoint``); the dataset's reference sidecar (``nemo-lpo
+ref-logps``). Policy and reference go through the same forward code, so a policy evaluated against itself
+has implicit rewards of exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+SIDECAR = "sidecar"  # ``reference=SIDECAR``: use the dataset's stored reference log-probs
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Return the concrete checkpoint folder of ``path`` (follows a training folder's ``latest`` marker)."""
+    from nemo_lpo.train.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    latest = latest_checkpoint(path) if (path / "latest").is_file() else None
+    return latest or path
+
+
+def checkpoint_run_config(path: str | Path) -> dict | None:
+    """The run config stored in a training checkpoint (a plain dict), or None for a weights-only one."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(resolve_checkpoint(path)))
+    config = common.get("config") if isinstance(common, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def build_model(preset: str, checkpoint: str | Path | None, seed: int = 1234):
+    """Build a single-process GPTModel of ``preset`` and load ``checkpoint``'s weights into it (eval mode).
+
+    Needs ``nemo_lpo.model.parallel.initialize_parallel()`` (tp = pp = ep = 1) first.
+    """
+    from nemo_lpo.config import Config, ModelConfig
+    from nemo_lpo.train.lpo_model import LPOModel
+
+    cfg = Config(model=ModelConfig(preset=preset, init_checkpoint=None if checkpoint is None else str(checkpoint)))
+    cfg.train.seed = seed
+    module = LPOModel(cfg, train=False).module
+    module.eval()
+    return module
+
+
+def _run_reference(run_config: dict | None) -> str | None:
+    if not run_config:
+        return None
+    return (run_config.get("reference") or {}).get("checkpoint") or (run_config.get("model") or {}).get(
+        "init_checkpoint")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data_prefix: str | Path,
+    *,
+    reference: str | Path | None = None,
+    beta: float | None = None,
+    preset: str | None = None,
+    micro_batch_size: int = 8,
+    ndcg_k: int | None = None,
+    progress=None,
+) -> dict:
+    """Return the ranking metrics of ``checkpoint`` on ``data_prefix`` (see ``metrics.ranking_metrics``).
+
+    Args:
+        checkpoint: policy dist checkpoint (training folder, ``step_*`` folder or weights-only).
+        data_prefix: packed dataset prefix (``nemo-lpo pack --output-prefix``).
+        reference: reference checkpoint, or ``"sidecar"`` for the dataset's stored log-probs; default: the
+            run's own reference, then the sidecar.
+        beta: β of the implicit reward (default: the run's ``loss.beta``, else 0.1).
+        preset: model preset (default: the run's ``model.preset``, else ``tiny-mixtral``).
+        micro_batch_size: lists per forward pass.
+        ndcg_k: NDCG cutoff (default: the whole list).
+        progress: optional ``progress(done, total)`` callback.
+
+    Raises:
+        FileNotFoundError: a checkpoint or the dataset is missing.
+        ValueError: no reference can be found, or its log-probs do not fit the dataset.
+    """
+    from nemo_lpo.data import ListwiseDataset
+    from nemo_lpo.evaluate.engine import dataset_logps, summarize
+    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+
+    dataset = ListwiseDataset(data_prefix)
+    initialize_parallel(seed=1234)
+    try:
+        run_config = checkpoint_run_config(checkpoint)
+        run_model = (run_config or {}).get("model") or {}
+        preset = preset or run_model.get("preset") or "tiny-mixtral"
+        if beta is None:
+            beta = float(((run_config or {}).get("loss") or {}).get("beta", 0.1))
+        if reference is None:
+            reference = _run_reference(run_config) or (SIDECAR if dataset.has_ref_logps else None)
+        if reference is None:
+            raise ValueError(f"no reference for {checkpoint}: pass a reference checkpoint, or run "
+                             f"`nemo-lpo ref-logps` on {data_prefix} to store the reference log-probs")
+        policy_model = build_model(preset, resolve_checkpoint(checkpoint))
+        policy = dataset_logps(policy_model, dataset, micro_batch_size, progress=progress)
+        del policy_model
+        if str(reference) == SIDECAR:
+            if policy.ref_logps is None:
+                raise ValueError(f"{data_prefix} has no reference log-probs sidecar (run `nemo-lpo ref-logps`)")
+            ref_logps, ref_name = policy.ref_logps, f"sidecar ({(dataset.ref_meta or {}).get('checkpoint')})"
+        else:
+            ref_path = resolve_checkpoint(reference)
+            if ref_path == resolve_checkpoint(checkpoint):
+                ref_logps = policy.policy_logps  # the same weights: reuse rather than recompute
+            else:
+                ref_logps = dataset_logps(build_model(preset, ref_path), dataset, micro_batch_size).policy_logps
+            ref_name = str(ref_path)
+    finally:
+        destroy_parallel()
+    result = summarize(policy, ref_logps, beta)
+    result.update(checkpoint=str(resolve_checkpoint(checkpoint)), data=str(data_prefix), reference=ref_name,
+                  beta=beta, preset=preset)
+    return result
+
+
+def format_value(value) -> str:
+    """Format a metric for the table (n/a for NaN)."""
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def metrics_table(results: dict[str, dict], title: str = "held-out ranking"):
+    """A rich Table with one column per evaluated model (``{column name: ranking_metrics dict}``)."""
+    from rich.table import Table
+
+    rows = [
+        ("implicit/accuracy", "pairwise accuracy (implicit reward)"),
+        ("implicit/kendall_tau", "Kendall τ (implicit reward)"),
+        ("implicit/ndcg", "NDCG@K (implicit reward)"),
+        ("likelihood/accuracy", "pairwise accuracy (log π per token)"),
+        ("likelihood/kendall_tau", "Kendall τ (log π per token)"),
+        ("likelihood/ndcg", "NDCG@K (log π per token)"),
+        ("logps/best", "log-likelihood of the best response"),
+        ("logps/worst", "log-likelihood of the worst response"),
+        ("logps_per_token/best", "… per token, best"),
+        ("logps_per_token/worst", "… per token, worst"),
+        ("lists", "lists"),
+        ("pairs", "ordered pairs (r_i > r_j)"),
+    ]
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    for key, label in rows:
+        if any(key in r for r in results.values()):
+            table.add_row(label, *(format_value(r.get(key, math.nan)) for r in results.values()))
+    return table
+
+
+def to_jsonable(result: dict) -> dict:
+    """Replace NaN by None (strict JSON) and numpy scalars by Python numbers."""
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        out[key] = None if isinstance(value, float) and math.isnan(value) else value
+    return out
