@@ -83,19 +83,37 @@ class MistralChatTokenizer:
         return list(tokenizer.encode_chat_completion(request).tokens)
 
     def decode(self, ids) -> str:
-        """Text of ``ids`` with the control tokens (BOS/EOS) shown as ``<s>`` / ``</s>``."""
-        return self._raw.decode([int(i) for i in ids], special_token_policy=_keep_special())
+        """Text of ``ids``; BOS / EOS / UNK shown as ``<s>`` / ``</s>`` / ``<unk>``, text between them decoded."""
+        specials = {self.bos_id: "<s>", self.eos_id: "</s>", self.pad_id: "<unk>"}
+        parts, run = [], []
+        for i in ids:
+            i = int(i)
+            if i in specials:
+                parts += [self._raw.decode(run), specials[i]] if run else [specials[i]]
+                run = []
+            else:
+                run.append(i)
+        if run:
+            parts.append(self._raw.decode(run))
+        return "".join(parts)
 
-    def templated_text(self, messages: list[dict], response: str) -> str:
-        """The text the packed ids of one sequence decode to (for round-trip checks)."""
-        prompt, (response_ids,) = self.encode_list(messages, [response])
-        return self.decode(prompt) + self.decode(response_ids)
+    @staticmethod
+    def templated_text(messages: list[dict], response: str) -> str:
+        """The Mistral v1 instruct format written out as text (what the packed ids must decode to).
 
-
-def _keep_special():
-    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
-
-    return SpecialTokenPolicy.KEEP
+        ``<s>[INST] {user} [/INST] {assistant}</s>[INST] {user} [/INST] {response}</s>``; a system message is
+        put before the first user message, separated by a blank line.
+        """
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        text, first = "<s>", True
+        for m in messages:
+            if m["role"] == "user":
+                content = f"{system}\n\n{m['content']}" if first and system else m["content"]
+                text += f"[INST] {content} [/INST]"
+                first = False
+            elif m["role"] == "assistant":
+                text += f" {m['content']}</s>"
+        return text + f" {response}</s>"
 
 
 class HFChatTokenizer:
