@@ -19,7 +19,7 @@ from nemo_lpo.model import cpu_compat
 PROBE = Path(__file__).parent / "dist" / "model_cpu_compat_probe.py"
 
 SCENARIOS = ["forward", "forward_default_mask", "train_step", "train_step_dense", "bf16_optimizer",
-             "bf16_distributed_optimizer", "norm_sequence_parallel", "noop_with_cuda", "idempotent"]
+             "bf16_distributed_optimizer", "norm_sequence_parallel", "alltoall_split_sizes", "noop_with_cuda", "idempotent"]
 
 # (scenario, excluded patch, text expected in the failure: the megatron site that assumes CUDA)
 WITHOUT = [
@@ -33,6 +33,7 @@ WITHOUT = [
     ("bf16_optimizer", "optimizer_param_type", "must be one of torch.cuda.FloatTensor"),
     ("bf16_distributed_optimizer", "optimizer_param_type", "must be one of torch.cuda.FloatTensor"),
     ("norm_sequence_parallel", "torch_norm_sequence_parallel", "sequence parallel not supported"),
+    ("alltoall_split_sizes", "moe_alltoall_split_sizes", "all_to_all_single(): incompatible function arguments"),
 ]
 
 

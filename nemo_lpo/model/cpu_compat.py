@@ -283,6 +283,26 @@ def patch_moe_alltoall_stream() -> None:
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HOST_STREAM
 
 
+def patch_moe_alltoall_split_sizes() -> None:
+    """Hand the alltoall dispatcher its split sizes as host numpy arrays, as its CUDA D2H copy does.
+
+    ``MoEAlltoAllTokenDispatcher`` turns ``input_splits`` / ``output_splits`` into numpy arrays only inside
+    ``maybe_move_tensor_to_cpu``, which skips tensors that are not on CUDA; CPU tensors then reach
+    ``torch.distributed.all_to_all_single`` as split sizes, which it rejects (TypeError) as soon as EP > 1.
+    The replacement converts host tensors too when ``as_numpy`` is asked for.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "cuda_device_queries": patch_cuda_device_queries,
     "cuda_current_stream": patch_cuda_current_stream,
@@ -292,6 +312,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "optimizer_param_type": patch_optimizer_param_type,
     "torch_norm_sequence_parallel": patch_torch_norm_sequence_parallel,
     "moe_alltoall_stream": patch_moe_alltoall_stream,
+    "moe_alltoall_split_sizes": patch_moe_alltoall_split_sizes,
 }
 
 

@@ -116,6 +116,17 @@ def scenario_norm_sequence_parallel():
     assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
 
 
+def scenario_alltoall_split_sizes():
+    """The dispatcher's host copy of its split sizes, then all_to_all_single with them (megatron's call)."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    _init()
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3]), as_numpy=True)
+    out = torch.empty(3)
+    torch.distributed.all_to_all_single(out, torch.arange(3.0), output_split_sizes=splits, input_split_sizes=splits)
+    assert torch.equal(out, torch.arange(3.0))
+
+
 def scenario_noop_with_cuda():
     """apply_cpu_compat() patches nothing when CUDA is available, and is idempotent."""
     from nemo_lpo.model import cpu_compat
