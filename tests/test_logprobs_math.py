@@ -80,3 +80,23 @@ def test_rotary_angles_match_megatron_layout():
     assert torch.allclose(angles[0, 1, 0], torch.tensor([5.0, 0.5, 5.0, 0.5]))
     inter = rotary_angles(torch.tensor([[2]]), inv_freq, interleaved=True)
     assert torch.allclose(inter[0, 0, 0], torch.tensor([2.0, 2.0, 0.2, 0.2]))
+
+
+def test_model_inputs_refuses_what_the_model_cannot_do():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from nemo_lpo.train.logprobs import model_inputs
+
+    batch = {"tokens": torch.zeros(1, 5, dtype=torch.long), "labels": torch.zeros(1, 5, dtype=torch.long),
+             "position_ids": torch.arange(5)[None], "cu_seqlens": torch.tensor([0, 2, 5], dtype=torch.int32)}
+    te_model = SimpleNamespace(module=SimpleNamespace(config=SimpleNamespace(), uses_transformer_engine=True))
+    with pytest.raises(ValueError, match="packed batches need megatron's local attention"):
+        model_inputs(batch, te_model)
+    sp_model = SimpleNamespace(config=SimpleNamespace(sequence_parallel=True, tensor_model_parallel_size=2))
+    with pytest.raises(ValueError, match="pad_to_multiple_of to a multiple of 2"):
+        model_inputs(batch, sp_model)
+    inputs = model_inputs(batch, SimpleNamespace(config=SimpleNamespace(num_moe_experts=4)))
+    assert torch.equal(inputs["padding_mask"], torch.zeros(1, 5, dtype=torch.bool))
+    assert inputs["attention_mask"].shape == (1, 1, 5, 5) and torch.equal(inputs["labels"], batch["labels"])

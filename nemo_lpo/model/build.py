@@ -76,6 +76,8 @@ def build_gpt_model(
         raise ValueError(f"config has {config.num_layers} layers but preset {preset.name} has {preset.num_layers}")
     if not torch.cuda.is_available() and not config.use_cpu_initialization:
         raise ValueError("no CUDA here: build with transformer_config(..., use_cpu_initialization=True)")
+    if use_te is None:
+        use_te = transformer_engine_available()
     spec = layer_spec(config, use_te=use_te, vp_stage=vp_stage)
     return GPTModelWithPositions(
         config=config,
@@ -90,5 +92,6 @@ def build_gpt_model(
         rotary_percent=1.0,
         rotary_base=int(preset.rotary_base),
         sliding_window=preset.sliding_window,
+        uses_transformer_engine=use_te,
         vp_stage=vp_stage,
     )

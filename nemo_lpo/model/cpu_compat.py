@@ -225,8 +225,8 @@ def patch_optimizer_param_type() -> None:
     """Let the mixed-precision optimizers classify CPU params by dtype.
 
     ``Float16OptimizerWithFloat16Params.__init__``, ``DistributedOptimizer.__init__`` and its
-    ``_build_model_and_main_param_groups`` dispatch on ``param.type()`` in {'torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor',
-    'torch.cuda.FloatTensor'} and raise for anything else, i.e. for every CPU param. They run with
+    ``_build_model_and_main_param_groups`` dispatch on ``param.type()`` in {'torch.cuda.HalfTensor',
+    'torch.cuda.BFloat16Tensor', 'torch.cuda.FloatTensor'} and raise for anything else, i.e. for every CPU param. They run with
     ``Tensor.type()`` reporting CUDA names, which keeps the dtype dispatch they mean.
     """
     from megatron.core.optimizer import distrib_optimizer, optimizer

@@ -44,12 +44,16 @@ class GPTModelWithPositions(GPTModel):
         sliding_window: the architecture's attention window, if any. The local attention path cannot
             combine a window with an explicit mask, so a forward whose positions reach the window
             raises instead of silently attending too far.
+        uses_transformer_engine: built from TE's layer spec. TE's causal attention ignores an explicit
+            mask: right-padded batches stay exact (causality already hides the padding from real tokens),
+            block-diagonal packed batches would not, so ``logprobs.model_inputs`` refuses them.
         **kwargs: GPTModel's.
     """
 
-    def __init__(self, *args, sliding_window: int | None = None, **kwargs):
+    def __init__(self, *args, sliding_window: int | None = None, uses_transformer_engine: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.sliding_window = sliding_window
+        self.uses_transformer_engine = uses_transformer_engine
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):

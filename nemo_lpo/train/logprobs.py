@@ -18,12 +18,12 @@ import torch
 from nemo_lpo.model.gpt import causal_padding_mask, packed_causal_mask, padding_token_mask
 
 
-def _config(model):
-    """TransformerConfig of a GPTModel, possibly wrapped (DDP, Float16Module, ...)."""
+def _find(model, attribute: str):
+    """An attribute of a GPTModel, possibly wrapped (DDP, Float16Module, ...); None when absent."""
     while model is not None:
-        config = getattr(model, "config", None)
-        if config is not None:
-            return config
+        value = getattr(model, attribute, None)
+        if value is not None:
+            return value
         model = getattr(model, "module", None)
     return None
 
@@ -48,6 +48,17 @@ def model_inputs(batch: dict, model=None, *, with_labels: bool = True) -> dict:
         with_labels: pass ``labels`` so that the model returns ``-log p(label)`` per token ([N, T]);
             without them it returns the vocab-parallel logits.
     """
+    config = _find(model, "config")
+    packed = "cu_seqlens" in batch
+    if packed and _find(model, "uses_transformer_engine"):
+        raise ValueError("packed batches need megatron's local attention (explicit block-diagonal mask); the "
+                         "model uses Transformer Engine's causal attention, which ignores it: collate padded "
+                         "batches (packed=False) or build with use_te=False")
+    tp = getattr(config, "tensor_model_parallel_size", 1)
+    if getattr(config, "sequence_parallel", False) and batch["tokens"].shape[1] % tp:
+        raise ValueError(f"sequence parallelism over tp={tp} needs a sequence length divisible by {tp}, got "
+                         f"tokens of shape {tuple(batch['tokens'].shape)}: set the collator's "
+                         f"pad_to_multiple_of to a multiple of {tp}")
     inputs = {
         "input_ids": batch["tokens"],
         "position_ids": batch["position_ids"],
@@ -55,8 +66,7 @@ def model_inputs(batch: dict, model=None, *, with_labels: bool = True) -> dict:
     }
     if with_labels:
         inputs["labels"] = batch["labels"]
-    config = _config(model)
-    if config is not None and getattr(config, "num_moe_experts", None):
+    if getattr(config, "num_moe_experts", None):
         inputs["padding_mask"] = padding_token_mask(batch)
     return inputs
 
