@@ -20,10 +20,11 @@ TOO_LONG = "too_long"
 class InvalidRecord(ValueError):
     """A record that cannot become a list; ``reason`` is one of the module's reason constants."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, dropped: list[str] | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.dropped = dropped or []  # reasons of responses dropped before the record was rejected
 
 
 @dataclasses.dataclass
@@ -33,7 +34,8 @@ class ListwiseExample:
     Attributes:
         prompt: chat messages ``{"role": "system"|"user"|"assistant", "content": str}``, ending with a user turn.
         responses: the K assistant replies (plain text).
-        rewards: one float per response, higher is better. Preference data without scores gets
+        rewards: one float per response, higher is better (readers store the raw values; ``validate`` parses
+            them: numbers or numeric strings, finite). Preference data without scores gets
             rewards derived from the order (best = K-1 ... worst = 0) and ``reward_kind = "order"``.
         id: unique id of the list within the packed dataset.
         source: ``file:line`` (or ``file:row``) the list was read from.
@@ -63,9 +65,11 @@ class ListwiseExample:
         keep_responses, keep_rewards, dropped = [], [], []
         for k, (text, reward) in enumerate(zip(self.responses, self.rewards, strict=True)):
             problem = None
-            if not isinstance(reward, int | float) or isinstance(reward, bool) or not math.isfinite(reward):
-                problem = InvalidRecord(BAD_REWARD, f"response {k}: reward {reward!r} is not a finite number")
-            elif not isinstance(text, str) or not text.strip():
+            try:
+                reward = parse_reward(reward, f"response {k}")
+            except InvalidRecord as err:
+                problem = err
+            if problem is None and (not isinstance(text, str) or not text.strip()):
                 problem = InvalidRecord(EMPTY_RESPONSE, f"response {k} is empty")
             if problem is not None:
                 if not skip_invalid:
@@ -73,9 +77,9 @@ class ListwiseExample:
                 dropped.append(problem.reason)
                 continue
             keep_responses.append(text)
-            keep_rewards.append(float(reward))
+            keep_rewards.append(reward)
         if len(keep_responses) < 2:
-            raise InvalidRecord(TOO_FEW_RESPONSES, f"{len(keep_responses)} usable responses (need at least 2)")
+            raise InvalidRecord(TOO_FEW_RESPONSES, f"{len(keep_responses)} usable responses (need at least 2)", dropped)
         self.responses, self.rewards = keep_responses, keep_rewards
         return dropped
 
@@ -87,7 +91,7 @@ def parse_reward(value, field: str) -> float:
         InvalidRecord: the value is missing, not numeric, NaN or infinite.
     """
     if value is None:
-        raise InvalidRecord(MISSING_FIELD, f"missing reward field {field!r}")
+        raise InvalidRecord(BAD_REWARD, f"{field}: missing reward")
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidRecord(BAD_REWARD, f"{field}: reward {value!r} is not a number")
     try:

@@ -168,6 +168,7 @@ class _Reader:
                         raise InvalidRecord(DUPLICATE_ID, f"duplicate id {example.id!r} (first at {seen_ids[example.id]})")
                     seen_ids[example.id] = source
                 except InvalidRecord as err:
+                    self.responses_skipped.update(err.dropped)
                     yield ("error", source, err.reason, err.message)
                     continue
                 yield ("ok", ordinal, example)

@@ -18,7 +18,6 @@ from nemo_lpo.data.examples import (
     MISSING_FIELD,
     InvalidRecord,
     ListwiseExample,
-    parse_reward,
 )
 
 MISMATCHED_PROMPT = "mismatched_prompt"
@@ -131,7 +130,7 @@ def read_listwise(record: dict, rid: str) -> ListwiseExample:
             texts.append(_text(item["text"], f"responses[{k}].text"))
         else:
             texts.append(_response(item.get("messages"), f"responses[{k}].messages")[1])
-        rewards.append(parse_reward(item.get("reward"), f"responses[{k}].reward"))
+        rewards.append(item.get("reward"))  # checked per response by ListwiseExample.validate
     return ListwiseExample(prompt, texts, rewards, str(record.get("id", rid)))
 
 
@@ -150,12 +149,11 @@ def make_ultrafeedback_reader(score: str = "overall") -> Callable[[dict, str], L
         for k, c in enumerate(completions):
             texts.append(_text(c.get("response"), f"completions[{k}].response"))
             if score == "overall":
-                rewards.append(parse_reward(c.get("overall_score"), f"completions[{k}].overall_score"))
+                rewards.append(c.get("overall_score"))
             elif score == "fine_grained":
-                rewards.append(parse_reward(c.get("fine-grained_score"), f"completions[{k}].fine-grained_score"))
-            else:
-                rating = (c.get("annotations") or {}).get(score) or {}
-                rewards.append(parse_reward(rating.get("Rating"), f"completions[{k}].annotations.{score}.Rating"))
+                rewards.append(c.get("fine-grained_score"))
+            else:  # the aspect ratings are strings, "N/A" where the annotator gave none
+                rewards.append(((c.get("annotations") or {}).get(score) or {}).get("Rating"))
         return ListwiseExample(prompt, texts, rewards, str(record.get("prompt_id", record.get("id", rid))))
 
     return read_ultrafeedback
@@ -176,8 +174,7 @@ def read_ultrafeedback_binarized(record: dict, rid: str) -> ListwiseExample:
     else:
         raise InvalidRecord(MISSING_FIELD, "missing field 'prompt'")
     scores = record if "score_chosen" in record else (record.get("metadata") or {})
-    rewards = [parse_reward(scores.get("score_chosen"), "score_chosen"),
-               parse_reward(scores.get("score_rejected"), "score_rejected")]
+    rewards = [scores.get("score_chosen"), scores.get("score_rejected")]
     rid = str(record.get("prompt_id", record.get("source_index", rid)))
     return _pair(prompt, chosen, rejected, rewards, rid)
 
@@ -221,8 +218,7 @@ def read_nemo_dpo(record: dict, rid: str) -> ListwiseExample:
     rejected = _text(_field(record, "rejected_response"), "rejected_response")
     rewards = None
     if "chosen_reward" in record or "rejected_reward" in record:
-        rewards = [parse_reward(record.get("chosen_reward"), "chosen_reward"),
-                   parse_reward(record.get("rejected_reward"), "rejected_reward")]
+        rewards = [record.get("chosen_reward"), record.get("rejected_reward")]
     return _pair(prompt, chosen, rejected, rewards, str(record.get("id", rid)))
 
 
