@@ -19,7 +19,7 @@ from nemo_lpo.model import cpu_compat
 PROBE = Path(__file__).parent / "dist" / "model_cpu_compat_probe.py"
 
 SCENARIOS = ["forward", "forward_default_mask", "train_step", "train_step_dense", "bf16_optimizer",
-             "bf16_distributed_optimizer", "norm_sequence_parallel", "alltoall_split_sizes", "noop_with_cuda", "idempotent"]
+             "bf16_distributed_optimizer", "norm_sequence_parallel", "alltoall_split_sizes", "recompute", "noop_with_cuda", "idempotent"]
 
 # (scenario, excluded patch, text expected in the failure: the megatron site that assumes CUDA)
 WITHOUT = [

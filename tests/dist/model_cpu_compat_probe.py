@@ -104,6 +104,17 @@ def scenario_bf16_distributed_optimizer():
     _train_step(bf16=True, distributed=True)
 
 
+def scenario_recompute():
+    """Full activation recompute: megatron's CheckpointFunction saves and restores the tracked RNG states."""
+    from nemo_lpo.train.logprobs import token_logps
+
+    _init()
+    model = _tiny(recompute="full").train()
+    batch = _batch()
+    (token_logps(model, batch) * batch["loss_mask"]).sum().backward()
+    assert model.decoder.layers[0].self_attention.linear_qkv.weight.grad.abs().sum() > 0
+
+
 def scenario_norm_sequence_parallel():
     """The local spec's RMSNorm built under a TP=2 + sequence-parallel config, params tagged for TP grad reduction."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
