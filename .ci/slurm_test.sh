@@ -172,16 +172,11 @@ fi
 WORK="$STATE/work"
 RUN="$WORK/runs/tiny"
 MAX_STEPS=8
-SAVE_INTERVAL=2
+SAVE_INTERVAL=3
 mkdir -p "$WORK"
 cd "$WORK"
-# How the trainer is asked to stop: its stop-file hook (graceful: it checkpoints, then exits 0) when it
-# reads NEMO_LPO_STOP_FILE, else SIGTERM to the tasks (it dies; the rerun resumes from the last periodic one).
-STOP_MODE="${NEMO_LPO_SLURM_STOP:-auto}"
-if [[ $STOP_MODE == auto ]]; then
-    if grep -rqs NEMO_LPO_STOP_FILE "$REPO/nemo_lpo/train"; then STOP_MODE="file"; else STOP_MODE="TERM"; fi
-fi
-log "stop mode: $STOP_MODE"
+# At USR1 the launcher creates $NEMO_LPO_STOP_FILE; the trainer checks it after each step, saves a
+# checkpoint of that step and exits 0, then the launcher requeues the job.
 
 log "packing the demo's listwise data (nemo_lpo.data.pack) for the job"
 "$PY" -c 'import sys; from nemo_lpo.data.pack import PackConfig, pack; pack(PackConfig(inputs=[sys.argv[1]], output_prefix=sys.argv[2]), log=print)' \
@@ -191,7 +186,7 @@ log "packing the demo's listwise data (nemo_lpo.data.pack) for the job"
 export NEMO_LPO_OUTPUT_ROOT="$WORK/runs" NEMO_LPO_RUN_NAME=tiny NEMO_LPO_CONTAINER=""
 export NEMO_LPO_OVERRIDES="data.train_prefix=$WORK/data/train reference.mode=online train.max_steps=$MAX_STEPS \
 checkpoint.save_interval=$SAVE_INTERVAL logging.tensorboard=false"
-if [[ $STOP_MODE == file ]]; then unset NEMO_LPO_STOP_SIGNAL; else export NEMO_LPO_STOP_SIGNAL="$STOP_MODE"; fi
+unset NEMO_LPO_STOP_SIGNAL  # the launcher's default: the stop file only
 jid="$(sbatch --parsable "$REPO/recipes/tiny_cpu.sbatch")" || die "sbatch of recipes/tiny_cpu.sbatch failed"
 jid="${jid%%;*}"
 log "submitted recipes/tiny_cpu.sbatch as job $jid (2 tasks, $MAX_STEPS steps, checkpoint every $SAVE_INTERVAL)"
@@ -243,16 +238,18 @@ launcher_log="$RUN/logs/$jid/launcher.log"
 tasks_log="$RUN/logs/$jid/tasks.log"
 grep -q "requeueing job $jid" "$launcher_log" 2>/dev/null || fail+=("launcher.log has no requeue")
 grep -q "job $jid restart 1\] start" "$launcher_log" 2>/dev/null || fail+=("launcher.log has no second start")
-if [[ $STOP_MODE == file ]]; then
-    grep -q "job $jid restart 0\] tasks finished with status 0" "$launcher_log" 2>/dev/null \
-        || fail+=("the trainer did not exit cleanly on the stop request")
-fi
+grep -q "job $jid restart 0\] tasks finished with status 0" "$launcher_log" 2>/dev/null \
+    || fail+=("the trainer did not exit cleanly (status 0) on the stop request")
+stop_step="$(sed -n 's/^0: stop requested: checkpointing step \([0-9]*\).*/\1/p' "$tasks_log" 2>/dev/null | head -n1)"
+[[ -n $stop_step ]] || fail+=("the trainer did not report 'stop requested: checkpointing step N' in tasks.log")
 resumed="$(sed -n 's/^0: resumed from .*\(step_[0-9]*\) at step \([0-9]*\).*/\1 \2/p' "$tasks_log" 2>/dev/null | tail -n1)"
 read -r resumed_dir resumed_step <<<"${resumed:-none 0}"
 if [[ $resumed_dir == none ]]; then
     fail+=("the requeued run did not resume from a checkpoint (no 'resumed from' in tasks.log)")
-elif ((resumed_step < ${at_signal#step_} || resumed_step >= MAX_STEPS)); then
+elif ((resumed_step < 10#${at_signal#step_} || resumed_step >= MAX_STEPS)); then
     fail+=("resumed at step $resumed_step: expected >= ${at_signal#step_} (checkpoint at the signal) and < $MAX_STEPS")
+elif [[ -n $stop_step && $resumed_step != "$stop_step" ]]; then
+    fail+=("resumed at step $resumed_step, but the trainer checkpointed step $stop_step when asked to stop")
 fi
 "$PY" - "$RUN" "$MAX_STEPS" <<'PYEOF' || fail+=("metrics/checkpoint check failed (above)")
 import json, math, pathlib, sys
@@ -272,5 +269,6 @@ if ((${#fail[@]})); then
     for f in "${fail[@]}"; do log "check failed: $f"; done
     die "${#fail[@]} check(s) failed"
 fi
-log "job $jid: checkpoint $at_signal at the signal, requeued, resumed from $resumed_dir (step $resumed_step), completed $MAX_STEPS steps"
+log "job $jid: USR1 after $at_signal; the trainer checkpointed step $stop_step and exited 0; requeued;"
+log "resumed from $resumed_dir (step $resumed_step); completed $MAX_STEPS steps (metrics 1..$MAX_STEPS, latest step_$(printf %07d "$MAX_STEPS"))"
 log "PASS"

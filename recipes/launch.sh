@@ -7,9 +7,12 @@
 #   MASTER_ADDR = first host of $SLURM_JOB_NODELIST, MASTER_PORT (derived from the job id),
 #   RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID.
 # Time limit: the sbatch line `--signal=B:USR1@SECS` makes Slurm send USR1 to this shell; the trap then
-# asks the trainer to checkpoint and exit (it creates $NEMO_LPO_STOP_FILE and, if
-# NEMO_LPO_STOP_SIGNAL is set, also sends that signal to the tasks), waits for it, and requeues the
-# job (`scontrol requeue`). The requeued job runs this script again and the trainer resumes from the
+# asks the trainer to checkpoint and exit: it creates $NEMO_LPO_STOP_FILE (exported to every task; the
+# trainer checks it after every step, all ranks agree, it saves a checkpoint and exits 0). No signal goes
+# to the tasks by default: Slurm signals every process of a step, and the helper processes of the trainer
+# (megatron's checkpoint writer, data workers) die of a USR1 they do not handle, breaking the very save
+# that was asked for (seen on the local Slurm test). NEMO_LPO_STOP_SIGNAL=USR1 sends one anyway.
+# Once the tasks are gone the launcher requeues the job (`scontrol requeue`). The requeued job runs this script again and the trainer resumes from the
 # latest checkpoint in the run folder (`checkpoint.resume=true`).
 #
 # Settings (environment; the recipes set topology defaults, anything here can be overridden):
@@ -23,8 +26,9 @@
 #   NEMO_LPO_VENV          virtual environment used without a container                 [$NEMO_LPO_HOME/.venv]
 #   NEMO_LPO_OUTPUT_ROOT   where run folders go (a shared file system on a cluster)     [$NEMO_LPO_HOME/runs]
 #   NEMO_LPO_RUN_NAME      run folder name; a new job with the same name resumes it     [$SLURM_JOB_NAME]
-#   NEMO_LPO_STOP_SIGNAL   also send this signal (e.g. USR1) to the tasks on USR1       ['']
+#   NEMO_LPO_STOP_SIGNAL   also send this signal to every task process on USR1          ['': file only]
 #   NEMO_LPO_MAX_RESTARTS  stop requeueing after this many restarts                     [50]
+#   NEMO_LPO_MASTER_ADDR / NEMO_LPO_MASTER_PORT   rendezvous [first node of the job / 20000 + job id % 20000]
 #   NEMO_LPO_DRY_RUN=1     print the srun command instead of running it
 # Layout: $NEMO_LPO_OUTPUT_ROOT/$NEMO_LPO_RUN_NAME/ is the run folder (logging.run_dir: checkpoints,
 # metrics); its logs/$SLURM_JOB_ID/ holds this job's logs (launcher.log, tasks.log, job.txt), appended to
@@ -42,6 +46,7 @@ RUN_NAME="${NEMO_LPO_RUN_NAME:-${SLURM_JOB_NAME:-nemo-lpo}}"
 RUN_DIR="$OUTPUT_ROOT/$RUN_NAME"
 LOG_DIR="$RUN_DIR/logs/$SLURM_JOB_ID"
 STOP_FILE="$LOG_DIR/stop-requested"
+STOP_SIGNAL="${NEMO_LPO_STOP_SIGNAL:-}"
 RESTARTS="${SLURM_RESTART_COUNT:-0}"
 MAX_RESTARTS="${NEMO_LPO_MAX_RESTARTS:-50}"
 DRY_RUN="${NEMO_LPO_DRY_RUN:-0}"
@@ -53,8 +58,9 @@ if [[ $DRY_RUN != 1 ]]; then
 fi
 log() { printf '[nemo-lpo launch %(%F %T)T job %s restart %s] %s\n' -1 "$SLURM_JOB_ID" "$RESTARTS" "$*"; }
 
-MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" | head -n1)}"
-MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+# Not MASTER_ADDR/MASTER_PORT from the environment: sbatch exports the submitting shell's, which may be stale.
+MASTER_ADDR="${NEMO_LPO_MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" | head -n1)}"
+MASTER_PORT="${NEMO_LPO_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT
 export NEMO_LPO_STOP_FILE="$STOP_FILE" NEMO_LPO_LOG_DIR="$LOG_DIR" NEMO_LPO_RUN_DIR="$RUN_DIR"
 rm -f "$STOP_FILE"  # a requeued job starts without the previous run's stop request
@@ -104,12 +110,12 @@ srun_pid=""
 # shellcheck disable=SC2329  # invoked by the USR1 trap
 on_usr1() {
     stop_requested=1
-    log "USR1 (time limit near): asking the trainer to checkpoint and exit ($STOP_FILE)"
+    log "USR1 (time limit near): asking the trainer to checkpoint and exit ($STOP_FILE${STOP_SIGNAL:+, SIG$STOP_SIGNAL})"
     touch "$STOP_FILE"
-    if [[ -n ${NEMO_LPO_STOP_SIGNAL:-} && -n $srun_pid ]]; then
+    if [[ -n $STOP_SIGNAL && -n $srun_pid ]]; then
         # without --batch/--full, scancel signals the job's steps (the tasks), not this shell
-        scancel --signal="$NEMO_LPO_STOP_SIGNAL" "$SLURM_JOB_ID" 2>/dev/null \
-            || kill -s "$NEMO_LPO_STOP_SIGNAL" "$srun_pid" 2>/dev/null || true
+        scancel --signal="$STOP_SIGNAL" "$SLURM_JOB_ID" 2>/dev/null \
+            || kill -s "$STOP_SIGNAL" "$srun_pid" 2>/dev/null || true
     fi
 }
 trap on_usr1 USR1
