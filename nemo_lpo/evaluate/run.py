@@ -47,11 +47,27 @@ def build_model(preset: str, checkpoint: str | Path | None, seed: int = 1234):
     from nemo_lpo.config import Config, ModelConfig
     from nemo_lpo.train.lpo_model import LPOModel
 
-    cfg = Config(model=ModelConfig(preset=preset, init_checkpoint=None if checkpoint is None else str(checkpoint)))
+    cfg = Config(model=ModelConfig(preset=preset))
     cfg.train.seed = seed
     module = LPOModel(cfg, train=False).module
+    if checkpoint is not None:
+        load_weights(module, checkpoint)
     module.eval()
     return module
+
+
+def load_weights(module, checkpoint: str | Path) -> None:
+    """Load a dist checkpoint's model weights into ``module`` (training or weights-only checkpoint).
+
+    ``dist_checkpointing.load`` returns the checkpoint's common state (step, config, optimizer metadata of a
+    training checkpoint) beside the requested tensors; only the requested keys go into the module.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(checkpoint)
+    request = module.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, str(path))
+    module.load_state_dict({k: v for k, v in loaded.items() if k in request})
 
 
 def _run_reference(run_config: dict | None) -> str | None:
@@ -71,6 +87,7 @@ def evaluate_checkpoint(
     micro_batch_size: int = 8,
     ndcg_k: int | None = None,
     progress=None,
+    reference_logps: np.ndarray | None = None,
 ) -> dict:
     """Return the ranking metrics of ``checkpoint`` on ``data_prefix`` (see ``metrics.ranking_metrics``).
 
@@ -84,6 +101,8 @@ def evaluate_checkpoint(
         micro_batch_size: lists per forward pass.
         ndcg_k: NDCG cutoff (default: the whole list).
         progress: optional ``progress(done, total)`` callback.
+        reference_logps: the reference's log-probs of this dataset when the caller already has them
+            (``[num_lists, K_max]``, e.g. the policy's own before training); ``reference`` then only names them.
 
     Raises:
         FileNotFoundError: a checkpoint or the dataset is missing.
@@ -109,7 +128,9 @@ def evaluate_checkpoint(
         policy_model = build_model(preset, resolve_checkpoint(checkpoint))
         policy = dataset_logps(policy_model, dataset, micro_batch_size, progress=progress)
         del policy_model
-        if str(reference) == SIDECAR:
+        if reference_logps is not None:
+            ref_logps, ref_name = np.asarray(reference_logps, dtype=np.float64), str(reference)
+        elif str(reference) == SIDECAR:
             if policy.ref_logps is None:
                 raise ValueError(f"{data_prefix} has no reference log-probs sidecar (run `nemo-lpo ref-logps`)")
             ref_logps, ref_name = policy.ref_logps, f"sidecar ({(dataset.ref_meta or {}).get('checkpoint')})"
@@ -123,6 +144,7 @@ def evaluate_checkpoint(
     finally:
         destroy_parallel()
     result = summarize(policy, ref_logps, beta)
+    result["_policy_logps"] = policy.policy_logps
     result.update(checkpoint=str(resolve_checkpoint(checkpoint)), data=str(data_prefix), reference=ref_name,
                   beta=beta, preset=preset)
     return result
@@ -167,6 +189,8 @@ def to_jsonable(result: dict) -> dict:
     """Replace NaN by None (strict JSON) and numpy scalars by Python numbers."""
     out = {}
     for key, value in result.items():
+        if key.startswith("_"):  # arrays kept for the caller, not part of the report
+            continue
         if isinstance(value, np.generic):
             value = value.item()
         out[key] = None if isinstance(value, float) and math.isnan(value) else value
