@@ -1,0 +1,196 @@
+"""``nemo-lpo reproduce``: the LPO paper's findings in miniature, on the real pipeline, with a markdown report.
+
+For each suite (the embedded default; the real K = 8 AlpacaEval lists in ../shared/data when present) one
+seeded tiny Mixtral start, one reference pass per training set, then these runs at equal steps:
+
+- Figure 1: ``dpo`` on Zephyr-style pairs (best vs one random other) and ``lpo_abs`` on the K = 4 lists;
+  the log-likelihood of the chosen (best) response over training, both on one plot.
+- Figure 2: ``lpo`` and ``lpo_abs`` trained on K = 2, 4 and 8 responses per prompt; held-out pairwise ranking
+  accuracy of the implicit reward on the K = 8 held-out lists.
+- Table 1: ``lpo`` with ``preference=true`` (m ≡ 1) on the same pairs as ``dpo``: the per-step losses and the
+  final weights compared bit for bit, plus the loss functions on random inputs.
+
+Everything is written under the output folder; ``report.md`` holds the figures, the numbers and plain
+statements of where the miniature shows the paper's effect and where it does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from nemo_lpo.demo import tasks
+
+SHARED_ALPACAEVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpacaeval2" / \
+    "alpacaeval2_gpt4turbo_k8_a.jsonl"
+
+
+@dataclasses.dataclass
+class Suite:
+    """One dataset family: training sources per K, the pairs source, the held-out source, pack limits."""
+
+    name: str
+    train: dict[int, tuple[Path, int | None]]  # K -> (listwise JSONL, max_k for the packer or None)
+    pairs_source: Path  # listwise JSONL turned into Zephyr pairs by the packer
+    heldout: Path
+    steps: int
+    limits: dict = dataclasses.field(default_factory=dict)
+
+
+def _say(message: str) -> None:
+    print(f"[reproduce] {message}", flush=True)
+
+
+def embedded_suite(src_dir: Path, steps: int) -> Suite:
+    """Write the nested K = 2 / 4 / 8 training files and the K = 8 held-out file of the embedded default."""
+    splits = tasks.generate()
+    files = {}
+    for k in (2, 4, 8):
+        files[k] = src_dir / f"train_k{k}.jsonl"
+        tasks.write_jsonl_atomic(files[k], tasks.to_jsonl(tasks.subset_lists(splits["train"], k)))
+    held = src_dir / "heldout_k8.jsonl"
+    tasks.write_jsonl_atomic(held, tasks.to_jsonl(tasks.subset_lists(splits["heldout"], 8)))
+    return Suite("embedded", {k: (p, None) for k, p in files.items()}, files[4], held, steps)
+
+
+def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64) -> Suite | None:
+    """Split the real K = 8 AlpacaEval lists (when present) into train / held-out files under ``src_dir``."""
+    if not SHARED_ALPACAEVAL.is_file():
+        return None
+    lines = [line for line in SHARED_ALPACAEVAL.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train, held = src_dir / "alpacaeval_train.jsonl", src_dir / "alpacaeval_heldout.jsonl"
+    tasks.write_jsonl_atomic(train, ("\n".join(lines[:-num_heldout]) + "\n").encode())
+    tasks.write_jsonl_atomic(held, ("\n".join(lines[-num_heldout:]) + "\n").encode())
+    return Suite("alpacaeval", {2: (train, 2), 4: (train, 4), 8: (train, None)}, train, held, steps,
+                 limits={"max_prompt_length": 64, "max_response_length": 64})
+
+
+def _pack(src: Path, prefix: Path, suite: Suite, **options) -> Path:
+    from nemo_lpo.data.pack import PackConfig, pack
+    from nemo_lpo.data.transforms import LengthLimits
+
+    for stale in prefix.parent.glob(prefix.name + "*"):
+        stale.unlink()
+    pack(PackConfig(inputs=[str(src)], output_prefix=str(prefix), tokenizer="mistral", format="listwise",
+                    limits=LengthLimits(**suite.limits), **options), log=lambda message: None)
+    return prefix
+
+
+def run_suite(suite: Suite, out: Path, demo_cfg) -> dict:
+    """Pack, reference passes, the runs of Figures 1-2 and Table 1, held-out evaluation; returns the results."""
+    from nemo_lpo.demo.pipeline import save_start_weights, train_config, write_sidecar
+    from nemo_lpo.evaluate.run import evaluate_checkpoint, to_jsonable
+    from nemo_lpo.train.loop import train
+
+    data, runs_dir = out / "data", out / "runs"
+    t0 = time.perf_counter()
+    _say(f"{suite.name}: packing (Mistral v1 tokenizer)")
+    prefixes = {f"k{k}": _pack(src, data / f"train_k{k}", suite, max_k=mk) for k, (src, mk) in suite.train.items()}
+    prefixes["pairs"] = _pack(suite.pairs_source, data / "train_pairs", suite, pairs="zephyr")
+    held = _pack(suite.heldout, data / "heldout_k8", suite)
+    start = out / "start"
+    save_start_weights(start, demo_cfg.seed)
+    for name, prefix in prefixes.items():
+        _say(f"{suite.name}: reference pass over {name}")
+        write_sidecar(demo_cfg, prefix, start, runs_dir / "ref")
+    base = evaluate_checkpoint(start, held, reference=start, beta=demo_cfg.beta, preset="tiny-mixtral")
+    ref_logps = base.pop("_policy_logps")
+
+    plan = {"dpo_pairs": ("pairs", "dpo", ()), "lpo_pref_pairs": ("pairs", "lpo", ("loss.options.preference=true",))}
+    for k in sorted(suite.train):
+        plan[f"lpo_k{k}"] = (f"k{k}", "lpo", ())
+        plan[f"lpo_abs_k{k}"] = (f"k{k}", "lpo_abs", ())
+    results = {"suite": suite.name, "steps": suite.steps, "start": to_jsonable(base), "runs": {}}
+    for run, (data_name, loss, extra) in plan.items():
+        run_dir = runs_dir / run
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        _say(f"{suite.name}: training {run} ({loss} on {data_name}, {suite.steps} steps)")
+        t_run = time.perf_counter()
+        train(train_config(demo_cfg, prefixes[data_name], start, run_dir, steps=suite.steps, loss=loss, extra=extra))
+        ev = evaluate_checkpoint(run_dir / "checkpoints", held, reference=start, beta=demo_cfg.beta,
+                                 preset="tiny-mixtral", reference_logps=ref_logps)
+        results["runs"][run] = {"loss": loss, "data": data_name, "metrics": str(run_dir / "metrics.jsonl"),
+                                "checkpoint": ev["checkpoint"], "heldout": to_jsonable(ev),
+                                "seconds": round(time.perf_counter() - t_run, 1)}
+    results["table1"] = table1(results["runs"]["dpo_pairs"], results["runs"]["lpo_pref_pairs"])
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+def _state_dict(checkpoint: str):
+    from nemo_lpo.evaluate.run import build_model
+    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(seed=1)
+    try:
+        return {k: v.clone() for k, v in build_model("tiny-mixtral", checkpoint).state_dict().items()
+                if hasattr(v, "dtype")}
+    finally:
+        destroy_parallel()
+
+
+def loss_function_check(trials: int = 200, seed: int = 0) -> dict:
+    """``lpo`` (preference) vs ``dpo`` on random K = 2 inputs: how many per-list losses differ in any bit."""
+    import torch
+
+    from nemo_lpo.losses import listwise_loss
+
+    gen = torch.Generator().manual_seed(seed)
+    differing = 0
+    for _ in range(trials):
+        policy, reference = torch.randn(16, 2, generator=gen) * 5, torch.randn(16, 2, generator=gen) * 5
+        rewards = torch.rand(16, 2, generator=gen)
+        mask = torch.ones(16, 2, dtype=torch.bool)
+        a, _ = listwise_loss("lpo", policy, reference, rewards, mask, 0.1, preference=True)
+        b, _ = listwise_loss("dpo", policy, reference, rewards, mask, 0.1)
+        differing += int((a != b).sum()) + int(a.dtype != b.dtype)
+    return {"trials": trials, "lists": trials * 16, "differing_bits_lists": differing}
+
+
+def table1(dpo: dict, lpo: dict) -> dict:
+    """Compare the DPO and LPO(preference) runs bit for bit: per-step loss lines and final weights."""
+    import torch
+
+    def lines(path):
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+    a, b = lines(dpo["metrics"]), lines(lpo["metrics"])
+    keys = ("loss", "grad_norm", "rewards/accuracies", "logps/chosen", "logps/rejected")
+    same_steps = sum(all(x.get(k) == y.get(k) for k in keys) for x, y in zip(a, b, strict=False))
+    wa, wb = _state_dict(dpo["checkpoint"]), _state_dict(lpo["checkpoint"])
+    same_tensors = sum(torch.equal(wa[k], wb[k]) for k in wa if k in wb)
+    return {"steps": len(a), "steps_identical": same_steps, "tensors": len(wa), "tensors_identical": same_tensors,
+            "final_loss_dpo": a[-1]["loss"] if a else None, "final_loss_lpo": b[-1]["loss"] if b else None,
+            "loss_function": loss_function_check()}
+
+
+def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None) -> int:
+    """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code."""
+    from nemo_lpo.demo.pipeline import DemoConfig
+    from nemo_lpo.demo.report import draw_figures, write_report
+
+    out = Path(out).resolve()
+    t0 = time.perf_counter()
+    steps = steps or 100
+    demo_cfg = DemoConfig(out_dir=out, steps=steps)
+    suites = [embedded_suite(out / "embedded" / "src", steps)]
+    if include_real:
+        real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps or max(10, steps // 3))
+        if real is None:
+            _say(f"no real K = 8 lists at {SHARED_ALPACAEVAL}: the embedded default only")
+        else:
+            suites.append(real)
+    results = []
+    for suite in suites:
+        res = run_suite(suite, out / suite.name, demo_cfg)
+        res["figures"] = [str(p) for p in draw_figures(res, out / suite.name / "figures")]
+        tasks.write_jsonl_atomic(out / suite.name / "results.json", (json.dumps(res, indent=2) + "\n").encode())
+        results.append(res)
+    total = round(time.perf_counter() - t0, 1)
+    report = write_report(results, out / "report.md", total_seconds=total, demo_cfg=demo_cfg)
+    _say(f"report: {report} ({total:.0f} s)")
+    return 0
