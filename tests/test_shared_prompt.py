@@ -193,3 +193,26 @@ def test_feeds_listwise_loss(tiny_models):
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     assert metrics["lists/valid"].item() == 2
     loss.sum().backward()  # differentiable end to end
+
+
+def test_flex_attention_mask_equals_dense():
+    """The FlexAttention mask_mod / BlockMask express the same mask; eager flex_attention matches SDPA with it."""
+    from torch.nn.attention.flex_attention import create_mask, flex_attention
+
+    from nemo_lpo.packing import collate_shared_prompt, shared_prompt_mask
+    from nemo_lpo.packing.flex import block_density, shared_prompt_block_mask, shared_prompt_mask_mod
+
+    batch = collate_shared_prompt(make_items(seed=7, ks=(3, 2)), PAD, pad_to_multiple_of=16)
+    dense_allowed = ~shared_prompt_mask(batch)
+    r, _, s, _ = dense_allowed.shape
+    flex_allowed = create_mask(shared_prompt_mask_mod(batch), r, None, s, s, device="cpu")
+    assert torch.equal(flex_allowed, dense_allowed)
+    q, k, v = (torch.randn(r, 2, s, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_allowed)
+    got = flex_attention(q, k, v, block_mask=shared_prompt_block_mask(batch, block_size=16))
+    assert (got - expected).abs().max().item() < 1e-5
+    # a long shared row: the block-sparse kernel skips the response-response tiles a causal kernel computes
+    long = collate_shared_prompt([{"prompt_ids": list(range(3, 515)), "response_ids": [[5] * 256] * 4,
+                                   "rewards": [0.0, 1.0, 2.0, 3.0]}], PAD)
+    density = block_density(long, block_size=128)
+    assert density["computed"] < 0.75 * density["causal"]
