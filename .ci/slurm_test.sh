@@ -178,9 +178,9 @@ cd "$WORK"
 # At USR1 the launcher creates $NEMO_LPO_STOP_FILE; the trainer checks it after each step, saves a
 # checkpoint of that step and exits 0, then the launcher requeues the job.
 
-log "packing the demo's listwise data (nemo_lpo.data.pack) for the job"
-"$PY" -c 'import sys; from nemo_lpo.data.pack import PackConfig, pack; pack(PackConfig(inputs=[sys.argv[1]], output_prefix=sys.argv[2]), log=print)' \
-    "$REPO/nemo_lpo/demo/data/train.jsonl" "$WORK/data/train" >"$WORK/pack.log" 2>&1 \
+log "packing the demo's listwise data (nemo-lpo pack) for the job"
+"$REPO/.venv/bin/nemo-lpo" pack --input "$REPO/nemo_lpo/demo/data/train.jsonl" --output-prefix "$WORK/data/train" \
+    --no-progress >"$WORK/pack.log" 2>&1 \
     || { cat "$WORK/pack.log"; die "packing the demo data failed"; }
 
 export NEMO_LPO_OUTPUT_ROOT="$WORK/runs" NEMO_LPO_RUN_NAME=tiny NEMO_LPO_CONTAINER=""

@@ -42,6 +42,8 @@ HOME_DIR="${NEMO_LPO_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 COMMAND="${NEMO_LPO_COMMAND:-train}"
 CONTAINER="${NEMO_LPO_CONTAINER:-}"
 OUTPUT_ROOT="${NEMO_LPO_OUTPUT_ROOT:-$HOME_DIR/runs}"
+mkdir -p "$OUTPUT_ROOT"
+OUTPUT_ROOT="$(cd "$OUTPUT_ROOT" && pwd)"  # absolute (a relative one is taken from the submit folder)
 RUN_NAME="${NEMO_LPO_RUN_NAME:-${SLURM_JOB_NAME:-nemo-lpo}}"
 RUN_DIR="$OUTPUT_ROOT/$RUN_NAME"
 LOG_DIR="$RUN_DIR/logs/$SLURM_JOB_ID"

@@ -121,7 +121,7 @@ def test_tiny_cpu_recipe_fits_its_config() -> None:
     assert config.data_parallel_size(int(opts["ntasks"])) == int(opts["ntasks"])
 
 
-def _dry_run(tmp_path: Path, recipe: str, **env: str) -> list[str]:
+def _dry_run(tmp_path: Path, recipe: str, cwd: Path | None = None, **env: str) -> list[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEMO_LPO_"))}
     full.update(
         SLURM_JOB_ID="4242", SLURM_JOB_NAME="lpo-test", SLURM_JOB_NODELIST="gpu-[001-008]",
@@ -129,7 +129,8 @@ def _dry_run(tmp_path: Path, recipe: str, **env: str) -> list[str]:
         NEMO_LPO_MASTER_ADDR="gpu-001", NEMO_LPO_DRY_RUN="1",
     )
     full.update(env)
-    proc = subprocess.run(["bash", str(RECIPES / recipe)], capture_output=True, text=True, env=full, timeout=60)
+    proc = subprocess.run(["bash", str(RECIPES / recipe)], capture_output=True, text=True, env=full, timeout=60,
+                          cwd=cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return shlex.split(proc.stdout.strip().splitlines()[-1])
 
@@ -163,3 +164,10 @@ def test_launcher_refuses_to_run_outside_slurm() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", str(RECIPES / "launch.sh")], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "sbatch" in proc.stderr
+
+
+def test_launcher_mounts_a_relative_output_root_as_absolute(tmp_path: Path) -> None:
+    cmd = _dry_run(tmp_path, "mistral_7b_h100.sbatch", cwd=tmp_path, NEMO_LPO_OUTPUT_ROOT="out",
+                   NEMO_LPO_CONTAINER="img.sqsh")
+    assert f"--container-mounts={tmp_path / 'out'}:{tmp_path / 'out'}" in cmd
+    assert f"logging.run_dir={tmp_path / 'out' / 'lpo-test'}" in cmd
