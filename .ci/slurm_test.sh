@@ -61,6 +61,7 @@ on_exit() {
         dump_logs || true
         squeue 2>/dev/null || true
     fi
+    [[ -n ${HOLD_PID:-} ]] && kill "$HOLD_PID" 2>/dev/null
     stop_recorded || true
     if [[ $rc -eq 0 && "${NEMO_LPO_SLURM_KEEP:-0}" != 1 ]]; then rm -rf "$STATE"; fi
     log "daemons stopped (rc=$rc)"
@@ -164,7 +165,8 @@ log "trivial job $jid completed (2 srun tasks)"
 if [[ "${NEMO_LPO_SLURM_HOLD:-0}" == 1 ]]; then  # developer aid: keep the cluster up until killed
     log "holding the cluster: export SLURM_CONF=$SLURM_CONF; kill $$ to stop it"
     sleep infinity &
-    wait $!
+    HOLD_PID=$!
+    wait "$HOLD_PID"
 fi
 
 # ---- 4. the tiny CPU recipe: train, USR1 (as at the time limit) -> checkpoint + requeue -> resume -> done
