@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     )
     r.add_argument("--out", type=Path, default=Path("outputs/reproduce"), help="output folder")
     r.add_argument("--steps", type=int, default=None, help="steps per run (default: the report's setting)")
+    r.add_argument("--real-steps", type=int, default=None, help="steps per run on the real data (default: steps / 3)")
     r.add_argument("--skip-real", action="store_true", help="only the embedded default, not ../shared/data")
+    r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")
     r.set_defaults(func=run_reproduce_command)
 
 
@@ -60,6 +62,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def run_reproduce_command(args: argparse.Namespace) -> int:
     """Run ``nemo-lpo reproduce``."""
-    from nemo_lpo.demo.reproduce import run_reproduce
+    from nemo_lpo.demo.reproduce import report_only, run_reproduce
 
-    return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real)
+    if args.report_only:
+        return report_only(args.out)
+    return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps)

@@ -171,7 +171,6 @@ def table1(dpo: dict, lpo: dict) -> dict:
 def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None) -> int:
     """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code."""
     from nemo_lpo.demo.pipeline import DemoConfig
-    from nemo_lpo.demo.report import draw_figures, write_report
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
@@ -184,13 +183,36 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
             _say(f"no real K = 8 lists at {SHARED_ALPACAEVAL}: the embedded default only")
         else:
             suites.append(real)
-    results = []
     for suite in suites:
         res = run_suite(suite, out / suite.name, demo_cfg)
-        res["figures"] = [str(p) for p in draw_figures(res, out / suite.name / "figures")]
+        # results first: a failure while drawing leaves them for `--report-only`
         tasks.write_jsonl_atomic(out / suite.name / "results.json", (json.dumps(res, indent=2) + "\n").encode())
+    return write_outputs(out, [s.name for s in suites], round(time.perf_counter() - t0, 1), demo_cfg)
+
+
+def write_outputs(out: Path, suite_names: list[str], total_seconds: float | None, demo_cfg) -> int:
+    """Draw the figures and write ``report.md`` from the suites' ``results.json`` files."""
+    from nemo_lpo.demo.report import draw_figures, write_report
+
+    results = []
+    for name in suite_names:
+        res = json.loads((out / name / "results.json").read_text())
+        res["figures"] = [str(p) for p in draw_figures(res, out / name / "figures")]
         results.append(res)
-    total = round(time.perf_counter() - t0, 1)
-    report = write_report(results, out / "report.md", total_seconds=total, demo_cfg=demo_cfg)
-    _say(f"report: {report} ({total:.0f} s)")
+    if total_seconds is None:
+        total_seconds = sum(r["seconds"] for r in results)
+    report = write_report(results, out / "report.md", total_seconds=total_seconds, demo_cfg=demo_cfg)
+    _say(f"report: {report} ({total_seconds:.0f} s)")
     return 0
+
+
+def report_only(out: Path) -> int:
+    """Rebuild the figures and the report from the ``results.json`` files already under ``out``."""
+    from nemo_lpo.demo.pipeline import DemoConfig
+
+    out = Path(out).resolve()
+    names = [name for name in ("embedded", "alpacaeval") if (out / name / "results.json").is_file()]
+    if not names:
+        print(f"nemo-lpo reproduce: no results.json under {out}")
+        return 1
+    return write_outputs(out, names, None, DemoConfig(out_dir=out))
