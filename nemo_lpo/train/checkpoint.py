@@ -95,8 +95,11 @@ def _barrier() -> None:
 def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feeder, config_dict: dict,
                     keep_last: int = 0) -> Path:
     """Save the training state after ``step`` steps under ``root`` (collective: every rank calls it)."""
+    import time
+
     from megatron.core import dist_checkpointing
 
+    start = time.perf_counter()
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f"{final.name}.tmp"
@@ -132,6 +135,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
             done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             for old in done[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+        print(f"saved checkpoint {final} in {time.perf_counter() - start:.1f} s", flush=True)
     _barrier()
     return final
 
@@ -153,6 +157,7 @@ def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
     loaded = dist_checkpointing.load(request, str(path))
     lpo.module.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.num_steps = 0  # megatron's load_state_dict ADDS the saved count to the current one
     scheduler.load_state_dict(common["scheduler"])
     feeder.load_state_dict(common["data"])
     if same_layout:

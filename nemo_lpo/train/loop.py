@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -22,6 +24,31 @@ def init_parallel(cfg: Config) -> None:
     p = cfg.parallel
     initialize_parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, seed=cfg.train.seed, backend=p.backend)
     cfg.data_parallel_size(torch.distributed.get_world_size())  # clear error for an impossible layout
+
+
+STOP_FILE_ENV = "NEMO_LPO_STOP_FILE"  # the Slurm launcher creates this file when the time limit is near
+
+
+class StopRequest:
+    """Graceful stop: SIGUSR1 or the file named by $NEMO_LPO_STOP_FILE; decided collectively after a step."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self.stop_file = os.environ.get(STOP_FILE_ENV)
+        try:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        except ValueError:  # not the main thread (embedded use): the stop file still works
+            pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (an all-reduce, so every rank agrees)."""
+        local = self.signalled or bool(self.stop_file and Path(self.stop_file).exists())
+        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class Trainer:
@@ -102,6 +129,7 @@ class Trainer:
         last_step = min(self.total_steps, max_steps or self.total_steps)
         ck = self.cfg.checkpoint
         record: dict = {}
+        stop = StopRequest()
         while self.step < last_step:
             microbatches = self.feeder.next_global_batch()
             result = train_step(self.lpo, self.optimizer, self.scheduler, microbatches)
@@ -110,6 +138,12 @@ class Trainer:
             self.logger.log(self.step, record)
             if ck.save_interval and self.step % ck.save_interval == 0 and self.step < self.total_steps:
                 self.save()
+            if stop.requested(self.device):
+                if self.rank == 0:
+                    print(f"stop requested: checkpointing step {self.step} and exiting", flush=True)
+                if latest_name(self.ckpt_root) != f"step_{self.step:07d}":
+                    self.save()
+                break
         if ck.save_at_end and self.step == self.total_steps and self.step > 0 \
                 and latest_name(self.ckpt_root) != f"step_{self.step:07d}":
             self.save()
