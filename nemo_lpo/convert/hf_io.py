@@ -132,6 +132,9 @@ class ShardedSafetensorsWriter:
         self._written.append((temp_name, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0
+        from nemo_lpo.convert.mcore_side import release_freed_memory
+
+        release_freed_memory()
 
     def finish(self) -> list[str]:
         """Flush, give the shards their final names and write the index; returns the shard names."""

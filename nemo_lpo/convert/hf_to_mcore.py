@@ -116,7 +116,10 @@ def convert_hf_to_mcore(
     sharded_metadata = SHARDED_METADATA_VARIANTS[0]
     sharded_sd = model_sharded_state_dict(model, sharded_metadata)
     locations = chunk_locations(sharded_sd)
-    params = LazyParameters(produce)
+    chunk_counts: dict[str, int] = {}
+    for location in locations.values():
+        chunk_counts[location.param] = chunk_counts.get(location.param, 0) + 1
+    params = LazyParameters(produce, chunk_counts)
     strategy = make_lazy_save_strategy(locations, params)
 
     from megatron.core import dist_checkpointing

@@ -179,26 +179,56 @@ def checkpoint_global_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
     return {sh.key: tuple(sh.global_shape) for _, sh, _ in iter_chunks(sharded_sd)}
 
 
-class LazyParameters:
-    """Produces megatron parameters on demand and keeps the last few (a factory writes halves in turn)."""
+def _malloc_trim():
+    try:
+        import ctypes
 
-    def __init__(self, produce: Callable[[str], torch.Tensor], keep: int = 2):
-        """``produce(param_name)`` returns the full (TP=1) parameter tensor."""
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed mid-size tensors in its heap otherwise).
+
+    Without it, glibc's adaptive mmap threshold moves tensors of a few MB onto the heap, where the freed
+    ones of earlier parameters stay resident (measured: +35 MB on a 320 MB conversion).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class LazyParameters:
+    """Produces megatron parameters on demand, one at a time.
+
+    A parameter saved as several chunks (the SwiGLU halves of ``linear_fc1``) is kept until all its
+    chunks were written (at most ``keep`` such parameters at once; an evicted one is produced again).
+    """
+
+    def __init__(self, produce: Callable[[str], torch.Tensor], chunk_counts: dict[str, int], keep: int = 2):
+        """``produce(param_name)`` returns the full (TP=1) parameter; ``chunk_counts[name]`` its chunk count."""
         self.produce = produce
+        self.chunk_counts = chunk_counts
         self.keep = keep
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._served: dict[str, int] = {}
         self.produced = 0
 
     def get(self, name: str) -> torch.Tensor:
-        """The full parameter ``name``."""
-        if name in self._cache:
-            self._cache.move_to_end(name)
-            return self._cache[name]
-        tensor = self.produce(name)
-        self.produced += 1
-        self._cache[name] = tensor
-        while len(self._cache) > self.keep:
-            self._cache.popitem(last=False)
+        """The full parameter ``name``, for writing one of its chunks."""
+        tensor = self._cache.pop(name, None)
+        if tensor is None:
+            release_freed_memory()
+            tensor = self.produce(name)
+            self.produced += 1
+        self._served[name] = self._served.get(name, 0) + 1
+        if self._served[name] < self.chunk_counts.get(name, 1):
+            self._cache[name] = tensor
+            while len(self._cache) > self.keep:
+                self._cache.popitem(last=False)
         return tensor
 
     def clear(self) -> None:

@@ -34,6 +34,7 @@ from nemo_lpo.convert.mcore_side import (
     model_sharded_state_dict,
     read_parameters,
     read_sidecar,
+    release_freed_memory,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -157,6 +158,7 @@ def convert_mcore_to_hf(
         global_shapes = checkpoint_global_shapes(sharded_sd)
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         for _, group in group_by_layer(mappings):
+            release_freed_memory()
             loaded = read_parameters(ckpt, locations, {m.mcore for m in group}, shapes, global_shapes, ckpt_dtype)
             for mapping in group:
                 for name, tensor in mapping.to_hf(preset, loaded.pop(mapping.mcore)).items():
