@@ -67,6 +67,8 @@ def _resolve_model(ckpt: Path, hf_config_from: str | Path | None, preset_name: s
             fields = dict(sidecar["hf_config"])
             base = AutoConfig.for_model(fields.pop("model_type"), **fields)
         return sidecar["preset"], sidecar["architecture"], base, str(ckpt / "nemo_lpo_model.json")
+    if preset_name is None:
+        preset_name = _training_run_preset(ckpt)
     if preset_name is not None:
         from nemo_lpo.model.presets import get_preset
 
@@ -76,8 +78,23 @@ def _resolve_model(ckpt: Path, hf_config_from: str | Path | None, preset_name: s
             raise ConversionError(str(err)) from err
         arch = "MixtralForCausalLM" if preset.is_moe else "MistralForCausalLM"
         return preset, arch, None, f"preset {preset_name}"
-    raise ConversionError(f"{ckpt}: no nemo_lpo_model.json beside the checkpoint; pass --hf-config-from PATH "
-                          "(an HF model directory of the same architecture) or --preset NAME")
+    raise ConversionError(f"{ckpt}: neither a converted checkpoint (nemo_lpo_model.json) nor a training checkpoint "
+                          "naming its model preset; pass --hf-config-from PATH (an HF model directory of the same "
+                          "architecture) or --preset NAME")
+
+
+def _training_run_preset(ckpt: Path) -> str | None:
+    """``model.preset`` of the run config a training checkpoint stores in its common state, if any."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception:  # noqa: BLE001 - any unreadable common state just means "no run config here"
+        return None
+    config = common.get("config") if isinstance(common, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    preset = model.get("preset") if isinstance(model, dict) else None
+    return preset if isinstance(preset, str) else None
 
 
 def _match_layout(model, tensor_md: dict, ckpt: Path, source: str) -> tuple[dict, dict]:
@@ -122,19 +139,29 @@ def convert_mcore_to_hf(
     """Export the megatron checkpoint ``ckpt`` as an HF model directory ``out``.
 
     Args:
-        ckpt: dist checkpoint directory (written by ``convert hf-to-mcore`` or the trainer).
+        ckpt: dist checkpoint directory (written by ``convert hf-to-mcore`` or the trainer; a training run's
+            checkpoint folder with a ``latest`` marker resolves to its newest checkpoint).
         out: HF directory to create (must not exist).
         hf_config_from: HF model directory whose config (and generation config) describes the model;
             default: the description stored with the checkpoint.
         tokenizer: directory whose tokenizer files are copied (default: those stored with the checkpoint).
-        preset_name: a ``nemo_lpo.model.presets`` name, for checkpoints without a stored description.
+        preset_name: a ``nemo_lpo.model.presets`` name, for checkpoints without a stored description
+            (default for a training checkpoint: the ``model.preset`` of the run config it stores).
         dtype: ``fp32`` / ``bf16`` output (default: the checkpoint's own dtype, so the export is exact).
         max_shard_bytes: safetensors shard size.
     """
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_dir():
         raise ConversionError(f"{ckpt}: checkpoint directory not found")
+    if (ckpt / "latest").is_file():  # a training run's checkpoint folder: its newest complete checkpoint
+        from nemo_lpo.train.checkpoint import latest_checkpoint
+
+        try:
+            ckpt = latest_checkpoint(ckpt)
+        except FileNotFoundError as err:
+            raise ConversionError(str(err)) from err
     tensor_md = _checkpoint_tensor_metadata(ckpt)
+    ensure_single_process_parallel()
     preset, architecture, base, source = _resolve_model(ckpt, hf_config_from, preset_name)
     hf_config = hf_config_from_preset(preset, architecture, base)
     if tokenizer is not None and not any((Path(tokenizer) / n).is_file() for n in TOKENIZER_FILES):
@@ -144,7 +171,6 @@ def convert_mcore_to_hf(
     if out.exists():
         raise ConversionError(f"{out}: already exists; refusing to overwrite")
 
-    ensure_single_process_parallel()
     model = build_meta_model(preset, torch.float32)
     variant, sharded_sd = _match_layout(model, tensor_md, ckpt, source)
     ckpt_dtype = tensor_md[sharded_sd["embedding.word_embeddings.weight"].key].properties.dtype
