@@ -28,6 +28,7 @@ def test_import_loads_at_layout_with_hf_logits_and_exports_back(tmp_path, arch, 
     out = run_torchrun(WORKER, 2, "--hf", str(hf), "--ckpt", str(tmp_path / "ckpt"), "--tp", str(tp),
                        "--ep", str(ep), "--save-to", str(tmp_path / "resaved"))
     diff = float(re.search(r"MAXDIFF (\S+)", out).group(1))
+    print(f"{arch} tp={tp} ep={ep}: max |megatron - HF| logit difference {diff:.3e}")
     assert diff < 1e-5
     # megatron's own save at this layout (the trainer's format) exports to the original weights, bit for bit
     convert_mcore_to_hf(tmp_path / "resaved", tmp_path / "export", hf_config_from=hf)

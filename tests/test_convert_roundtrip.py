@@ -180,3 +180,14 @@ def test_cli_reports_errors_and_converts(converted, tmp_path, capsys):
     assert cli_main(["convert", "mcore-to-hf", "--ckpt", str(tmp_path / "c"), "--out", str(tmp_path / "h")]) == 0
     assert "LlamaForCausalLM" in capsys.readouterr().out
     assert torch.equal(hf_tensors(tmp_path / "h")["lm_head.weight"], hf_tensors(hf)["lm_head.weight"])
+
+
+def test_sliding_window_shorter_than_training_sequence_is_refused(tmp_path):
+    hf = make_hf_model(tmp_path / "hf", "MistralForCausalLM", sliding_window=32)
+    with pytest.raises(ConversionError, match="sliding_window' = 32 is shorter than the sequence length 64"):
+        convert_hf_to_mcore(hf, tmp_path / "ckpt", seq_length=64)
+    _assert_nothing_written(tmp_path / "ckpt")
+    convert_hf_to_mcore(hf, tmp_path / "ckpt", seq_length=32)
+    assert read_checkpoint_preset(tmp_path / "ckpt").sliding_window == 32
+    convert_mcore_to_hf(tmp_path / "ckpt", tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["sliding_window"] == 32
