@@ -83,6 +83,7 @@ def _suite_section(res: dict, report_dir: Path) -> list[str]:
         acc[k] = (a["implicit/accuracy"], b["implicit/accuracy"])
         lines.append(f"| {k} | {_f(a['implicit/accuracy'])} | {_f(b['implicit/accuracy'])} | "
                      f"{_f(a['implicit/kendall_tau'])} | {_f(b['implicit/kendall_tau'])} |")
+    lines.append("")
     grows = {name: all(acc[ks[i + 1]][j] >= acc[ks[i]][j] for i in range(len(ks) - 1))
              for j, name in enumerate(("LPO", "LPO-abs"))}
     for name, ok in grows.items():
@@ -110,7 +111,8 @@ def write_report(results: list[dict], path: Path, total_seconds: float, demo_cfg
              f"(cosine), {demo_cfg.global_batch_size} lists per step, fp32, one CPU process. Seeds fixed: the "
              "same command gives the same numbers.", "",
              f"Runtime: {total_seconds:.0f} s in total on {os.cpu_count()} CPU core(s) ({platform.processor() or platform.machine()}), "
-             f"torch {torch.__version__}.", "",
+             f"torch {torch.__version__}; load average when the report was written: "
+             f"{os.getloadavg()[0]:.1f} (other work on the machine slows the runs down, not their numbers).", "",
              "Scale caveat: the paper fine-tunes 7B models on UltraFeedback for thousands of steps; this is a "
              "4M-parameter model trained from scratch for a few minutes. What it can show is the direction of "
              "each effect on the real training code, not its size.", ""]
