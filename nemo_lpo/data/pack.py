@@ -90,30 +90,32 @@ def _process_chunk(chunk: list) -> list:
     """Convert and tokenise a chunk; items are ("error", ...) passed through or ("ok", ordinal, example)."""
     config, tokenizer = _WORKER["config"], _WORKER["tokenizer"]
     out = []
+    verify = True  # re-check one list per chunk against the tokenizer library's own chat encoding
     for item in chunk:
         if item[0] == "error":
             out.append(item)
             continue
         _, ordinal, example = item
-        rng = list_rng(config.seed, ordinal)
         tied = 0
         if config.pairs is not None:
-            examples, tied = to_pairs(example, config.pairs, rng)
+            examples, tied = to_pairs(example, config.pairs, list_rng(config.seed, ordinal))
         elif config.max_k is not None:
-            examples = [limit_k(example, config.max_k, rng)]
+            examples = [limit_k(example, config.max_k, list_rng(config.seed, ordinal))]
         else:
             examples = [example]
         try:
             encoded = []
             for ex in examples:
                 rewards = np.asarray(config.reward_transform(ex.rewards), dtype=np.float32)
-                prompt, responses = tokenizer.encode_list(ex.prompt, ex.responses)
+                prompt, responses = tokenizer.encode_list(ex.prompt, ex.responses, verify=verify)
+                verify = False
                 limited = config.limits.apply(prompt, responses, tokenizer.bos_id)
                 if limited is None:
                     raise InvalidRecord(TOO_LONG, "exceeds the length limits (overflow policy 'drop' or no room)")
                 prompt, responses, prompt_cut, response_cuts = limited
-                encoded.append((np.asarray(prompt, np.int32), [np.asarray(r, np.int32) for r in responses],
-                                rewards, prompt_cut, response_cuts))
+                lengths = [len(prompt), *map(len, responses)]
+                ids = np.asarray(prompt + [t for r in responses for t in r], dtype=np.int32)
+                encoded.append((ids, lengths, rewards, prompt_cut, response_cuts))
         except InvalidRecord as err:
             out.append(("error", example.source, err.reason, err.message))
             continue
@@ -186,15 +188,15 @@ class _Reader:
 
 
 def _start_pool(config: PackConfig):
-    """Worker pool for ``workers > 1``, else None.
+    """Load the tokenizer here, then a worker pool for ``workers > 1`` (else None) that inherits it.
 
-    fork (as torch DataLoader workers do): works from any caller (spawn needs an importable ``__main__``);
-    the CLI forks before megatron or torch are imported, so no threads exist yet.
+    fork (as torch DataLoader workers do): works from any caller (spawn needs an importable ``__main__``),
+    and the workers share the tokenizer already loaded; the CLI forks before megatron or torch are imported.
     """
+    _init_worker(config)
     if config.workers == 1:
-        _init_worker(config)
         return None
-    return multiprocessing.get_context("fork").Pool(config.workers, initializer=_init_worker, initargs=(config,))
+    return multiprocessing.get_context("fork").Pool(config.workers)
 
 
 def _ordered_results(config: PackConfig, pool, chunks):
@@ -251,9 +253,8 @@ def pack(config: PackConfig, log=None) -> dict:
                 _, encoded, tied = item
                 counts["lists_kept"] += 1
                 counts["tied_pairs_left_out"] += tied
-                for prompt, responses, reward_row, prompt_cut, response_cuts in encoded:
-                    lengths = [len(prompt), *map(len, responses)]
-                    tokens.add_document(np.concatenate([prompt, *responses]), lengths)
+                for ids, lengths, reward_row, prompt_cut, response_cuts in encoded:
+                    tokens.add_document(ids, lengths)
                     rewards.add_document(reward_row, [len(reward_row)])
                     counts["lists_written"] += 1
                     counts["prompts_truncated"] += prompt_cut
@@ -261,15 +262,13 @@ def pack(config: PackConfig, log=None) -> dict:
                     counts["prompt_tokens"] += lengths[0]
                     counts["response_tokens"] += sum(lengths[1:])
                     counts["max_sequence_length"] = max(counts["max_sequence_length"], lengths[0] + max(lengths[1:]))
-                    k_hist[len(responses)] += 1
+                    k_hist[len(lengths) - 1] += 1
         progress.close()
         if counts["lists_written"] == 0:
             raise PackError(f"no list left to write from {config.inputs} (skipped: {dict(skipped)})")
         for part, builder in ((layout.TOKENS, tokens), (layout.REWARDS, rewards)):
             builder.finalize(layout.indexed_files(parts[part])[1])
-        from nemo_lpo.data.templates import load_tokenizer
-
-        manifest = _manifest(config, reader, load_tokenizer(config.tokenizer).identity(), counts, skipped, k_hist)
+        manifest = _manifest(config, reader, _WORKER["tokenizer"].identity(), counts, skipped, k_hist)
         with open(temp_manifest, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")

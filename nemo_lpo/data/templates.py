@@ -54,8 +54,8 @@ class MistralChatTokenizer:
         except KeyError as err:
             raise TemplateError(f"unknown chat role {err.args[0]!r}") from None
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of the prompt (BOS, the turns, up to and including the last ``[/INST]``)."""
+    def encode_prompt_library(self, messages: list[dict]) -> list[int]:
+        """Token ids of the prompt from mistral-common's own request validation + encoding (the reference)."""
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
@@ -65,9 +65,43 @@ class MistralChatTokenizer:
         except MistralCommonException as err:
             raise TemplateError(f"mistral-common rejected the prompt: {err}") from None
 
-    def encode_list(self, messages: list[dict], responses: list[str]) -> tuple[list[int], list[list[int]]]:
-        """Return the prompt ids and, per assistant reply, its ids followed by EOS."""
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of the prompt (BOS, the turns, up to and including the last ``[/INST]``).
+
+        Plain conversations (optional leading system messages, then user / assistant turns alternating from
+        a user turn to a user turn, no empty content) are encoded directly the way mistral-common's v1
+        instruct tokenizer does (it costs as much as tokenising the text itself; the library's pydantic
+        validation would double the cost of short prompts); anything else goes through the library, which
+        validates it. Equality with the library is tested, and ``pack`` re-checks one list per chunk.
+        """
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        turns = messages[len(system):]
+        plain = (turns and len(turns) % 2 == 1 and all(m.get("content") for m in messages)
+                 and all(m["role"] == ("user", "assistant")[i % 2] for i, m in enumerate(turns)))
+        if not plain:
+            return self.encode_prompt_library(messages)
+        system_prompt = "\n\n".join(system)
+        tokens = [self.bos_id]
+        for i, m in enumerate(turns):
+            if m["role"] == "user":
+                content = f"{system_prompt}\n\n{m['content']}" if i == 0 and system_prompt else m["content"]
+                tokens += self._raw.encode(f"[INST] {content} [/INST]", bos=False, eos=False)
+            else:
+                tokens += self._raw.encode(m["content"], bos=False, eos=False) + [self.eos_id]
+        return tokens
+
+    def encode_list(self, messages: list[dict], responses: list[str],
+                    verify: bool = False) -> tuple[list[int], list[list[int]]]:
+        """Return the prompt ids and, per assistant reply, its ids followed by EOS.
+
+        Args:
+            messages: the prompt turns.
+            responses: the K replies.
+            verify: also encode the prompt with the library and raise TemplateError if they differ.
+        """
         prompt = self.encode_prompt(messages)
+        if verify and prompt != self.encode_prompt_library(messages):
+            raise TemplateError("the direct Mistral v1 prompt encoding differs from mistral-common's")
         return prompt, [self._raw.encode(text, bos=False, eos=False) + [self.eos_id] for text in responses]
 
     def encode_conversation(self, messages: list[dict], response: str) -> list[int]:
@@ -163,8 +197,12 @@ class HFChatTokenizer:
             suffixes.append(suffix[:cut + len(eos)] if cut >= 0 else suffix + eos)
         return prompt_text, suffixes
 
-    def encode_list(self, messages: list[dict], responses: list[str]) -> tuple[list[int], list[list[int]]]:
-        """Return the prompt ids (with generation prompt) and each reply's ids as rendered after it, up to EOS."""
+    def encode_list(self, messages: list[dict], responses: list[str],
+                    verify: bool = False) -> tuple[list[int], list[list[int]]]:
+        """Return the prompt ids (with generation prompt) and each reply's ids as rendered after it, up to EOS.
+
+        ``verify`` is accepted for symmetry with the Mistral tokenizer (the template is always the HF one).
+        """
         prompt_text, suffixes = self._response_texts(messages, responses)
         ids = self._ids([prompt_text, *suffixes])
         for response_ids in ids[1:]:

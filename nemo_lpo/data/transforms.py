@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -44,6 +43,8 @@ class RewardTransform:
         Raises:
             InvalidRecord: ``logodds`` on a reward outside [0, 1].
         """
+        if self.kind == "none":
+            return [float(x) for x in rewards]
         r = np.asarray(rewards, dtype=np.float64)
         if self.kind == "affine":
             r = self.scale * r + self.shift
@@ -192,8 +193,3 @@ class LengthLimits:
     def describe(self) -> dict:
         """Manifest entry."""
         return dataclasses.asdict(self)
-
-
-def is_finite(x: float) -> bool:
-    """Whether ``x`` is a finite float."""
-    return math.isfinite(x)
