@@ -170,3 +170,24 @@ def test_detect_format_explains_and_refuses_unknown():
     assert "responses" in detect_format({"prompt": "p", "responses": []})[1]
     with pytest.raises(ValueError, match="cannot detect"):
         detect_format({"question": "q"})
+
+
+def test_parquet_and_json_inputs_through_hf_datasets(tmp_path, mistral):
+    import datasets
+
+    records = [json.loads(line) for line in (FIXTURES / "nemo_dpo.jsonl").open()]
+    for r in records:  # parquet needs one schema: give every row both rewards
+        r.setdefault("chosen_reward", 1.0)
+        r.setdefault("rejected_reward", 0.0)
+    parquet = tmp_path / "dpo.parquet"
+    datasets.Dataset.from_list(records).to_parquet(str(parquet))
+    ds, manifest, _ = pack_quiet(tmp_path, [parquet])
+    assert manifest["inputs"][0]["format"] == "nemo_dpo" and len(ds) == 3
+    assert ds[0]["rewards"].tolist() == [1.5, -0.5]
+    assert mistral.decode(ds[2]["prompt_ids"]) == "<s>[INST] What colour is the sky on a clear day? [/INST]"
+
+
+def test_missing_input_file_is_reported_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such input file"):
+        pack(PackConfig(inputs=[str(tmp_path / "nope.jsonl")], output_prefix=str(tmp_path / "ds")))
+    assert list(tmp_path.iterdir()) == []

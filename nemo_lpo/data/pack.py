@@ -156,14 +156,13 @@ class _Reader:
                 self.log(f"{path}: detected format {fmt} ({why})")
             self.inputs.append({"path": str(path), "format": fmt, "format_reason": why, "sha256": _sha256(path)})
             reader = get_reader(fmt, self.config.ultrafeedback_score)
-            name = Path(path).name
             for number, record in iter_records(path):
                 self.read += 1
                 source = f"{path}:{number}"
                 try:
                     if isinstance(record, InvalidRecord):
                         raise record
-                    example = reader(record, f"{name}:{number}")
+                    example = reader(record, source)  # the id when the record has none
                     example.source = source
                     self.responses_skipped.update(example.validate(self.config.skip_invalid))
                     if example.id in seen_ids:
@@ -222,6 +221,9 @@ def pack(config: PackConfig, log=None) -> dict:
             left at the output prefix in that case.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
+    for path in config.inputs:  # fail before any work; a name that is not a local path may be a hub dataset
+        if not os.path.exists(path) and (os.sep in path or path.endswith((".jsonl", ".json", ".gz", ".parquet"))):
+            raise FileNotFoundError(f"{path}: no such input file")
     prefix = os.fspath(config.output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     reader = _Reader(config, log)
