@@ -110,8 +110,7 @@ def test_pack_truncation_counts(tmp_path):
         assert len(item["prompt_ids"]) <= 8 and item["prompt_ids"][0] == 1  # BOS kept
         assert all(len(r) <= 5 for r in item["response_ids"])
     limit = sorted(prompt_lengths)[1]  # drops the lists with the longest prompt(s)
-    _, dropped = pack_fixture(tmp_path, "d", skip_invalid=True,
-                              limits=LengthLimits(max_prompt_length=limit, overflow="drop"))
+    _, dropped = pack_fixture(tmp_path, "d", limits=LengthLimits(max_prompt_length=limit, overflow="drop"))
     too_long = sum(n > limit for n in prompt_lengths)
     assert too_long > 0 and dropped["counts"]["skipped"] == {"too_long": too_long}
     assert dropped["counts"]["lists_written"] == len(plain) - too_long

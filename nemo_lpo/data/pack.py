@@ -248,7 +248,7 @@ def pack(config: PackConfig, log=None) -> dict:
                 progress.update(1)
                 if item[0] == "error":
                     _, source, reason, message = item
-                    if not config.skip_invalid:
+                    if not config.skip_invalid and reason != TOO_LONG:  # too_long follows --overflow
                         raise PackError(f"{source}: {reason}: {message}")
                     skipped[reason] += 1
                     continue
