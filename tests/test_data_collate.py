@@ -84,3 +84,37 @@ def test_ref_logps_only_when_every_item_has_them():
 def test_rejects_empty_batch():
     with pytest.raises(ValueError):
         ListwiseCollator(PAD)([])
+
+
+def random_items(seed):
+    rng = np.random.default_rng(seed)
+    items = []
+    for b in range(int(rng.integers(1, 4))):
+        k = int(rng.integers(1, 5))
+        prompt = rng.integers(3, 50, size=int(rng.integers(1, 6))).tolist()
+        responses = [rng.integers(3, 50, size=int(rng.integers(1, 7))).tolist() + [2] for _ in range(k)]
+        items.append(item(b, prompt, responses, rng.normal(size=k).tolist()))
+    return items
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("keep_empty_slots", [False, True])
+def test_random_lists_padded_and_packed_agree(seed, keep_empty_slots):
+    items = random_items(seed)
+    padded = ListwiseCollator(PAD, 4, keep_empty_slots=keep_empty_slots)(items)
+    packed = ListwiseCollator(PAD, 4, packed=True, keep_empty_slots=keep_empty_slots)(items)
+    assert padded["tokens"].shape[1] % 4 == 0 and packed["tokens"].shape[1] % 4 == 0
+    b, k = padded["rewards"].shape
+    assert padded["tokens"].shape[0] == (b * k if keep_empty_slots else int(padded["response_mask"].sum()))
+    # per sequence: loss on exactly the response tokens, whose labels are the response ids
+    for n in range(padded["tokens"].shape[0]):
+        lst, slot = int(padded["list_index"][n]), int(padded["slot_index"][n])
+        mask = padded["loss_mask"][n].bool()
+        if slot < len(items[lst]["response_ids"]):
+            assert padded["labels"][n][mask].tolist() == items[lst]["response_ids"][slot].tolist()
+        else:
+            assert not mask.any() and not padded["response_mask"][lst, slot]
+        start, stop = int(packed["cu_seqlens"][n]), int(packed["cu_seqlens"][n + 1])
+        assert packed["labels"][0, start:stop].tolist() == padded["labels"][n, :stop - start].tolist()
+        assert packed["loss_mask"][0, start:stop].tolist() == padded["loss_mask"][n, :stop - start].tolist()
+    assert packed["loss_mask"].sum() == padded["loss_mask"].sum() == padded["response_lengths"].sum()
