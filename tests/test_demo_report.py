@@ -61,3 +61,30 @@ def test_lpo_preference_equals_dpo_bitwise():
 
     out = loss_function_check(trials=20)
     assert out["lists"] == 320 and out["differing_bits_lists"] == 0
+
+
+def test_embedded_suite_sources(tmp_path):
+    from nemo_lpo.demo import reproduce
+
+    suite = reproduce.embedded_suite(tmp_path, steps=5)
+    sizes = {}
+    for k, (path, max_k) in suite.train.items():
+        lists = [json.loads(line) for line in path.read_text().splitlines()]
+        assert max_k is None and len(lists) == 320
+        sizes[k] = {len(x["responses"]) for x in lists}
+    assert sizes == {2: {2}, 4: {4}, 8: {8}}
+    assert suite.pairs_source == suite.train[4][0]
+    held = [json.loads(line) for line in suite.heldout.read_text().splitlines()]
+    assert len(held) == 64 and {len(x["responses"]) for x in held} == {8}
+
+
+def test_alpacaeval_suite_split(tmp_path, shared_data):
+    from nemo_lpo.demo import reproduce
+
+    suite = reproduce.alpacaeval_suite(tmp_path, steps=5)
+    assert suite is not None
+    train = suite.train[8][0].read_text().splitlines()
+    held = suite.heldout.read_text().splitlines()
+    assert len(held) == 64 and len(train) + len(held) == 269
+    assert not {json.loads(x)["id"] for x in train} & {json.loads(x)["id"] for x in held}
+    assert suite.train[2][1] == 2 and suite.train[4][1] == 4  # K-subsets by the packer's --max-k
