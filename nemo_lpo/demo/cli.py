@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     r.add_argument("--steps", type=int, default=None, help="steps per run (default: the report's setting)")
     r.add_argument("--real-steps", type=int, default=None, help="steps per run on the real data (default: steps / 3)")
     r.add_argument("--skip-real", action="store_true", help="only the embedded default, not ../shared/data")
+    r.add_argument("--only-real", action="store_true", help="only the real K = 8 lists (e.g. to add them later)")
     r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")
     r.add_argument("--verbose", action="store_true", help="show megatron's / torch's warnings too")
     r.set_defaults(func=run_reproduce_command)
@@ -86,4 +87,5 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
 
     if args.report_only:
         return report_only(args.out)
-    return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps)
+    return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps,
+                         include_embedded=not args.only_real)

@@ -168,7 +168,8 @@ def table1(dpo: dict, lpo: dict) -> dict:
             "loss_function": loss_function_check()}
 
 
-def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None) -> int:
+def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None,
+                  include_embedded: bool = True) -> int:
     """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code."""
     from nemo_lpo.demo.pipeline import DemoConfig
 
@@ -176,18 +177,22 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
     t0 = time.perf_counter()
     steps = steps or 100
     demo_cfg = DemoConfig(out_dir=out, steps=steps)
-    suites = [embedded_suite(out / "embedded" / "src", steps)]
+    suites = [embedded_suite(out / "embedded" / "src", steps)] if include_embedded else []
     if include_real:
         real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps or max(10, steps // 3))
         if real is None:
-            _say(f"no real K = 8 lists at {SHARED_ALPACAEVAL}: the embedded default only")
+            _say(f"no real K = 8 lists at {SHARED_ALPACAEVAL}: skipping them")
         else:
             suites.append(real)
+    if not suites:
+        print("nemo-lpo reproduce: nothing to run")
+        return 1
     for suite in suites:
         res = run_suite(suite, out / suite.name, demo_cfg)
         # results first: a failure while drawing leaves them for `--report-only`
         tasks.write_jsonl_atomic(out / suite.name / "results.json", (json.dumps(res, indent=2) + "\n").encode())
-    return write_outputs(out, [s.name for s in suites], round(time.perf_counter() - t0, 1), demo_cfg)
+    names = [name for name in ("embedded", "alpacaeval") if (out / name / "results.json").is_file()]
+    return write_outputs(out, names, round(time.perf_counter() - t0, 1), demo_cfg)
 
 
 def write_outputs(out: Path, suite_names: list[str], total_seconds: float | None, demo_cfg) -> int:
