@@ -1,8 +1,10 @@
-"""Converted checkpoints load at TP=2 and EP=2 (torchrun, gloo) with HF's logits, and export back exactly."""
+"""Converted checkpoints load at TP=2 and EP=2 (torchrun, gloo) with HF's logits, and export back exactly.
+
+One torchrun launch runs every layout in turn (the worker rebuilds megatron's groups for each).
+"""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -10,29 +12,46 @@ import torch
 
 from nemo_lpo.convert.hf_to_mcore import convert_hf_to_mcore
 from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
+from tests.dist.train_common import results
 from tests.test_convert_roundtrip import hf_tensors, make_hf_model
 from tests.torchrun import run_torchrun
 
-WORKER = Path(__file__).parent / "dist" / "convert_parity.py"
+pytestmark = pytest.mark.distributed
+SCENARIOS = {  # name: (architecture, tp, ep)
+    "mixtral-tp2": ("MixtralForCausalLM", 2, 1),
+    "mixtral-ep2": ("MixtralForCausalLM", 1, 2),
+    "mistral-tp2": ("MistralForCausalLM", 2, 1),
+}
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("arch,tp,ep", [
-    ("MixtralForCausalLM", 2, 1),
-    ("MixtralForCausalLM", 1, 2),
-    ("MistralForCausalLM", 2, 1),
-])
-def test_import_loads_at_layout_with_hf_logits_and_exports_back(tmp_path, arch, tp, ep):
-    hf = make_hf_model(tmp_path / "hf", arch, seed=3)
-    convert_hf_to_mcore(hf, tmp_path / "ckpt", tp=tp, ep=ep)
-    out = run_torchrun(WORKER, 2, "--hf", str(hf), "--ckpt", str(tmp_path / "ckpt"), "--tp", str(tp),
-                       "--ep", str(ep), "--save-to", str(tmp_path / "resaved"))
-    diff = float(re.search(r"MAXDIFF (\S+)", out).group(1))
-    print(f"{arch} tp={tp} ep={ep}: max |megatron - HF| logit difference {diff:.3e}")
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Import each model, run the worker once over all scenarios; returns (root, {scenario: result})."""
+    root = tmp_path_factory.mktemp("dist")
+    specs = []
+    for name, (arch, tp, ep) in SCENARIOS.items():
+        hf = make_hf_model(root / name / "hf", arch, seed=3)
+        convert_hf_to_mcore(hf, root / name / "ckpt", tp=tp, ep=ep)
+        specs += ["--scenario", f"{name},{hf},{root / name / 'ckpt'},{tp},{ep},{root / name / 'resaved'}"]
+    out = run_torchrun(Path(__file__).parent / "dist" / "convert_parity.py", 2, *specs)
+    return root, results(out)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_import_loads_at_layout_with_hf_logits(launched, name):
+    _, found = launched
+    diff = found[name]["maxdiff"]
+    print(f"{name}: max |megatron - HF| logit difference {diff:.3e}")
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_megatron_save_at_layout_exports_bit_identical(launched, name):
+    root, _ = launched
+    hf = root / name / "hf"
     # megatron's own save at this layout (the trainer's format) exports to the original weights, bit for bit
-    convert_mcore_to_hf(tmp_path / "resaved", tmp_path / "export", hf_config_from=hf)
-    original, back = hf_tensors(hf), hf_tensors(tmp_path / "export")
+    convert_mcore_to_hf(root / name / "resaved", root / name / "export", hf_config_from=hf)
+    original, back = hf_tensors(hf), hf_tensors(root / name / "export")
     assert list(back) == list(original)
-    for name, tensor in original.items():
-        assert torch.equal(back[name], tensor), name
+    for tensor_name, tensor in original.items():
+        assert torch.equal(back[tensor_name], tensor), tensor_name

@@ -1,49 +1,54 @@
-"""torchrun worker: load a converted checkpoint at TP/EP > 1, compare logits with HF, re-save at that layout.
+"""torchrun worker: load converted checkpoints at TP/EP > 1, compare logits with HF, re-save at that layout.
 
-Usage: convert_parity.py --hf DIR --ckpt DIR --tp N --ep N [--save-to DIR]
-Rank 0 prints ``MAXDIFF <value>``; exits non-zero when the difference exceeds 1e-5.
+Usage: convert_parity.py --scenario NAME,HF_DIR,CKPT_DIR,TP,EP,SAVE_DIR [--scenario ...]
+Scenarios run in turn in one launch (megatron's groups are rebuilt for each layout). Rank 0 prints
+``RESULT {"scenario": NAME, "maxdiff": ...}`` per scenario; each checkpoint is then saved again with
+megatron's own ``dist_checkpointing.save`` at that layout into SAVE_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf", required=True)
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--save-to", default=None)
-    args = parser.parse_args()
-
+def run_scenario(name: str, hf: str, ckpt: str, tp: int, ep: int, save_to: str) -> None:
+    """Load ``ckpt`` at tp/ep, print the logit difference to HF, save it again at this layout."""
     from megatron.core import dist_checkpointing
 
     from nemo_lpo.convert.verify import hf_logits, load_megatron_model, megatron_logits
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+    from nemo_lpo.model.parallel import initialize_parallel
 
-    initialize_parallel(tp=args.tp, ep=args.ep)
+    initialize_parallel(tp=tp, ep=ep)
     rank = torch.distributed.get_rank()
-    model, preset = load_megatron_model(args.ckpt)
+    model, preset = load_megatron_model(ckpt)
     tokens = torch.randint(0, preset.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     ours = megatron_logits(model, tokens)
-    status = 0
     if rank == 0:
-        diff = (ours - hf_logits(args.hf, tokens)).abs().max().item()
-        print(f"MAXDIFF {diff:.3e} tp={args.tp} ep={args.ep}", flush=True)
-        status = int(not diff < 1e-5)
-    if args.save_to:
-        if rank == 0:
-            Path(args.save_to).mkdir(parents=True)
-        torch.distributed.barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), args.save_to)
+        diff = (ours - hf_logits(hf, tokens)).abs().max().item()
+        print("RESULT " + json.dumps({"scenario": name, "maxdiff": diff, "tp": tp, "ep": ep}), flush=True)
+        Path(save_to).mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), save_to)
+    torch.distributed.barrier()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", action="append", required=True)
+    args = parser.parse_args()
+
+    from nemo_lpo.model.parallel import destroy_parallel
+
+    for spec in args.scenario:
+        name, hf, ckpt, tp, ep, save_to = spec.split(",")
+        run_scenario(name, hf, ckpt, int(tp), int(ep), save_to)
     destroy_parallel()
-    return status
+    return 0
 
 
 if __name__ == "__main__":
