@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -114,7 +115,7 @@ def _process_chunk(chunk: list) -> list:
                     raise InvalidRecord(TOO_LONG, "exceeds the length limits (overflow policy 'drop' or no room)")
                 prompt, responses, prompt_cut, response_cuts = limited
                 lengths = [len(prompt), *map(len, responses)]
-                ids = np.asarray(prompt + [t for r in responses for t in r], dtype=np.int32)
+                ids = np.asarray(list(itertools.chain(prompt, *responses)), dtype=np.int32)
                 encoded.append((ids, lengths, rewards, prompt_cut, response_cuts))
         except InvalidRecord as err:
             out.append(("error", example.source, err.reason, err.message))

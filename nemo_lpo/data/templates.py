@@ -14,6 +14,7 @@ separately so that one prompt tokenisation serves all K responses.
 
 from __future__ import annotations
 
+import functools
 import os
 
 MISTRAL = "mistral"
@@ -220,8 +221,11 @@ class HFChatTokenizer:
         return prompt_text + suffixes[0]
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(spec: str):
     """Return the chat tokenizer named by ``--tokenizer``: ``mistral`` or a local HF tokenizer directory.
+
+    Cached per process (the tokenizers are only read), so repeated packs do not reload them.
 
     Raises:
         FileNotFoundError: ``spec`` is neither ``mistral`` nor an existing directory.
