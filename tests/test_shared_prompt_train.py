@@ -142,6 +142,7 @@ def worker() -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_tp2_sequence_parallel_matches_unpacked():
     from tests.torchrun import run_torchrun
 
