@@ -120,10 +120,12 @@ def main() -> int:
 
             name = f"{layout}/{mode}"
             variants[name] = step
-            residents[name] = resident_bytes(lpo, optimizer)
+            residents[name] = (lpo, optimizer)
 
-    peaks = {name: peak_memory_bytes(fn) for name, fn in variants.items()}
     med = interleaved_medians(variants, reps=args.reps, warmup=1)
+    # after the warm-up and timed steps: optimizer state exists, allocations are in steady state
+    residents = {name: resident_bytes(*objs) for name, objs in residents.items()}
+    peaks = {name: peak_memory_bytes(fn) for name, fn in variants.items()}
     base = med["unpacked/online"]
     rows = []
     for name in variants:
