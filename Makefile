@@ -37,6 +37,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 reproduce: setup
