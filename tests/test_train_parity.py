@@ -34,7 +34,8 @@ def work(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def single(work) -> dict:
     root, prefix = work
-    out = run_torchrun(WORKER, 1, str(root), str(prefix), "base", "base_noaux", "mb4_noaux", "precomputed")
+    out = run_torchrun(WORKER, 1, str(root), str(prefix), "base", "base_noaux", "mb4_noaux", "precomputed",
+                       "recompute", "bf16")
     return results(out)
 
 
@@ -76,6 +77,18 @@ def test_microbatch_split_invariance(single):
 
 def test_precomputed_reference_equals_online(single):
     assert_same_run(lines_of(single, "precomputed"), lines_of(single, "base"), tol=1e-6)
+
+
+def test_full_recompute_changes_nothing(single):
+    assert_same_run(lines_of(single, "recompute"), lines_of(single, "base"))
+
+
+def test_bf16_tracks_fp32(single):
+    bf16, base = lines_of(single, "bf16"), lines_of(single, "base")
+    assert [line["grad_norm"] for line in bf16] != [line["grad_norm"] for line in base]  # really ran in bf16
+    for got, want in zip(bf16, base, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-2)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2)
 
 
 def test_step1_loss_is_closed_form(work, single):
