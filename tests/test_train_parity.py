@@ -35,7 +35,7 @@ def work(tmp_path_factory) -> tuple[Path, Path]:
 def single(work) -> dict:
     root, prefix = work
     out = run_torchrun(WORKER, 1, str(root), str(prefix), "base", "base_noaux", "mb4_noaux", "precomputed",
-                       "recompute", "bf16")
+                       "recompute", "shared_noaux", "bf16")
     return results(out)
 
 
@@ -81,6 +81,15 @@ def test_precomputed_reference_equals_online(single):
 
 def test_full_recompute_changes_nothing(single):
     assert_same_run(lines_of(single, "recompute"), lines_of(single, "base"))
+
+
+def test_shared_prompt_packing_matches_unpacked(single):
+    """data.shared_prompt: one row per list, the prompt computed once; same losses and gradients."""
+    shared, base = lines_of(single, "shared_noaux"), lines_of(single, "base_noaux")
+    for got, want in zip(shared, base, strict=True):
+        assert abs(got["loss"] - want["loss"]) < TOL and abs(got["grad_norm"] - want["grad_norm"]) < TOL
+        assert got["rewards/accuracies"] == pytest.approx(want["rewards/accuracies"], abs=1e-6)
+        assert got["tokens"] < want["tokens"]  # each prompt once instead of K times
 
 
 def test_bf16_tracks_fp32(single):

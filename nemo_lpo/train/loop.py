@@ -61,7 +61,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         from megatron.core import parallel_state as ps
 
-        from nemo_lpo.train.lpo_model import LPOModel
+        from nemo_lpo.train.lpo_model import build_lpo_model
         from nemo_lpo.train.metrics import MetricsLogger
         from nemo_lpo.train.optimizer import build_optimizer, total_steps
         from nemo_lpo.train.step import BatchFeeder
@@ -74,7 +74,7 @@ class Trainer:
         if cfg.reference.mode == "precomputed" and not self.feeder.dataset.has_ref_logps:
             raise ValueError(f"reference.mode=precomputed but {cfg.data.train_prefix} has no reference log-probs: "
                              "run `nemo-lpo ref-logps` on it first, or set reference.mode=online")
-        self.lpo = LPOModel(cfg)
+        self.lpo = build_lpo_model(cfg)
         self.total_steps = total_steps(cfg, self.feeder.steps_per_epoch)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.lpo.model, self.total_steps)
         self.ckpt_root = cfg.checkpoint_dir()

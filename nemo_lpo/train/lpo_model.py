@@ -61,6 +61,15 @@ def count_valid_lists(batch: dict) -> torch.Tensor:
     return (batch["response_mask"].sum(dim=1) >= 2).sum()
 
 
+def build_lpo_model(cfg: Config, *, train: bool = True) -> LPOModel:
+    """``LPOModel``, or its shared-prompt variant (``nemo_lpo.packing``) when ``data.shared_prompt``."""
+    if cfg.data.shared_prompt:
+        from nemo_lpo.packing.lpo_model import SharedPromptLPOModel
+
+        return SharedPromptLPOModel(cfg, train=train)
+    return LPOModel(cfg, train=train)
+
+
 class LPOModel:
     """Policy, reference and loss for one rank; needs ``initialize_parallel`` first.
 

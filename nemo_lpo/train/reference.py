@@ -26,18 +26,17 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
     """
     from megatron.core import parallel_state as ps
 
-    from nemo_lpo.data import ListwiseCollator, ListwiseDataset
+    from nemo_lpo.data import ListwiseDataset
     from nemo_lpo.train.checkpoint import load_model_weights
-    from nemo_lpo.train.lpo_model import LPOModel, run_forward_only
-    from nemo_lpo.train.step import BatchFeeder
+    from nemo_lpo.train.lpo_model import build_lpo_model, run_forward_only
+    from nemo_lpo.train.step import make_collator
 
-    lpo = LPOModel(cfg, train=False)
+    lpo = build_lpo_model(cfg, train=False)
     if cfg.reference.checkpoint and cfg.reference.checkpoint != cfg.model.init_checkpoint:
         load_model_weights(lpo.module, cfg.reference.checkpoint)
     lpo.module.eval()
     dataset = ListwiseDataset(cfg.data.train_prefix)
-    multiple = BatchFeeder.pad_multiple(cfg)
-    collator = ListwiseCollator(dataset.pad_id, pad_to_multiple_of=multiple, packed=cfg.data.packed)
+    collator = make_collator(cfg, dataset.pad_id)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mbs = cfg.data.micro_batch_size
     starts = list(range(0, len(dataset), mbs))[dp_rank::dp_size]  # micro-batch j goes to rank j % dp

@@ -31,6 +31,18 @@ class StepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def make_collator(cfg: Config, pad_id: int):
+    """The batch builder of ``cfg.data``: one sequence per (list, slot), or one row per list (shared prompt)."""
+    multiple = BatchFeeder.pad_multiple(cfg)
+    if cfg.data.shared_prompt:
+        from nemo_lpo.packing.collate import SharedPromptCollator
+
+        return SharedPromptCollator(pad_id, pad_to_multiple_of=multiple, packed=cfg.data.packed)
+    from nemo_lpo.data import ListwiseCollator
+
+    return ListwiseCollator(pad_id, pad_to_multiple_of=multiple, packed=cfg.data.packed)
+
+
 class BatchFeeder:
     """Turns the listwise dataset into this rank's micro-batches of one global batch at a time.
 
@@ -39,7 +51,7 @@ class BatchFeeder:
     """
 
     def __init__(self, cfg: Config, *, dp_rank: int, dp_size: int, device: torch.device) -> None:
-        from nemo_lpo.data import ListwiseCollator, ListwiseDataset, ListwiseSampler
+        from nemo_lpo.data import ListwiseDataset, ListwiseSampler
 
         if not cfg.data.train_prefix:
             raise ValueError("data.train_prefix is not set: give the packed dataset prefix (nemo-lpo pack output)")
@@ -47,8 +59,7 @@ class BatchFeeder:
         d = cfg.data
         self.sampler = ListwiseSampler(len(self.dataset), d.global_batch_size, d.micro_batch_size,
                                        dp_rank, dp_size, d.seed, shuffle=d.shuffle)
-        self.collator = ListwiseCollator(self.dataset.pad_id, pad_to_multiple_of=self.pad_multiple(cfg),
-                                         packed=d.packed)
+        self.collator = make_collator(cfg, self.dataset.pad_id)
         self.num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
         self.device = device
         self.drop_ref_logps = cfg.reference.mode == "online"  # the frozen copy supplies them

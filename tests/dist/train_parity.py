@@ -6,7 +6,8 @@ from WORK_DIR/init (a dist checkpoint of the seed-initialised weights, written b
 finds it missing), trains ``STEPS`` steps and prints one ``RESULT {json}`` line from rank 0 with every
 step's metrics. Scenarios: base (online reference, 4 micro-batches x 1 list), base_noaux / mb4_noaux (4x1 vs
 1x4 without the MoE aux loss, which megatron defines per micro-batch), precomputed (ref-logps pass, then the
-sidecar), recompute (full activation recompute), bf16 (bf16 params, fp32 main weights), tp2 (+SP), pp2,
+sidecar), recompute (full activation recompute), shared_noaux (shared-prompt packing, vs
+base_noaux), bf16 (bf16 params, fp32 main weights), tp2 (+SP), pp2,
 ep2 (alltoall), dp2 (+ distributed optimizer).
 """
 
@@ -29,6 +30,7 @@ SCENARIOS = {
     "mb4_noaux": ["model.moe_aux_loss_coeff=0.0", "data.micro_batch_size=4"],
     "precomputed": ["reference.mode=precomputed"],
     "recompute": ["model.recompute=full"],
+    "shared_noaux": ["model.moe_aux_loss_coeff=0.0", "data.shared_prompt=true"],
     "bf16": ["model.params_dtype=bf16"],
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
