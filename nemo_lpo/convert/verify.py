@@ -34,7 +34,6 @@ def load_megatron_model(ckpt: str | Path, *, params_dtype: torch.dtype | None = 
         ep=parallel_state.get_expert_model_parallel_world_size(), params_dtype=dtype,
         sequence_parallel=tp > 1 and preset.is_moe,  # megatron requires it for MoE with TP
         use_cpu_initialization=True,
-        moe_token_dispatcher_type="allgather" if preset.is_moe else "alltoall",
     )
     model = build_gpt_model(preset, config)
     sharded_sd = model.sharded_state_dict(metadata=sidecar.get("sharded_metadata") or {})
