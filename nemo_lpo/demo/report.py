@@ -79,7 +79,8 @@ def _suite_section(res: dict, report_dir: Path) -> list[str]:
     ks = sorted(int(name.rsplit("_k", 1)[1]) for name in runs if name.startswith("lpo_k"))
     lines += ["### Figure 2: held-out ranking accuracy vs K (equal steps)", "", f"![Figure 2]({rel[1]})", "",
               "Pairwise accuracy of the implicit reward β(log π − log μ) on the held-out K = 8 lists "
-              f"(start model: {_f(res['start']['implicit/accuracy'])}, a coin flip).", "",
+              f"(start model: {_f(res['start']['implicit/accuracy'])}, a coin flip; ranking by response length "
+              f"alone, longer = better: {_f(res.get('length_baseline'))}).", "",
               "| K | LPO | LPO-abs | LPO Kendall τ | LPO-abs Kendall τ |", "|---:|---:|---:|---:|---:|"]
     acc = {}
     for k in ks:
@@ -88,6 +89,9 @@ def _suite_section(res: dict, report_dir: Path) -> list[str]:
         lines.append(f"| {k} | {_f(a['implicit/accuracy'])} | {_f(b['implicit/accuracy'])} | "
                      f"{_f(a['implicit/kendall_tau'])} | {_f(b['implicit/kendall_tau'])} |")
     lines.append("")
+    if res.get("length_baseline") is not None and max(max(v) for v in acc.values()) <= res["length_baseline"]:
+        lines.append("- No run beats ranking by response length alone: on these lists the accuracies above can be "
+                     "explained by length, not by learnt quality.")
     grows = {name: all(acc[ks[i + 1]][j] >= acc[ks[i]][j] for i in range(len(ks) - 1))
              for j, name in enumerate(("LPO", "LPO-abs"))}
     for name, ok in grows.items():

@@ -103,7 +103,8 @@ def run_suite(suite: Suite, out: Path, demo_cfg) -> dict:
     for k in sorted(suite.train):
         plan[f"lpo_k{k}"] = (f"k{k}", "lpo", ())
         plan[f"lpo_abs_k{k}"] = (f"k{k}", "lpo_abs", ())
-    results = {"suite": suite.name, "steps": suite.steps, "start": to_jsonable(base), "runs": {}}
+    results = {"suite": suite.name, "steps": suite.steps, "start": to_jsonable(base), "runs": {},
+               "length_baseline": length_baseline(held)}
     for run, (data_name, loss, extra) in plan.items():
         run_dir = runs_dir / run
         if run_dir.exists():
@@ -119,6 +120,27 @@ def run_suite(suite: Suite, out: Path, demo_cfg) -> dict:
     results["table1"] = table1(results["runs"]["dpo_pairs"], results["runs"]["lpo_pref_pairs"])
     results["seconds"] = round(time.perf_counter() - t0, 1)
     return results
+
+
+def length_baseline(prefix: Path) -> float:
+    """Held-out pairwise accuracy of ranking the responses by their token count alone (longer = better)."""
+    import numpy as np
+    import torch
+
+    from nemo_lpo.data import ListwiseDataset
+    from nemo_lpo.evaluate.metrics import pairwise_accuracy
+
+    ds = ListwiseDataset(prefix)
+    k_max = int(ds.num_responses().max())
+    lengths, rewards = np.zeros((len(ds), k_max)), np.zeros((len(ds), k_max))
+    mask = np.zeros((len(ds), k_max), dtype=bool)
+    for i in range(len(ds)):
+        item = ds[i]
+        k = len(item["response_ids"])
+        lengths[i, :k] = [len(r) for r in item["response_ids"]]
+        rewards[i, :k], mask[i, :k] = item["rewards"], True
+    acc = pairwise_accuracy(torch.from_numpy(lengths), torch.from_numpy(rewards), torch.from_numpy(mask))
+    return float(acc[~torch.isnan(acc)].mean())
 
 
 def _state_dict(checkpoint: str):
@@ -202,6 +224,8 @@ def write_outputs(out: Path, suite_names: list[str], total_seconds: float | None
     results = []
     for name in suite_names:
         res = json.loads((out / name / "results.json").read_text())
+        if "length_baseline" not in res:  # results of an older version
+            res["length_baseline"] = length_baseline(out / name / "data" / "heldout_k8")
         res["figures"] = [str(p) for p in draw_figures(res, out / name / "figures")]
         results.append(res)
     if total_seconds is None:
