@@ -36,8 +36,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     r.add_argument("--out", type=Path, default=Path("outputs/reproduce"), help="output folder")
-    r.add_argument("--steps", type=int, default=None, help="steps per run (default: the report's setting)")
-    r.add_argument("--real-steps", type=int, default=None, help="steps per run on the real data (default: steps / 3)")
+    r.add_argument("--steps", type=int, default=None, help="steps per run (default 40)")
+    r.add_argument("--real-steps", type=int, default=None, help="steps per run on the real data (default: max(8, steps / 5))")
     r.add_argument("--skip-real", action="store_true", help="only the embedded default, not ../shared/data")
     r.add_argument("--only-real", action="store_true", help="only the real K = 8 lists (e.g. to add them later)")
     r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")

@@ -197,11 +197,11 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    steps = steps or 100
+    steps = steps or 40
     demo_cfg = DemoConfig(out_dir=out, steps=steps)
     suites = [embedded_suite(out / "embedded" / "src", steps)] if include_embedded else []
     if include_real:
-        real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps or max(10, steps // 3))
+        real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps or max(8, steps // 5))
         if real is None:
             _say(f"no real K = 8 lists at {SHARED_ALPACAEVAL}: skipping them")
         else:
