@@ -77,7 +77,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_lines(lines: dict[str, tuple[list, list]], path: str | Path, title: str, ylabel: str,
-               xlabel: str = "step", hline: float | None = None) -> Path:
+               xlabel: str = "step", hline: float | None = None, xticks: list | None = None) -> Path:
     """Plot named ``(x, y)`` lines on one axis and save them as a PNG at ``path``."""
     import matplotlib
 
@@ -87,6 +87,8 @@ def plot_lines(lines: dict[str, tuple[list, list]], path: str | Path, title: str
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, (x, y) in lines.items():
         ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=label)
+    if xticks is not None:
+        ax.set_xticks(xticks)
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle=":", linewidth=1)
     ax.set_title(title)

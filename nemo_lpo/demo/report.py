@@ -46,7 +46,7 @@ def draw_figures(results: dict, out_dir: Path) -> list[Path]:
     fig2 = plot_lines(fig2_lines, out_dir / "figure2_accuracy_vs_k.png",
                       f"Figure 2 ({results['suite']}): held-out ranking accuracy at {results['steps']} steps",
                       "pairwise accuracy of the implicit reward", xlabel="K (responses per prompt in training)",
-                      hline=0.5)
+                      hline=0.5, xticks=ks)
     return [fig1, fig2]
 
 
