@@ -24,7 +24,10 @@ class ModelConfig:
     """The policy model.
 
     Attributes:
-        preset: Name in ``nemo_lpo.model.presets.PRESETS`` (tiny-mixtral, mixtral-8x7b, mistral-7b, ...).
+        preset: Name in ``nemo_lpo.model.presets.PRESETS`` (tiny-mixtral, mixtral-8x7b, mistral-7b, ...), or
+            ``from_checkpoint``: the architecture recorded by the converted ``init_checkpoint`` (its
+            ``nemo_lpo_model.json``; else ``reference.checkpoint``'s), for models that match no preset. A
+            named preset must agree with a converted checkpoint's description.
         params_dtype: Parameter / compute dtype: fp32 or bf16 (bf16 keeps fp32 main grads and weights).
         recompute: Activation recompute: none, full (every layer) or selective (attention core).
         fp8: FP8 format (hybrid or e4m3) with Transformer Engine; None disables FP8.
@@ -259,6 +262,8 @@ class Config:
             raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr, got {self.optim.min_lr}, {self.optim.lr}")
         if p.overlap_param_gather and not p.distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
+        if self.model.preset == "from_checkpoint" and not (self.model.init_checkpoint or self.reference.checkpoint):
+            raise ConfigError("model.preset=from_checkpoint needs model.init_checkpoint (a converted checkpoint)")
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
 

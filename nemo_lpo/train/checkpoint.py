@@ -125,6 +125,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank == 0:
+        _copy_model_description(getattr(lpo, "model_sidecar", None), tmp, config_dict)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -163,6 +164,22 @@ def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
     if same_layout:
         _set_rng_state(loaded["rng"])
     return int(common["step"])
+
+
+def _copy_model_description(sidecar: Path | None, ckpt: Path, config_dict: dict) -> None:
+    """Copy the converted model's ``nemo_lpo_model.json`` into a training checkpoint.
+
+    ``nemo-lpo convert mcore-to-hf`` and ``model.preset=from_checkpoint`` then know the architecture of a
+    run started from a model that matches no named preset.
+    """
+    import json
+
+    if sidecar is None:
+        return
+    payload = json.loads(Path(sidecar).read_text())
+    payload["params_dtype"] = config_dict.get("model", {}).get("params_dtype", payload.get("params_dtype"))
+    payload["source"] = str(sidecar.parent)
+    (ckpt / sidecar.name).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def load_model_weights(module, path: str | Path) -> None:

@@ -54,6 +54,9 @@ def _run(args, body) -> int:
     setup_distributed_env()
     try:
         cfg = _load(args)
+        from nemo_lpo.train.lpo_model import resolve_preset
+
+        resolve_preset(cfg)  # model.preset against the converted checkpoints' descriptions, before any launch
     except ConfigError as err:
         print(f"nemo-lpo {args.command}: config error: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -25,11 +26,83 @@ from nemo_lpo.config import Config
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+FROM_CHECKPOINT = "from_checkpoint"
+# ModelPreset fields that do not describe the weights' architecture (a name; the random-init scale)
+_NOT_ARCHITECTURE = ("name", "init_method_std")
+
+
+def checkpoint_sidecar(path: str | Path | None) -> Path | None:
+    """The converted-model description (``nemo_lpo_model.json``) of checkpoint ``path``, if it has one."""
+    from nemo_lpo.convert.mcore_side import SIDECAR_NAME
+    from nemo_lpo.train.checkpoint import LATEST, latest_checkpoint
+
+    if not path:
+        return None
+    path = Path(path)
+    if (path / LATEST).is_file():  # a training run's checkpoints/ folder (its sidecar is copied per save)
+        path = latest_checkpoint(path) or path
+    sidecar = path / SIDECAR_NAME
+    return sidecar if sidecar.is_file() else None
+
+
+def _architecture_diff(named, recorded) -> list[str]:
+    import dataclasses
+
+    return [f"{f.name}: preset {getattr(named, f.name)!r} vs checkpoint {getattr(recorded, f.name)!r}"
+            for f in dataclasses.fields(named)
+            if f.name not in _NOT_ARCHITECTURE and getattr(named, f.name) != getattr(recorded, f.name)]
+
+
+def resolve_preset(cfg: Config):
+    """The ModelPreset to build: ``model.preset`` by name, or the one a converted checkpoint records.
+
+    ``model.preset: from_checkpoint`` takes the architecture from the ``nemo_lpo_model.json`` of
+    ``model.init_checkpoint`` (else ``reference.checkpoint``), so a model that matches no named preset (a custom
+    SFT Llama-layout model) trains after ``nemo-lpo convert hf-to-mcore``. With a named preset, every converted
+    checkpoint given (init and reference) must record the same architecture.
+
+    Raises:
+        ConfigError: no converted checkpoint for ``from_checkpoint``, an unknown name, or a disagreement.
+    """
+    from nemo_lpo.config import ConfigError
+    from nemo_lpo.convert.mcore_side import ConversionError, read_checkpoint_preset
+    from nemo_lpo.model.presets import get_preset
+
+    recorded = []
+    for key in ("model.init_checkpoint", "reference.checkpoint"):
+        path = getattr(cfg.model if key.startswith("model") else cfg.reference, key.split(".")[1])
+        sidecar = checkpoint_sidecar(path)
+        if sidecar is not None:
+            try:
+                recorded.append((key, path, read_checkpoint_preset(sidecar.parent)))
+            except ConversionError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    if cfg.model.preset == FROM_CHECKPOINT:
+        if not recorded:
+            raise ConfigError(
+                f"model.preset=from_checkpoint: no converted checkpoint description (nemo_lpo_model.json) in "
+                f"model.init_checkpoint={cfg.model.init_checkpoint!r} or reference.checkpoint="
+                f"{cfg.reference.checkpoint!r}; convert the HF model with `nemo-lpo convert hf-to-mcore` or name a preset")
+        preset, source = recorded[0][2], f"{recorded[0][0]}={recorded[0][1]}"
+    else:
+        try:
+            preset = get_preset(cfg.model.preset)
+        except KeyError as err:
+            raise ConfigError(f"model.preset: {err.args[0]} (or {FROM_CHECKPOINT})") from None
+        source = f"model.preset={cfg.model.preset}"
+    for key, path, other in recorded:
+        diff = _architecture_diff(preset, other)
+        if diff:
+            raise ConfigError(f"{source} and {key}={path} (nemo_lpo_model.json) describe different models: "
+                              + "; ".join(diff) + f". Set model.preset={FROM_CHECKPOINT} or convert a matching model")
+    return preset
+
+
 def build_transformer_config(cfg: Config):
     """Return (preset, TransformerConfig) for ``cfg.model`` under ``cfg.parallel``."""
-    from nemo_lpo.model.presets import get_preset, transformer_config
+    from nemo_lpo.model.presets import transformer_config
 
-    preset = get_preset(cfg.model.preset)
+    preset = resolve_preset(cfg)
     p, m = cfg.parallel, cfg.model
     dtype = DTYPES[m.params_dtype]
     extra = {} if m.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": m.moe_aux_loss_coeff}
@@ -93,6 +166,8 @@ class LPOModel:
             raise ValueError(f"loss.type: unknown loss {cfg.loss.type!r}{hint}")
         self.cfg = cfg
         self.preset, self.config, self.module = _build_module(cfg)
+        # the converted model's description, copied into each training checkpoint (export, later runs)
+        self.model_sidecar = checkpoint_sidecar(cfg.model.init_checkpoint)
         if cfg.model.init_checkpoint:
             load_model_weights(self.module, cfg.model.init_checkpoint)
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)

@@ -62,6 +62,7 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
 def write_reference(cfg: Config) -> int:
     """Run the reference pass on every rank and write the sidecar from rank 0; returns the list count."""
     from nemo_lpo.data import ListwiseDataset, write_reference_logps
+    from nemo_lpo.train.lpo_model import resolve_preset
 
     start = time.perf_counter()
     local = reference_logps(cfg)
@@ -77,7 +78,7 @@ def write_reference(cfg: Config) -> int:
     if torch.distributed.get_rank() == 0:
         meta = {"checkpoint": cfg.reference.checkpoint or cfg.model.init_checkpoint,
                 "init_seed": cfg.train.seed if not (cfg.reference.checkpoint or cfg.model.init_checkpoint) else None,
-                "preset": cfg.model.preset, "params_dtype": cfg.model.params_dtype,
+                "preset": resolve_preset(cfg).name, "params_dtype": cfg.model.params_dtype,
                 "length_average": cfg.loss.length_average,
                 "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
                            "world": torch.distributed.get_world_size()}}
