@@ -7,8 +7,10 @@ differ from their LPO run only in the loss and data.
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
+import torch
 
 from nemo_lpo.config import CONF_DIR, load_config
 from nemo_lpo.losses import LOSSES
@@ -24,6 +26,18 @@ BASELINES = {
     "ui_dpo": ("ui_lpo_abs", "dpo"),
 }
 ALLOWED_DIFF = {"name", "logging.run_dir", "loss.type", "data.train_prefix"}
+
+
+FIXTURES = CONF_DIR.parent / "tests" / "fixtures" / "data"
+
+
+def _pack_args(path) -> list[str]:
+    """The arguments of the `nemo-lpo pack` command in the file's header comment."""
+    comments = " ".join(line.lstrip("# ").rstrip("\\ ") for line in path.read_text().splitlines()
+                        if line.lstrip().startswith("#"))
+    found = re.search(r"nemo-lpo pack (.*?--output-prefix \S+)", comments)
+    assert found, f"{path.name}: no `nemo-lpo pack ... --output-prefix` command in the comments"
+    return shlex.split(found.group(1))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -62,18 +76,56 @@ def test_experiment_documents_source_and_data(path):
     text = path.read_text()
     comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
     assert "LPO paper" in comments and "NCA paper" in comments and "our choice" in comments.lower()
-    pack = re.search(r"nemo-lpo pack (.*?)--output-prefix (\S+)", comments.replace("\\\n#", " "), re.S)
-    assert pack, f"{path.name}: no `nemo-lpo pack ... --output-prefix` command in the comments"
-    assert "--max-length 1024" in pack.group(1)
+    args = _pack_args(path)
+    flags = " ".join(args)
+    assert "--max-length 1024" in flags
     cfg = load_config(path)
-    assert pack.group(2) == cfg.data.train_prefix  # the comment's pack writes the prefix the run reads
-    pairs = "--pairs zephyr" in pack.group(1)
+    assert args[args.index("--output-prefix") + 1] == cfg.data.train_prefix  # the pack writes what the run reads
+    pairs = "--pairs zephyr" in flags
     if cfg.loss.type in ("dpo", "ipo") and path.stem.startswith("uf_"):
         assert pairs  # K = 2 losses on UltraFeedback train on Zephyr pairs
     if path.stem.startswith("uf_") and not pairs:
-        assert "--format ultrafeedback " in pack.group(1) and "--max-k 4" in pack.group(1)
+        assert "--format ultrafeedback" in flags and "--max-k 4" in flags
     if path.stem.startswith("ui_"):
-        assert "--format ultrainteract" in pack.group(1)
+        assert "--format ultrainteract" in flags
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """Run each header's pack command on the small fixture of its format; {train_prefix: written prefix}."""
+    from nemo_lpo.cli import main
+
+    out, root = {}, tmp_path_factory.mktemp("experiments")
+    for path in EXPERIMENTS:
+        args = _pack_args(path)
+        prefix = args[args.index("--output-prefix") + 1]
+        if prefix in out:
+            continue
+        fixture = {"ultrafeedback": "ultrafeedback_raw", "ultrainteract": "ultrainteract"}[
+            args[args.index("--format") + 1]]
+        args[args.index("--input") + 1] = str(FIXTURES / f"{fixture}.jsonl")
+        args[args.index("--output-prefix") + 1] = str(root / prefix)
+        assert main(["pack", *args, "--no-progress"]) == 0
+        out[prefix] = root / prefix
+    return out
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_loss_runs_on_the_data_its_pack_command_writes(path, packed):
+    from nemo_lpo.data import ListwiseCollator, ListwiseDataset
+    from nemo_lpo.losses import listwise_loss
+
+    cfg = load_config(path)
+    dataset = ListwiseDataset(packed[cfg.data.train_prefix])
+    batch = ListwiseCollator(dataset.pad_id)([dataset[i] for i in range(len(dataset))])
+    mask = batch["response_mask"]
+    assert mask.shape[1] == (2 if "--pairs" in _pack_args(path) or path.stem.startswith("ui_") else 4)
+    torch.manual_seed(0)
+    policy, reference = torch.randn(mask.shape), torch.randn(mask.shape)
+    per_list, metrics = listwise_loss(cfg.loss.type, policy, reference, batch["rewards"], mask, cfg.loss.beta,
+                                      **cfg.loss.options)
+    assert per_list.shape == (len(dataset),) and torch.isfinite(per_list).all()
+    assert metrics["lists/valid"] == len(dataset)
 
 
 @pytest.mark.parametrize("baseline", sorted(BASELINES))
