@@ -42,7 +42,7 @@ class DemoConfig:
     """
 
     out_dir: Path = Path("outputs/demo")
-    steps: int = 150
+    steps: int = 600
     loss: str = "lpo_abs"
     beta: float = 0.1
     lr: float = 1e-3
