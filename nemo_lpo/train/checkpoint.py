@@ -194,8 +194,11 @@ def load_model_weights(module, path: str | Path) -> None:
         path = latest_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    loaded = dist_checkpointing.load(module.sharded_state_dict(), str(path))
-    module.load_state_dict(loaded)
+    request = module.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, str(path))
+    # A training checkpoint also returns its common state (step, optimizer, scheduler, config, ...) beside
+    # the requested tensors; only the model's own keys go to the module.
+    module.load_state_dict({key: value for key, value in loaded.items() if key in request})
 
 
 def save_model_weights(module, path: str | Path) -> None:
