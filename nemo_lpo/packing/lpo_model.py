@@ -8,8 +8,6 @@ vocab-parallel logits) and the loss function gathers the response log-probs at t
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from nemo_lpo.train.lpo_model import LPOModel
@@ -18,44 +16,21 @@ from nemo_lpo.train.lpo_model import LPOModel
 class SharedPromptLPOModel(LPOModel):
     """``LPOModel`` whose micro-batches come from ``collate_shared_prompt`` (one row per list)."""
 
-    def forward_step(self, global_valid: torch.Tensor, num_microbatches: int, data_iterator, model):
-        """Megatron ``forward_step_func`` on a shared-prompt micro-batch."""
+    def model_inputs(self, batch: dict, model) -> dict:
+        """Forward arguments without labels: the last stage returns the vocab-parallel logits."""
         from nemo_lpo.packing.logprobs import shared_prompt_model_inputs
 
-        batch = next(data_iterator)
-        output = model(**shared_prompt_model_inputs(batch, model))
-        return output, partial(self.loss_func, batch, global_valid, num_microbatches)
+        return shared_prompt_model_inputs(batch, model)
 
-    def loss_func(self, batch: dict, global_valid: torch.Tensor, num_microbatches: int, output: torch.Tensor):
-        """As ``LPOModel.loss_func``; ``tokens`` counts the tokens actually computed (each prompt once)."""
-        from nemo_lpo.losses import listwise_loss
+    def response_logps(self, output: torch.Tensor, batch: dict, length_average: bool) -> torch.Tensor:
+        """[B, K] log-probs gathered from the logits at each response token's source position."""
         from nemo_lpo.packing.logprobs import shared_prompt_logps
 
-        policy = shared_prompt_logps(output, batch, self.cfg.loss.length_average)
-        reference = batch["ref_logps"].to(policy)
-        per_list, metrics = listwise_loss(self.cfg.loss.type, policy, reference, batch["rewards"].to(policy),
-                                          batch["response_mask"], self.cfg.loss.beta, **self._loss_options(batch))
-        loss_sum = per_list.sum()
-        scale = num_microbatches * self.dp_size / global_valid.clamp(min=1).to(loss_sum)
-        valid = metrics["lists/valid"]
-        sums = {name: (value * valid).detach() for name, value in metrics.items() if name != "lists/valid"}
-        sums["lists/valid"] = valid.detach()
-        sums["loss"] = loss_sum.detach()
-        sums["tokens"] = batch["row_lengths"].sum().to(loss_sum)
-        return loss_sum * scale, sums
+        return shared_prompt_logps(output, batch, length_average)
 
-    def reference_forward_step(self, length_average: bool, data_iterator, model):
-        """Forward-only reference pass on a shared-prompt micro-batch: the callback reports [B, K] log-probs."""
-        from nemo_lpo.packing.logprobs import shared_prompt_logps, shared_prompt_model_inputs
-
-        batch = next(data_iterator)
-        output = model(**shared_prompt_model_inputs(batch, model))
-
-        def loss_func(out):
-            logps = shared_prompt_logps(out, batch, length_average).detach()
-            return torch.zeros((), device=out.device), {"ref_logps": logps}
-
-        return output, loss_func
+    def computed_tokens(self, batch: dict) -> torch.Tensor:
+        """Tokens actually computed: each prompt once per list."""
+        return batch["row_lengths"].sum()
 
 
 def use_shared_prompt(trainer) -> None:

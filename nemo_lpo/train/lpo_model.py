@@ -241,18 +241,33 @@ class LPOModel:
     # ------------------------------------------------------------------ schedule callbacks
     def forward_step(self, global_valid: torch.Tensor, num_microbatches: int, data_iterator, model):
         """Megatron ``forward_step_func``: run this stage on the next micro-batch, return the loss callback."""
+        batch = next(data_iterator)
+        output = model(**self.model_inputs(batch, model))
+        return output, partial(self.loss_func, batch, global_valid, num_microbatches)
+
+    # Batch-layout hooks: a subclass for another batch layout (nemo_lpo.packing's shared-prompt rows)
+    # overrides these three and keeps the loss scaling, metric sums and reference handling below.
+    def model_inputs(self, batch: dict, model) -> dict:
+        """GPTModel forward arguments for ``batch`` (the last stage returns -log p(label) per token)."""
         from nemo_lpo.train.logprobs import model_inputs
 
-        batch = next(data_iterator)
-        output = model(**model_inputs(batch, model))
-        return output, partial(self.loss_func, batch, global_valid, num_microbatches)
+        return model_inputs(batch, model)
+
+    def response_logps(self, output: torch.Tensor, batch: dict, length_average: bool) -> torch.Tensor:
+        """[B, K] response log-probs from the last stage's ``output``."""
+        from nemo_lpo.train.logprobs import sequence_logps
+
+        return sequence_logps(-output.float(), batch, length_average)
+
+    def computed_tokens(self, batch: dict) -> torch.Tensor:
+        """Number of tokens the model computed for ``batch`` (throughput metric)."""
+        return batch["seq_lengths"].sum()
 
     def loss_func(self, batch: dict, global_valid: torch.Tensor, num_microbatches: int, output: torch.Tensor):
         """Return (scaled micro-batch loss, metric SUMS) on the last stage; see the module docstring."""
         from nemo_lpo.losses import listwise_loss
-        from nemo_lpo.train.logprobs import sequence_logps
 
-        policy = sequence_logps(-output.float(), batch, self.cfg.loss.length_average)
+        policy = self.response_logps(output, batch, self.cfg.loss.length_average)
         reference = batch["ref_logps"].to(policy)
         per_list, metrics = listwise_loss(self.cfg.loss.type, policy, reference, batch["rewards"].to(policy),
                                           batch["response_mask"], self.cfg.loss.beta, **self._loss_options(batch))
@@ -262,18 +277,16 @@ class LPOModel:
         sums = {name: (value * valid).detach() for name, value in metrics.items() if name != "lists/valid"}
         sums["lists/valid"] = valid.detach()
         sums["loss"] = loss_sum.detach()
-        sums["tokens"] = batch["seq_lengths"].sum().to(loss_sum)
+        sums["tokens"] = self.computed_tokens(batch).to(loss_sum)
         return loss_sum * scale, sums
 
     def reference_forward_step(self, length_average: bool, data_iterator, model):
         """``forward_step_func`` of the forward-only reference pass: the callback reports [B, K] log-probs."""
-        from nemo_lpo.train.logprobs import model_inputs, sequence_logps
-
         batch = next(data_iterator)
-        output = model(**model_inputs(batch, model))
+        output = model(**self.model_inputs(batch, model))
 
         def loss_func(out):
-            logps = sequence_logps(-out.float(), batch, length_average).detach()
+            logps = self.response_logps(out, batch, length_average).detach()
             return torch.zeros((), device=out.device), {"ref_logps": logps}
 
         return output, loss_func
