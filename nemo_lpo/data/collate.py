@@ -10,6 +10,33 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def list_keys(items: list[dict]) -> dict[str, torch.Tensor]:
+    """The per-list batch keys of docs/CONTRACTS.md: rewards, response_mask, response_lengths, list_ids, ref_logps.
+
+    ``ref_logps`` is present only when every item has one. Shared by every batch layout (padded, packed,
+    nemo_lpo.packing's shared-prompt rows).
+    """
+    b_size = len(items)
+    k_max = max(len(item["response_ids"]) for item in items)
+    rewards = torch.zeros(b_size, k_max, dtype=torch.float32)
+    response_mask = torch.zeros(b_size, k_max, dtype=torch.bool)
+    response_lengths = torch.zeros(b_size, k_max, dtype=torch.int64)
+    has_ref = all(item.get("ref_logps") is not None for item in items)
+    ref_logps = torch.zeros(b_size, k_max, dtype=torch.float32) if has_ref else None
+    for b, item in enumerate(items):
+        k = len(item["response_ids"])
+        rewards[b, :k] = torch.as_tensor(np.asarray(item["rewards"], dtype=np.float32))
+        response_mask[b, :k] = True
+        response_lengths[b, :k] = torch.tensor([len(r) for r in item["response_ids"]], dtype=torch.int64)
+        if has_ref:
+            ref_logps[b, :k] = torch.as_tensor(np.asarray(item["ref_logps"], dtype=np.float32))
+    keys = {"rewards": rewards, "response_mask": response_mask, "response_lengths": response_lengths,
+            "list_ids": torch.tensor([int(item.get("index", b)) for b, item in enumerate(items)], dtype=torch.int64)}
+    if has_ref:
+        keys["ref_logps"] = ref_logps
+    return keys
+
+
 class ListwiseCollator:
     """Build the batch dict of docs/CONTRACTS.md from a micro-batch of dataset items.
 
@@ -50,20 +77,8 @@ class ListwiseCollator:
         """Collate ``items`` (``ListwiseDataset`` outputs) into the batch dict."""
         if not items:
             raise ValueError("cannot collate an empty micro-batch")
-        b_size = len(items)
-        k_max = max(len(item["response_ids"]) for item in items)
-        rewards = torch.zeros(b_size, k_max, dtype=torch.float32)
-        response_mask = torch.zeros(b_size, k_max, dtype=torch.bool)
-        response_lengths = torch.zeros(b_size, k_max, dtype=torch.int64)
-        has_ref = all(item.get("ref_logps") is not None for item in items)
-        ref_logps = torch.zeros(b_size, k_max, dtype=torch.float32) if has_ref else None
-        for b, item in enumerate(items):
-            k = len(item["response_ids"])
-            rewards[b, :k] = torch.as_tensor(np.asarray(item["rewards"], dtype=np.float32))
-            response_mask[b, :k] = True
-            response_lengths[b, :k] = torch.tensor([len(r) for r in item["response_ids"]], dtype=torch.int64)
-            if has_ref:
-                ref_logps[b, :k] = torch.as_tensor(np.asarray(item["ref_logps"], dtype=np.float32))
+        per_list = list_keys(items)
+        k_max = per_list["rewards"].shape[1]
 
         sequences = list(self._sequences(items, k_max))
         lengths = [len(s[2]) for s in sequences]
@@ -75,13 +90,8 @@ class ListwiseCollator:
             seq_lengths=torch.tensor(lengths, dtype=torch.int64),
             list_index=torch.tensor([s[0] for s in sequences], dtype=torch.int64),
             slot_index=torch.tensor([s[1] for s in sequences], dtype=torch.int64),
-            rewards=rewards,
-            response_mask=response_mask,
-            response_lengths=response_lengths,
-            list_ids=torch.tensor([int(item["index"]) for item in items], dtype=torch.int64),
         )
-        if has_ref:
-            batch["ref_logps"] = ref_logps
+        batch.update(per_list)
         return batch
 
     def _padded(self, sequences, lengths) -> dict[str, torch.Tensor]:

@@ -33,32 +33,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nemo_lpo.data.collate import list_keys
+
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _list_keys(items: list[dict]) -> dict[str, torch.Tensor]:
-    """The per-list keys (rewards, response_mask, response_lengths, ref_logps, list_ids), as ListwiseCollator."""
-    b_size = len(items)
-    k_max = max(len(item["response_ids"]) for item in items)
-    rewards = torch.zeros(b_size, k_max, dtype=torch.float32)
-    response_mask = torch.zeros(b_size, k_max, dtype=torch.bool)
-    response_lengths = torch.zeros(b_size, k_max, dtype=torch.int64)
-    has_ref = all(item.get("ref_logps") is not None for item in items)
-    ref_logps = torch.zeros(b_size, k_max, dtype=torch.float32) if has_ref else None
-    for b, item in enumerate(items):
-        k = len(item["response_ids"])
-        rewards[b, :k] = torch.as_tensor(np.asarray(item["rewards"], dtype=np.float32))
-        response_mask[b, :k] = True
-        response_lengths[b, :k] = torch.tensor([len(r) for r in item["response_ids"]], dtype=torch.int64)
-        if has_ref:
-            ref_logps[b, :k] = torch.as_tensor(np.asarray(item["ref_logps"], dtype=np.float32))
-    keys = {"rewards": rewards, "response_mask": response_mask, "response_lengths": response_lengths,
-            "list_ids": torch.tensor([int(item.get("index", b)) for b, item in enumerate(items)], dtype=torch.int64)}
-    if has_ref:
-        keys["ref_logps"] = ref_logps
-    return keys
 
 
 def _checked(items: list[dict]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
@@ -106,7 +85,7 @@ def collate_shared_prompt(items: list[dict], pad_id: int, pad_to_multiple_of: in
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     lists = _checked(items)
-    keys = _list_keys(items)
+    keys = list_keys(items)
     list_lengths = [len(p) + sum(len(r) for r in rs) for p, rs in lists]
     if packed:
         rows_of_list, offsets = [0] * len(lists), list(np.cumsum([0, *list_lengths[:-1]]))
