@@ -20,3 +20,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real third-party data not found at {SHARED_DATA} (only present beside the dev checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def megatron_single():
+    """Megatron's parallel state for one process (gloo on CPU), torn down after the test module."""
+    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(seed=1234)
+    yield
+    destroy_parallel()

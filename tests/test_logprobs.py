@@ -11,15 +11,6 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def megatron_single():
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
-
-    initialize_parallel(seed=1234)
-    yield
-    destroy_parallel()
-
-
-@pytest.fixture(scope="module")
 def tiny_models(megatron_single):
     torch.manual_seed(0)
     return {name: build_tiny(name) for name in ("tiny-mixtral", "tiny-mistral")}

@@ -81,15 +81,6 @@ def test_bad_input_names_the_list(bad, message):
 
 
 @pytest.fixture(scope="module")
-def megatron_single():
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
-
-    initialize_parallel(seed=1234)
-    yield
-    destroy_parallel()
-
-
-@pytest.fixture(scope="module")
 def tiny_models(megatron_single):
     from nemo_lpo.model.build import build_gpt_model
     from nemo_lpo.model.presets import PRESETS, transformer_config

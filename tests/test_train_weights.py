@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-
-@pytest.fixture(scope="module")
-def parallel():
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
-
-    initialize_parallel(seed=11)
-    yield
-    destroy_parallel()
 
 
 def _tiny_model(seed: int):
@@ -24,7 +14,7 @@ def _tiny_model(seed: int):
     return build_gpt_model(preset, transformer_config(preset))
 
 
-def test_model_weights_load_from_a_checkpoint_with_training_state(parallel, tmp_path):
+def test_model_weights_load_from_a_checkpoint_with_training_state(megatron_single, tmp_path):
     """A training-checkpoint layout loads into a fresh model, and every parameter equals the saved one.
 
     The layout is the one save_checkpoint writes: the model under "model", plus step, scheduler, config.
