@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--reference", help="reference checkpoint, or 'sidecar' for the dataset's stored log-probs "
                                        "(default: the run's reference, then the sidecar)")
     p.add_argument("--beta", type=float, help="β of the implicit reward (default: the run's loss.beta)")
-    p.add_argument("--preset", help="model preset (default: the run's model.preset, else tiny-mixtral)")
+    p.add_argument("--preset", help="model preset name or from_checkpoint (default: the run's model.preset, else "
+                                    "from_checkpoint for a converted checkpoint, else tiny-mixtral)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="lists per forward pass")
     p.add_argument("--ndcg-k", type=int, help="NDCG cutoff (default: the whole list)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")

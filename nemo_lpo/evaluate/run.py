@@ -2,7 +2,10 @@
 
 The policy is a megatron dist checkpoint: a training checkpoint folder (its ``latest`` marker or one
 ``step_*`` folder; the run's config is read from it) or a weights-only one (``save_model_weights``,
-``nemo-lpo convert hf-to-mcore``; then the preset comes from ``preset``). The reference μ of the implicit
+``nemo-lpo convert hf-to-mcore``). The architecture is resolved as the trainer resolves it
+(``lpo_model.resolve_preset``): a named preset, or ``from_checkpoint``, the converted-model description
+(``nemo_lpo_model.json``) that a converted checkpoint and the training checkpoints of a run started from one
+carry. The reference μ of the implicit
 reward β(log π − log μ) is, in order: an explicit reference checkpoint; the run's own reference (its
 ``reference.checkpoint`` or ``model.init_checkpoint``); the dataset's reference sidecar (``nemo-lpo
 ref-logps``). Policy and reference go through the same forward code, so a policy evaluated against itself
@@ -39,17 +42,55 @@ def checkpoint_run_config(path: str | Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def build_model(preset: str, checkpoint: str | Path | None, seed: int = 1234):
+def resolve_model_preset(checkpoint: str | Path, run_config: dict | None = None, preset: str | None = None,
+                         reference: str | Path | None = None):
+    """The ModelPreset of the policy ``checkpoint``, resolved as the trainer does (``lpo_model.resolve_preset``).
+
+    The name is ``preset``, else the run's ``model.preset``, else ``from_checkpoint`` when the checkpoint
+    carries a converted-model description (``nemo_lpo_model.json``), else ``tiny-mixtral``. ``from_checkpoint``
+    takes the architecture from the description of the policy checkpoint itself (training checkpoints carry a
+    copy), else of the reference (``reference``, or the run's ``reference.checkpoint`` /
+    ``model.init_checkpoint``); a named preset must agree with every description found.
+
+    Raises:
+        ValueError: unknown preset name, no description for ``from_checkpoint``, or a disagreement.
+    """
+    from nemo_lpo.config import Config, ConfigError, ModelConfig, ReferenceConfig
+    from nemo_lpo.train.lpo_model import FROM_CHECKPOINT, checkpoint_sidecar, resolve_preset
+
+    policy = resolve_checkpoint(checkpoint)
+    if preset is None:
+        preset = ((run_config or {}).get("model") or {}).get("preset")
+    if preset is None:
+        preset = FROM_CHECKPOINT if checkpoint_sidecar(policy) is not None else "tiny-mixtral"
+    if reference is None or str(reference) == SIDECAR:
+        reference = _run_reference(run_config)
+    try:
+        cfg = Config(model=ModelConfig(preset=preset, init_checkpoint=str(policy)),
+                     reference=ReferenceConfig(checkpoint=str(reference) if reference else None))
+        return resolve_preset(cfg)
+    except ConfigError as err:  # its keys name the trainer's config: say which checkpoints they are here
+        raise ValueError(f"model of {checkpoint} (model.init_checkpoint = the evaluated checkpoint, "
+                         f"reference.checkpoint = its reference): {err}") from None
+
+
+def build_model(preset, checkpoint: str | Path | None, seed: int = 1234):
     """Build a single-process GPTModel of ``preset`` and load ``checkpoint``'s weights into it (eval mode).
 
-    Needs ``nemo_lpo.model.parallel.initialize_parallel()`` (tp = pp = ep = 1) first.
+    ``preset`` is a preset name or a ``ModelPreset`` (e.g. from :func:`resolve_model_preset`). Needs
+    ``nemo_lpo.model.parallel.initialize_parallel()`` (tp = pp = ep = 1) first; without a checkpoint the random
+    init follows the RNG state it seeded (``seed`` is unused, kept for callers).
     """
-    from nemo_lpo.config import Config, ModelConfig
-    from nemo_lpo.train.lpo_model import LPOModel
+    import torch
 
-    cfg = Config(model=ModelConfig(preset=preset))
-    cfg.train.seed = seed
-    module = LPOModel(cfg, train=False).module
+    from nemo_lpo.model.build import build_gpt_model
+    from nemo_lpo.model.presets import get_preset, transformer_config
+
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    module = build_gpt_model(preset, transformer_config(preset))  # fp32, as the trainer's _build_module
+    if torch.cuda.is_available():
+        module.cuda(torch.cuda.current_device())
     if checkpoint is not None:
         load_weights(module, checkpoint)
     module.eval()
@@ -97,7 +138,7 @@ def evaluate_checkpoint(
         reference: reference checkpoint, or ``"sidecar"`` for the dataset's stored log-probs; default: the
             run's own reference, then the sidecar.
         beta: β of the implicit reward (default: the run's ``loss.beta``, else 0.1).
-        preset: model preset (default: the run's ``model.preset``, else ``tiny-mixtral``).
+        preset: model preset name or ``from_checkpoint`` (default: see :func:`resolve_model_preset`).
         micro_batch_size: lists per forward pass.
         ndcg_k: NDCG cutoff (default: the whole list).
         progress: optional ``progress(done, total)`` callback.
@@ -116,8 +157,7 @@ def evaluate_checkpoint(
     initialize_parallel(seed=1234)
     try:
         run_config = checkpoint_run_config(checkpoint)
-        run_model = (run_config or {}).get("model") or {}
-        preset = preset or run_model.get("preset") or "tiny-mixtral"
+        model_preset = resolve_model_preset(checkpoint, run_config, preset, reference)
         if beta is None:
             beta = float(((run_config or {}).get("loss") or {}).get("beta", 0.1))
         if reference is None:
@@ -125,7 +165,7 @@ def evaluate_checkpoint(
         if reference is None:
             raise ValueError(f"no reference for {checkpoint}: pass a reference checkpoint, or run "
                              f"`nemo-lpo ref-logps` on {data_prefix} to store the reference log-probs")
-        policy_model = build_model(preset, resolve_checkpoint(checkpoint))
+        policy_model = build_model(model_preset, resolve_checkpoint(checkpoint))
         policy = dataset_logps(policy_model, dataset, micro_batch_size, progress=progress)
         del policy_model
         if reference_logps is not None:
@@ -139,14 +179,15 @@ def evaluate_checkpoint(
             if ref_path == resolve_checkpoint(checkpoint):
                 ref_logps = policy.policy_logps  # the same weights: reuse rather than recompute
             else:
-                ref_logps = dataset_logps(build_model(preset, ref_path), dataset, micro_batch_size).policy_logps
+                ref_logps = dataset_logps(build_model(model_preset, ref_path), dataset,
+                                         micro_batch_size).policy_logps
             ref_name = str(ref_path)
     finally:
         destroy_parallel()
     result = summarize(policy, ref_logps, beta)
     result["_policy_logps"] = policy.policy_logps
     result.update(checkpoint=str(resolve_checkpoint(checkpoint)), data=str(data_prefix), reference=ref_name,
-                  beta=beta, preset=preset)
+                  beta=beta, preset=model_preset.name)
     return result
 
 
