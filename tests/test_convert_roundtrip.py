@@ -124,6 +124,25 @@ def test_export_with_tokenizer_and_config_from(converted, tmp_path):
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_get_the_usual_permissions(converted, tmp_path, umask):
+    import os
+    import stat
+
+    _, ckpt, _ = converted["MixtralForCausalLM"]
+    old = os.umask(umask)
+    try:
+        convert_mcore_to_hf(ckpt, tmp_path / "export", max_shard_bytes=100_000)
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "export").iterdir())
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 1
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+    assert modes == {f.name: 0o666 & ~umask for f in files}  # shards as config.json: not safetensors' 0600
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o777 & ~umask
+    assert not [p for p in (tmp_path / "export").iterdir() if p.name.startswith(".")]  # no probe left behind
+
+
 def _assert_nothing_written(out: Path):
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]

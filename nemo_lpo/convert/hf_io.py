@@ -100,6 +100,20 @@ class HFCheckpointReader:
         self._open_name = None
 
 
+def new_file_mode(directory: str | Path) -> int:
+    """The permission bits a file newly created in ``directory`` gets (0666 & ~umask, default ACLs included).
+
+    Found by creating one (reading the umask would need ``os.umask``, which sets it process-wide).
+    """
+    probe = Path(directory) / f".mode-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
 class ShardedSafetensorsWriter:
     """Writes ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` into a directory."""
 
@@ -142,8 +156,11 @@ class ShardedSafetensorsWriter:
         count = len(self._written)
         weight_map: dict[str, str] = {}
         names = []
+        # safetensors writes through a temporary file of its own (mode 0600): give the shards the usual mode
+        mode = new_file_mode(self.out_dir)
         for i, (temp_name, tensor_names) in enumerate(self._written):
             final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.chmod(self.out_dir / temp_name, mode)
             os.replace(self.out_dir / temp_name, self.out_dir / final)
             weight_map.update({t: final for t in tensor_names})
             names.append(final)

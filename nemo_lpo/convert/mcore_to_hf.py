@@ -120,8 +120,8 @@ def _match_layout(model, tensor_md: dict, ckpt: Path, source: str) -> tuple[dict
 def _copy_files(src: Path, dst: Path, names) -> list[str]:
     copied = []
     for name in names:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+        if (src / name).is_file():  # contents only: the copy gets the usual mode (0666 & ~umask), not the source's
+            shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
 

@@ -25,7 +25,7 @@ import argparse
 import json
 import os
 import random
-import tempfile
+import secrets
 from pathlib import Path
 
 SEED = 20261127
@@ -219,7 +219,9 @@ def to_jsonl(lists: list[dict]) -> bytes:
 def write_jsonl_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (no half-written file on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # os.open with 0666 rather than mkstemp (0600): the file gets the usual mode, 0666 & ~umask
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
