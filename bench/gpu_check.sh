@@ -31,18 +31,18 @@ cat "$OUT/env.log"
 export PYTHONPATH=/tmp/site:$PWD
 
 # 1. the GPU tests (tests/test_gpu.py): GPU vs CPU reference log-probs, fp32 + bf16 learning, shared-prompt parity
-stage gpu_tests 200 python3 -m pytest tests/test_gpu.py -m gpu -q -s -p no:cacheprovider -n 4
+stage gpu_tests 150 python3 -m pytest tests/test_gpu.py -m gpu -q -s -p no:cacheprovider -n 4
 
 # 2. whole training steps with real Mixtral-8x7B / Mistral-7B layer shapes (cut to 1 / 2 layers), bf16,
 #    padded vs packed vs shared-prompt, on AlpacaEval K=8 lists (real lengths, Mistral tokenizer)
-TAIL=6 stage train_mixtral 150 python3 bench/bench_train_step.py --prefix .gpu/ae_k8 --preset mixtral-8x7b \
+TAIL=6 stage train_mixtral 120 python3 bench/bench_train_step.py --prefix .gpu/ae_k8 --preset mixtral-8x7b \
     --num-layers 1 --global-batch 8 --micro-batch 1 --steps 6 --warmup 2
-TAIL=6 stage train_mistral 120 python3 bench/bench_train_step.py --prefix .gpu/ae_k8 --preset mistral-7b \
+TAIL=6 stage train_mistral 90 python3 bench/bench_train_step.py --prefix .gpu/ae_k8 --preset mistral-7b \
     --num-layers 2 --global-batch 8 --micro-batch 1 --steps 6 --warmup 2
 
 # 3. the loss module on the GPU (listwise vs pairwise cost)
-TAIL=12 stage losses 40 python3 bench/bench_losses.py --device cuda
+TAIL=12 stage losses 30 python3 bench/bench_losses.py --device cuda
 
 # 4. the single-process test suite with CUDA visible (torchrun tests pin themselves to the CPU: left out)
-TAIL=15 stage suite 170 python3 -m pytest -m "not distributed and not slurm and not gpu" -q -p no:cacheprovider \
-    -n 8 -x --timeout 160
+TAIL=15 stage suite 150 python3 -m pytest -m "not distributed and not slurm and not gpu" -q -p no:cacheprovider \
+    -n 8 -x --timeout 140
