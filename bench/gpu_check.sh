@@ -31,7 +31,7 @@ cat "$OUT/env.log"
 export PYTHONPATH=/tmp/site:$PWD
 
 # 1. the GPU tests (tests/test_gpu.py): GPU vs CPU reference log-probs, fp32 + bf16 learning, shared-prompt parity
-stage gpu_tests 150 python3 -m pytest tests/test_gpu.py -m gpu -q -s -p no:cacheprovider -n 4
+stage gpu_tests 150 python3 -m pytest tests/test_gpu.py -m gpu -q -rA -p no:cacheprovider -n 4
 
 # 2. whole training steps with real Mixtral-8x7B / Mistral-7B layer shapes (cut to 1 / 2 layers), bf16,
 #    padded vs packed vs shared-prompt, on AlpacaEval K=8 lists (real lengths, Mistral tokenizer)
