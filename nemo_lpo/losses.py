@@ -45,7 +45,7 @@ class LossOptions:
             LPO family and |G_i - G_j| = 1 in LiPO-lambda.
         alpha: reward temperature of the soft labels p = softmax(r / alpha) in ``nca`` and ``infonca``.
         sft_weight: weight of the NLL term -policy_logp(best) / length(best) added to each valid list.
-        response_lengths: [B, K] token counts of the responses; required when ``sft_weight > 0``.
+        response_lengths: [B, K] token counts of the responses; required when ``sft_weight > 0`` and for ``sft``.
         kto_z: KTO reference point (log-ratio units) to use instead of the micro-batch estimate, e.g. a
             global-batch estimate computed by the caller; detached either way.
         desirable_weight: KTO lambda_D, weight of the desirable (best) response's term.
@@ -66,6 +66,7 @@ class ListBatch:
     """Validated inputs in the computation dtype plus the pair structure every loss shares.
 
     Attributes:
+        policy: [B, K] policy log-probs (0 in invalid slots).
         logratio: [B, K] policy - reference log-probs (0 in invalid slots).
         reward_theta: [B, K] implicit rewards beta * logratio.
         rewards: [B, K] annotated rewards (0 in invalid slots).
@@ -77,6 +78,7 @@ class ListBatch:
         beta: the KL coefficient.
     """
 
+    policy: torch.Tensor
     logratio: torch.Tensor
     reward_theta: torch.Tensor
     rewards: torch.Tensor
@@ -208,6 +210,11 @@ def _lipo_lambda(lists: ListBatch, opts: LossOptions) -> torch.Tensor:
     return _pair_sum(lists, lists.pairs, weight)
 
 
+def _sft(lists: ListBatch, opts: LossOptions) -> torch.Tensor:
+    # Supervised fine-tuning on each list's best response: its NLL per token (needs response_lengths).
+    return _best_nll_per_token(lists, opts, "loss_type='sft'")
+
+
 LOSSES: dict[str, LossFn] = {
     "lpo": _lpo,
     "lpo_abs": _lpo_abs,
@@ -220,6 +227,7 @@ LOSSES: dict[str, LossFn] = {
     "nca": _nca,
     "infonca": _infonca,
     "lipo_lambda": _lipo_lambda,
+    "sft": _sft,
 }
 """Registry: loss name -> fn(ListBatch, LossOptions) -> per-list loss [B] (before the SFT term)."""
 
@@ -250,6 +258,7 @@ def _prepare(
     dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
     mask = mask if mask.dtype == torch.bool else mask != 0
     zeros = torch.zeros(policy_logps.shape, dtype=dtype, device=policy_logps.device)
+    policy = torch.where(mask, policy_logps.to(dtype), zeros)
     logratio = torch.where(mask, policy_logps.to(dtype) - reference_logps.to(dtype), zeros)
     rewards = torch.where(mask, rewards.to(dtype), zeros)
     reward_theta = beta * logratio
@@ -260,6 +269,7 @@ def _prepare(
     slots = torch.arange(mask.shape[1], device=mask.device)
     best = (slots == best_slot.unsqueeze(-1)) & mask  # not F.one_hot: it range-checks the indices (a host sync)
     return ListBatch(
+        policy=policy,
         logratio=logratio,
         reward_theta=reward_theta,
         rewards=rewards,
@@ -272,16 +282,16 @@ def _prepare(
     )
 
 
-def _sft_term(lists: ListBatch, policy_logps: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    """Length-normalised NLL of the best response, [B]."""
+def _best_nll_per_token(lists: ListBatch, opts: LossOptions, needed_by: str) -> torch.Tensor:
+    """Length-normalised NLL of the best response, -policy(best) / length(best), [B]."""
     lengths = opts.response_lengths
     if lengths is None:
-        raise ValueError("option sft_weight > 0 needs response_lengths ([B, K] token counts of the responses)")
+        raise ValueError(f"{needed_by} needs response_lengths ([B, K] token counts of the responses)")
     if not isinstance(lengths, torch.Tensor) or lengths.shape != lists.mask.shape:
         shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
         raise ValueError(f"response_lengths must be a [B, K] = {tuple(lists.mask.shape)} tensor, got {shape}")
     dtype = lists.logratio.dtype
-    best_logp = _masked_sum(policy_logps.to(dtype), lists.best)
+    best_logp = _masked_sum(lists.policy, lists.best)
     best_length = _masked_sum(lengths.to(dtype), lists.best).clamp(min=1)
     return -best_logp / best_length
 
@@ -355,7 +365,7 @@ def listwise_loss(
 
     Raises:
         ValueError: unknown loss_type (the message lists the registry), mismatched shapes, K != 2 for
-            dpo / ipo, bad beta / alpha, or sft_weight > 0 without response_lengths.
+            dpo / ipo, bad beta / alpha, or sft_weight > 0 / ``sft`` without response_lengths.
         TypeError: unknown option names or non-tensor inputs.
     """
     if loss_type not in LOSSES:
@@ -368,7 +378,7 @@ def listwise_loss(
     lists = _prepare(policy_logps, reference_logps, rewards, mask, beta)
     loss = LOSSES[loss_type](lists, opts)
     if opts.sft_weight != 0:
-        loss = loss + opts.sft_weight * _sft_term(lists, policy_logps, opts)
+        loss = loss + opts.sft_weight * _best_nll_per_token(lists, opts, "option sft_weight > 0")
     valid = lists.count >= 2
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss, _metrics(lists, policy_logps, valid)

@@ -11,7 +11,8 @@ from nemo_lpo.losses import LOSSES, listwise_loss
 
 PAIR_ONLY = {"dpo", "ipo"}
 LIST_LOSSES = sorted(set(LOSSES) - PAIR_ONLY)
-NON_NEGATIVE = sorted(set(LOSSES) - {"lpo_abs"})  # eq. 8's +log sigma(-r) term can go below 0
+# eq. 8's +log sigma(-r) term can go below 0; sft's -log pi(best) only for "log-probs" above 0 (inputs here reach +5)
+NON_NEGATIVE = sorted(set(LOSSES) - {"lpo_abs", "sft"})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -238,7 +239,7 @@ def test_hypothesis_ragged_permuted_lists(lists, loss_type):
     """Hypothesis ragged permuted lists.
 
     Random ragged lists padded into one batch: per-list losses equal each list alone, are invariant to
-    permuting that list's slots, and are >= 0 for every loss but lpo_abs.
+    permuting that list's slots, and are >= 0 for every loss but lpo_abs and sft.
     """
     k = max(len(item[0]) for item in lists)
 
@@ -251,14 +252,18 @@ def test_hypothesis_ragged_permuted_lists(lists, loss_type):
     perm = torch.tensor([p + list(range(len(p), k)) for _, _, _, p in lists])
     ref = torch.zeros_like(policy)
     opts = {"kto_z": 0.1} if loss_type == "kto" else {}
-    loss, _ = listwise_loss(loss_type, policy, ref, rewards, mask, 0.3, **opts)
+
+    def opts_for(shape):  # sft is a per-token NLL: unit lengths make it the summed NLL of the best response
+        return {**opts, "response_lengths": torch.ones(shape, dtype=torch.long)} if loss_type == "sft" else opts
+
+    loss, _ = listwise_loss(loss_type, policy, ref, rewards, mask, 0.3, **opts_for(policy.shape))
     loss_p, _ = listwise_loss(loss_type, policy.gather(1, perm), ref, rewards.gather(1, perm), mask.gather(1, perm),
-                              0.3, **opts)
+                              0.3, **opts_for(policy.shape))
     torch.testing.assert_close(loss_p, loss, rtol=1e-10, atol=1e-10)
     for b, (lr, r, m, _) in enumerate(lists):
         one, _ = listwise_loss(loss_type, torch.tensor([lr], dtype=torch.float64), torch.zeros(1, len(lr),
                                dtype=torch.float64), torch.tensor([r], dtype=torch.float64), torch.tensor([m]), 0.3,
-                               **opts)
+                               **opts_for((1, len(lr))))
         torch.testing.assert_close(one[0], loss[b], rtol=1e-10, atol=1e-10)
     if loss_type in NON_NEGATIVE:
         assert torch.all(loss >= 0)

@@ -31,6 +31,8 @@ def batch(k, dtype=torch.float64, seed=0):
 
 def options(loss_type, lengths, sft=True):
     opts = {"sft_weight": 0.5, "response_lengths": lengths} if sft else {}
+    if loss_type == "sft":  # the loss itself is a per-token NLL
+        opts["response_lengths"] = lengths
     if loss_type == "kto":
         opts["kto_z"] = 0.2  # a fixed point: gradcheck's finite differences must not move z
     return opts

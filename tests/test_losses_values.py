@@ -234,6 +234,58 @@ def test_sft_term_on_best_response():
     assert loss.item() == pytest.approx(11.379057608, abs=1e-6)
 
 
+def test_sft_loss_is_the_best_responses_nll_per_token():
+    """Sft loss is the best response's NLL per token.
+
+    policy (-4, -6, -8), reference (-5, -6, -7), rewards (3, 1, 2) = case A, lengths (2, 5, 4): best = slot 0,
+    sft = -(-4)/2 = 2. The reference and β play no part: reference 0 or β = 1 give 2 as well. sft_weight 0.5
+    adds its own 0.5 * 2 -> 3. The gradient is -1/length(best) = -0.5 at the best slot and 0 elsewhere.
+    """
+    lengths = torch.tensor([[2, 5, 4]])
+    loss, metrics = run("sft", CASE_A[0], CASE_A[1], reference=[-5.0, -6.0, -7.0], response_lengths=lengths)
+    assert loss.item() == pytest.approx(2.0, abs=1e-12)
+    assert metrics["logps/chosen"].item() == pytest.approx(-4.0) and metrics["lists/valid"].item() == 1.0
+    other_ref, _ = run("sft", [-4.0, -6.0, -8.0], CASE_A[1], beta=1.0, response_lengths=lengths)
+    assert other_ref.item() == pytest.approx(2.0, abs=1e-12)
+    with_weight, _ = run("sft", CASE_A[0], CASE_A[1], reference=[-5.0, -6.0, -7.0], sft_weight=0.5,
+                         response_lengths=lengths)
+    assert with_weight.item() == pytest.approx(3.0, abs=1e-12)
+    policy = torch.tensor([[-4.0, -6.0, -8.0]], dtype=torch.float64, requires_grad=True)
+    out, _ = listwise_loss("sft", policy, torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[3.0, 1.0, 2.0]]),
+                           torch.ones(1, 3, dtype=torch.bool), 0.1, response_lengths=lengths)
+    out.sum().backward()
+    assert policy.grad.tolist() == [[-0.5, 0.0, 0.0]]
+
+
+def test_sft_loss_respects_invalid_slots_and_ties():
+    """Sft loss respects invalid slots and ties.
+
+    Three lists, lengths (7, 2, 5) / (3, 4, 1) / (6, 6, 6):
+    1. policy (nan, -3, -5), rewards (9, 1, 2), slot 0 invalid (its reward 9 and its nan ignored): best = slot 2,
+       sft = 5/5 = 1.
+    2. policy (-6, -2, -9), rewards (1, 1, 0), a tie for best: the lowest slot, 0, -> 6/3 = 2.
+    3. only slot 1 valid: fewer than 2 valid responses, loss exactly 0 and no gradient (as every loss).
+    The invalid slots' lengths (7 in list 1) are never read; gradients: -1/5, -1/3 at the best slots.
+    """
+    policy = torch.tensor([[float("nan"), -3.0, -5.0], [-6.0, -2.0, -9.0], [-1.0, -2.0, -3.0]],
+                          dtype=torch.float64, requires_grad=True)
+    rewards = torch.tensor([[9.0, 1.0, 2.0], [1.0, 1.0, 0.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    mask = torch.tensor([[False, True, True], [True, True, True], [False, True, False]])
+    lengths = torch.tensor([[7, 2, 5], [3, 4, 1], [6, 6, 6]])
+    loss, metrics = listwise_loss("sft", policy, torch.zeros_like(policy), rewards, mask, 0.1, response_lengths=lengths)
+    assert loss.tolist() == pytest.approx([1.0, 2.0, 0.0], abs=1e-12)
+    assert metrics["lists/valid"].item() == 2.0
+    loss.sum().backward()
+    expected = torch.tensor([[0.0, 0.0, -1 / 5], [-1 / 3, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(policy.grad, expected, rtol=0, atol=1e-15)
+
+
+def test_sft_loss_needs_response_lengths():
+    """Without response_lengths there is no per-token NLL: a clear error naming the loss."""
+    with pytest.raises(ValueError, match="loss_type='sft' needs response_lengths"):
+        run("sft", *CASE_A)
+
+
 def test_ties_contribute_nothing_to_lpo():
     """Ties contribute nothing to lpo.
 
