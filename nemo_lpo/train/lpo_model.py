@@ -234,7 +234,8 @@ class LPOModel:
 
     def _loss_options(self, batch: dict) -> dict:
         options = dict(self.cfg.loss.options)
-        if options.get("sft_weight", 0) and "response_lengths" in batch:
+        # per-token NLL of the best response (the sft_weight term, the sft loss) needs the responses' token counts
+        if (options.get("sft_weight", 0) or self.cfg.loss.type == "sft") and "response_lengths" in batch:
             options["response_lengths"] = batch["response_lengths"]
         return options
 
