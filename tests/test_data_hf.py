@@ -1,4 +1,9 @@
-"""The local Hugging Face tokenizer path: a tiny byte-level BPE tokenizer with a chat template, built here."""
+"""The Hugging Face paths, offline: a local tokenizer and datasets given by name.
+
+A tiny byte-level BPE tokenizer with a chat template is built here; so is a dataset directory in the Hub's layout,
+read through the same ``datasets.load_dataset`` call as a hub name; hub names that cannot be reached must fail
+with a clear error.
+"""
 
 import json
 from pathlib import Path
@@ -8,6 +13,7 @@ import pytest
 
 from nemo_lpo.data import ListwiseDataset
 from nemo_lpo.data.pack import PackConfig, pack
+from nemo_lpo.data.readers import DatasetLoadError, InputSpec, get_reader, iter_records, parse_input, sniff_format
 from nemo_lpo.data.templates import HFChatTokenizer, TemplateError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -77,3 +83,125 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
     path = build_tiny_tokenizer(tmp_path / "plain", template=None)
     with pytest.raises(TemplateError, match="chat_template"):
         HFChatTokenizer(str(path))
+
+
+HUB_README = """---
+license: mit
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: test
+    path: data/test-*
+- config_name: single_turn
+  data_files:
+  - split: train
+    path: single_turn/train-*
+---
+# UltraInteract-like pairs, laid out as a Hub dataset repository
+"""
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Keep the datasets cache of a test in its tmp dir (HF reads these constants at import, not from the env)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    return tmp_path / "hf_cache"
+
+
+@pytest.fixture
+def hub_repo(tmp_path):
+    """A dataset repository as the Hub stores one: README with YAML ``configs:``, parquet shards per split."""
+    import datasets
+
+    records = [json.loads(line) for line in (FIXTURES / "ultrainteract_pair.jsonl").open()]
+    repo = tmp_path / "ultrainteract_pair"
+    shards = {"data/train": records[:5], "data/test": records[5:],
+              "single_turn/train": [r for r in records if len(r["trajectory"]) == 1]}
+    for shard, rows in shards.items():
+        (repo / shard).parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(rows).to_parquet(str(repo / f"{shard}-00000-of-00001.parquet"))
+    (repo / "README.md").write_text(HUB_README)
+    return repo, records
+
+
+def test_dataset_directory_in_hub_layout_with_config_and_split(hub_repo, hf_cache):
+    repo, records = hub_repo
+
+    def ids(*args, **kwargs):
+        return [record["id"] for _, record in iter_records(*args, **kwargs)]
+
+    assert ids(str(repo)) == [r["id"] for r in records[:5]]  # default config; several splits: train
+    assert ids(f"{repo}:test") == [r["id"] for r in records[5:]]
+    assert ids(f"{repo}:single_turn:train") == [r["id"] for r in records if len(r["trajectory"]) == 1]
+    assert ids(str(repo), config="single_turn") == ids(f"{repo}:single_turn:train")  # one split: that one
+    assert ids(str(repo), split="test") == ids(f"{repo}:test")
+    fmt, why = sniff_format(f"{repo}:test")
+    assert fmt == "ultrainteract" and why.startswith(f"{repo}:test:1 ")
+    # rows come back with the real schema's nested trajectory, and read as the JSONL records do
+    reader = get_reader("ultrainteract")
+    for (_, row), record in zip(iter_records(f"{repo}:test"), records[5:], strict=True):
+        assert row == record
+        assert reader(row, "x") == reader(record, "x")
+    with pytest.raises(DatasetLoadError, match=rf"{repo}:nope: local dataset directory: .*Unknown split"):
+        list(iter_records(f"{repo}:nope"))
+    with pytest.raises(DatasetLoadError, match=rf"{repo}:missing:train: .*'missing' not found"):
+        list(iter_records(f"{repo}:missing:train"))
+
+
+def test_dataset_directory_packs(hub_repo, hf_cache, tmp_path):
+    repo, records = hub_repo
+    prefix = tmp_path / "ui"
+    manifest = pack(PackConfig(inputs=[str(repo)], output_prefix=str(prefix)), log=lambda m: None)
+    assert manifest["inputs"][0]["format"] == "ultrainteract" and manifest["inputs"][0]["path"] == str(repo)
+    assert len(ListwiseDataset(prefix)) == 5 == manifest["counts"]["lists_written"]
+
+
+def test_parse_input():
+    fixture = str(FIXTURES / "nemo_dpo.jsonl")
+    assert parse_input(fixture) == InputSpec(fixture, "file")
+    assert parse_input("openbmb/UltraInteract_pair") == InputSpec("openbmb/UltraInteract_pair", "hub")
+    assert parse_input("HuggingFaceH4/ultrafeedback_binarized:train_prefs").split == "train_prefs"
+    assert parse_input("org/name:cfg:test", split="train") == InputSpec("org/name", "hub", "cfg", "train")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such input file"):
+        parse_input("data/missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="no such input file"):
+        parse_input("some/local/dir")  # two slashes: not a hub name
+    with pytest.raises(ValueError, match="not a file"):
+        parse_input(f"{fixture}:train")
+    with pytest.raises(ValueError, match="NAME:CONFIG:SPLIT"):
+        parse_input("org/name:a:b:c")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """HF offline mode as a user sets it (env), also patched where HF already read it at import."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+
+
+def test_unreachable_hub_name_is_a_clear_error(offline, tmp_path, capsys):
+    name = "nemo-lpo-tests/no-such-dataset"
+    with pytest.raises(DatasetLoadError, match=rf"^{name}:test: not a local file or directory; as a hub dataset: "
+                                               r"cannot be loaded: .*(offline|reach)"):
+        list(iter_records(f"{name}:test"))
+    with pytest.raises(DatasetLoadError, match=f"^{name}: "):
+        sniff_format(name)
+    # through the CLI: one line naming the input, exit 1, nothing written (a name without '/' here: pack's own
+    # early check treats every name with '/' that does not exist as a missing file)
+    from nemo_lpo.cli import main
+
+    assert main(["pack", "--input", "no_such_hub_dataset", "--output-prefix", str(tmp_path / "out" / "p"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "nemo-lpo pack: error: no_such_hub_dataset: not a local file or directory; as a hub dataset" in err
+    assert "Traceback" not in err and not any((tmp_path / "out").iterdir())

@@ -33,7 +33,10 @@ class ListwiseExample:
 
     Attributes:
         prompt: chat messages ``{"role": "system"|"user"|"assistant", "content": str}``, ending with a user turn.
-        responses: the K assistant replies (plain text).
+        responses: the K responses. A response is the assistant's reply as plain text, or, when it goes on for
+            several turns (an HH-RLHF pair that differs before its last reply), the turns that follow the
+            prompt as chat messages: assistant and user turns alternating, first and last an assistant turn.
+            ``response_turns`` gives either form as messages.
         rewards: one float per response, higher is better (readers store the raw values; ``validate`` parses
             them: numbers or numeric strings, finite). Preference data without scores gets
             rewards derived from the order (best = K-1 ... worst = 0) and ``reward_kind = "order"``.
@@ -43,7 +46,7 @@ class ListwiseExample:
     """
 
     prompt: list[dict]
-    responses: list[str]
+    responses: list[str | list[dict]]
     rewards: list[float]
     id: str
     source: str = ""
@@ -63,25 +66,48 @@ class ListwiseExample:
         if not self.prompt or not any(m.get("content") for m in self.prompt):
             raise InvalidRecord(MISSING_FIELD, "empty prompt")
         keep_responses, keep_rewards, dropped = [], [], []
-        for k, (text, reward) in enumerate(zip(self.responses, self.rewards, strict=True)):
+        for k, (response, reward) in enumerate(zip(self.responses, self.rewards, strict=True)):
             problem = None
             try:
                 reward = parse_reward(reward, f"response {k}")
             except InvalidRecord as err:
                 problem = err
-            if problem is None and (not isinstance(text, str) or not text.strip()):
-                problem = InvalidRecord(EMPTY_RESPONSE, f"response {k} is empty")
+            if problem is None:
+                problem = _response_problem(response, k)
             if problem is not None:
                 if not skip_invalid:
                     raise problem
                 dropped.append(problem.reason)
                 continue
-            keep_responses.append(text)
+            keep_responses.append(response)
             keep_rewards.append(reward)
         if len(keep_responses) < 2:
             raise InvalidRecord(TOO_FEW_RESPONSES, f"{len(keep_responses)} usable responses (need at least 2)", dropped)
         self.responses, self.rewards = keep_responses, keep_rewards
         return dropped
+
+
+def response_turns(response: str | list[dict]) -> list[dict]:
+    """The chat messages of a response: one assistant turn for a text reply, else its turns as given."""
+    if isinstance(response, str):
+        return [{"role": "assistant", "content": response}]
+    return list(response)
+
+
+def _response_problem(response, k: int) -> InvalidRecord | None:
+    """Why response ``k`` cannot be trained on (empty, or turns that are not assistant/user alternating), or None."""
+    if isinstance(response, str):
+        return None if response.strip() else InvalidRecord(EMPTY_RESPONSE, f"response {k} is empty")
+    if not isinstance(response, list) or not response:
+        return InvalidRecord(EMPTY_RESPONSE, f"response {k} is empty")
+    for i, turn in enumerate(response):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        if role != ("assistant", "user")[i % 2] or len(response) % 2 == 0:
+            return InvalidRecord(MISSING_FIELD, f"response {k}: turns must alternate assistant / user, "
+                                                f"first and last an assistant turn")
+        if not isinstance(turn.get("content"), str) or not turn["content"].strip():
+            return InvalidRecord(EMPTY_RESPONSE, f"response {k}: turn {i} is empty")
+    return None
 
 
 def parse_reward(value, field: str) -> float:

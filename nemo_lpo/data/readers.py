@@ -1,15 +1,17 @@
 """Readers: raw records of every supported format → ``ListwiseExample``.
 
 JSONL files (optionally ``.gz``) are read line by line by this module, so that every bad record is
-reported as ``file:line``; ``.json`` / ``.parquet`` files and hub dataset names go through HF ``datasets``
-(their rows are reported as ``file:row N``).
+reported as ``file:line``; ``.json`` / ``.parquet`` files, dataset directories in the Hub's layout and hub
+dataset names go through HF ``datasets`` (their rows are reported as ``input:N``, N counting rows from 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 
 from nemo_lpo.data.examples import (
@@ -21,42 +23,128 @@ from nemo_lpo.data.examples import (
 )
 
 MISMATCHED_PROMPT = "mismatched_prompt"
+# What a hub dataset id looks like ("name" or "owner/name"); anything else that does not exist is a missing file.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_DATA_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".gz")
 
 
-def iter_records(path: str) -> Iterator[tuple[int, dict | InvalidRecord]]:
-    """Yield ``(line or row number, record)`` for every record of ``path``; unreadable ones as InvalidRecord."""
-    name = os.fspath(path)
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")) or (name.endswith(".gz") and ".json" in name):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(name, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield number, InvalidRecord(INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as err:
-                    yield number, InvalidRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
-                    continue
-                if not isinstance(record, dict):
-                    yield number, InvalidRecord(MALFORMED_JSON, f"expected a JSON object, got {type(record).__name__}")
-                    continue
-                yield number, record
-        return
+class DatasetLoadError(ValueError):
+    """A dataset directory or hub dataset that HF ``datasets`` cannot load (the message names the input)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One ``--input``: a data file, a dataset directory in the Hub's layout, or a hub dataset name.
+
+    Attributes:
+        path: the file, the directory or the hub name, without the selection.
+        kind: ``file``, ``dataset_dir`` or ``hub``.
+        config: the dataset's config (subset) or None for its default.
+        split: the split, or None: the only one, else ``train``.
+    """
+
+    path: str
+    kind: str
+    config: str | None = None
+    split: str | None = None
+
+
+def parse_input(name: str, config: str | None = None, split: str | None = None) -> InputSpec:
+    """Resolve an input: ``PATH`` (file or dataset directory), or ``NAME:SPLIT`` / ``NAME:CONFIG:SPLIT``.
+
+    ``NAME`` is a local dataset directory in the Hub's layout or a hub dataset name; ``config`` / ``split``
+    given here win over those in the name.
+
+    Raises:
+        FileNotFoundError: neither an existing file or directory nor something that can be a hub name.
+        ValueError: a selection given with a file, or too many ``:`` parts.
+    """
+    name = os.fspath(name)
+    base = name
+    if not os.path.exists(name) and ":" in name:
+        base, *selection = name.split(":")
+        if len(selection) > 2:
+            raise ValueError(f"{name}: expected PATH, NAME:SPLIT or NAME:CONFIG:SPLIT")
+        config = config or (selection[0] if len(selection) == 2 else None) or None
+        split = split or selection[-1] or None
+    if os.path.isdir(base):
+        return InputSpec(base, "dataset_dir", config, split)
+    if os.path.exists(base):
+        if config or split:
+            raise ValueError(f"{name}: a config or split selects from a dataset directory or hub name, not a file")
+        return InputSpec(base, "file")
+    if _HUB_NAME.fullmatch(base) and not base.endswith(_DATA_FILE_SUFFIXES):
+        return InputSpec(base, "hub", config, split)
+    raise FileNotFoundError(f"{name}: no such input file or dataset directory")
+
+
+def _load_named_dataset(spec: InputSpec, name: str):
+    """Load a dataset directory or hub dataset with HF ``datasets`` (the same call for both)."""
     import datasets
 
-    if os.path.exists(name):
+    try:
+        split = spec.split
+        if split is None:
+            names = datasets.get_dataset_split_names(spec.path, spec.config)
+            if len(names) != 1 and "train" not in names:
+                raise ValueError(f"it has splits {names}; choose one with {spec.path}:SPLIT")
+            split = names[0] if len(names) == 1 else "train"
+        return datasets.load_dataset(spec.path, spec.config, split=split)
+    except (OSError, ValueError) as err:  # unreachable / unknown dataset (OSError), unknown config or split
+        where = ("local dataset directory" if spec.kind == "dataset_dir"
+                 else "not a local file or directory; as a hub dataset")
+        raise DatasetLoadError(f"{name}: {where}: cannot be loaded: {err}") from None
+
+
+def iter_records(path: str, config: str | None = None,
+                 split: str | None = None) -> Iterator[tuple[int, dict | InvalidRecord]]:
+    """Yield ``(line or row number, record)`` for every record of an input; unreadable ones as InvalidRecord.
+
+    Args:
+        path: a data file, or a dataset directory / hub name with an optional selection (``parse_input``).
+        config: the dataset config (subset) to read, overriding the one in ``path``.
+        split: the split to read, overriding the one in ``path``.
+
+    Raises:
+        FileNotFoundError: no such file, and not a hub name.
+        DatasetLoadError: the dataset directory or hub dataset cannot be loaded (e.g. offline).
+    """
+    spec = parse_input(path, config, split)
+    name = spec.path
+    if spec.kind == "file" and (name.endswith((".jsonl", ".jsonl.gz", ".ndjson"))
+                                or (name.endswith(".gz") and ".json" in name)):
+        yield from _iter_jsonl(name)
+        return
+    if spec.kind == "file":
+        import datasets
+
         kind = "parquet" if name.endswith(".parquet") else "json"
         table = datasets.load_dataset(kind, data_files=name, split="train")
-    else:  # a hub dataset name, optionally "name:split"
-        repo, _, split = name.partition(":")
-        table = datasets.load_dataset(repo, split=split or "train")
-    for row, record in enumerate(table, start=1):
-        yield row, record
+    else:
+        table = _load_named_dataset(spec, os.fspath(path))
+    yield from enumerate(table, start=1)
+
+
+def _iter_jsonl(name: str) -> Iterator[tuple[int, dict | InvalidRecord]]:
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(name, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield number, InvalidRecord(INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield number, InvalidRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
+                continue
+            if not isinstance(record, dict):
+                yield number, InvalidRecord(MALFORMED_JSON, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield number, record
 
 
 def _field(record: dict, key: str):
@@ -109,7 +197,7 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def _pair(prompt: list[dict], chosen: str, rejected: str, rewards: list[float] | None, rid: str) -> ListwiseExample:
+def _pair(prompt: list[dict], chosen: str | list[dict], rejected: str | list[dict], rewards: list[float] | None, rid: str) -> ListwiseExample:
     if rewards is None:
         return ListwiseExample(prompt, [chosen, rejected], [1.0, 0.0], rid, reward_kind="order")
     return ListwiseExample(prompt, [chosen, rejected], rewards, rid)
@@ -190,25 +278,45 @@ def read_ultrainteract(record: dict, rid: str) -> ListwiseExample:
 
 
 def _hh_turns(transcript: str, key: str) -> list[dict]:
+    r"""The turns of a ``\n\nHuman: … \n\nAssistant: …`` transcript.
+
+    Consecutive turns of one speaker (a few transcripts have two ``Assistant:`` turns in a row) are merged
+    into one, joined by a blank line: that is how mistral-common encodes them, and chat templates need the
+    roles to alternate. ``Human:`` written inside a reply without the ``\n\n`` before it is text of that reply.
+    """
+    if not transcript.startswith("\n\nHuman:"):
+        raise InvalidRecord(MISSING_FIELD, f"field {key!r} does not start with '\\n\\nHuman:'")
     turns = []
-    for block in transcript.split("\n\nHuman:")[1:] if transcript.startswith("\n\nHuman:") else [None]:
-        if block is None:
-            raise InvalidRecord(MISSING_FIELD, f"field {key!r} does not start with '\\n\\nHuman:'")
+    for block in transcript.split("\n\nHuman:")[1:]:
         human, *assistants = block.split("\n\nAssistant:")
-        turns.append({"role": "user", "content": human.strip()})
-        turns.extend({"role": "assistant", "content": a.strip()} for a in assistants)
+        for role, content in [("user", human), *(("assistant", a) for a in assistants)]:
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["content"] = f"{turns[-1]['content']}\n\n{content.strip()}".strip()
+            else:
+                turns.append({"role": role, "content": content.strip()})
+    if turns[-1]["role"] != "assistant":
+        raise InvalidRecord(MISSING_FIELD, f"field {key!r} does not end with an Assistant turn")
     return turns
 
 
 def read_hh_rlhf(record: dict, rid: str) -> ListwiseExample:
-    """Anthropic HH-RLHF transcripts: the shared turns before the last ``Assistant:`` are the prompt."""
+    """Anthropic HH-RLHF transcripts, split at their shared turns.
+
+    The prompt is the longest run of turns both transcripts begin with, up to and including the last shared
+    Human turn; each response is the rest of its transcript: usually the last reply alone (text), but a pair
+    that differs earlier gets responses of several turns (messages: assistant, user, …, assistant). A pair
+    whose first Human turns already differ has no prompt and is ``mismatched_prompt``.
+    """
     chosen = _hh_turns(_text(_field(record, "chosen"), "chosen"), "chosen")
     rejected = _hh_turns(_text(_field(record, "rejected"), "rejected"), "rejected")
-    prompt, chosen_text = _split_conversation(chosen, "chosen")
-    rejected_prompt, rejected_text = _split_conversation(rejected, "rejected")
-    if prompt != rejected_prompt:
-        raise InvalidRecord(MISMATCHED_PROMPT, "chosen and rejected transcripts differ before the last reply")
-    return _pair(prompt, chosen_text, rejected_text, None, str(record.get("id", rid)))
+    same = 0
+    while same < min(len(chosen), len(rejected)) and chosen[same] == rejected[same]:
+        same += 1
+    cut = next((j for j in range(same, 0, -1) if chosen[j - 1]["role"] == "user"), 0)
+    if cut == 0:
+        raise InvalidRecord(MISMATCHED_PROMPT, "chosen and rejected transcripts share no Human turn")
+    responses = [rest[0]["content"] if len(rest) == 1 else rest for rest in (chosen[cut:], rejected[cut:])]
+    return _pair(chosen[:cut], *responses, None, str(record.get("id", rid)))
 
 
 def read_nemo_dpo(record: dict, rid: str) -> ListwiseExample:
@@ -255,9 +363,9 @@ def detect_format(record: dict) -> tuple[str, str]:
     raise ValueError(f"cannot detect the format from keys {sorted(keys)}")
 
 
-def sniff_format(path: str) -> tuple[str, str]:
+def sniff_format(path: str, config: str | None = None, split: str | None = None) -> tuple[str, str]:
     """Detect the format of ``path`` from its first readable record; returns (format, explanation)."""
-    for number, record in iter_records(path):
+    for number, record in iter_records(path, config, split):
         if isinstance(record, dict):
             fmt, why = detect_format(record)
             return fmt, f"{path}:{number} {why}"
