@@ -18,6 +18,7 @@ comparable figure: the layouts compute different numbers of tokens for the same 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -57,7 +58,7 @@ def run_layout(layout: str, args, preset: str, run_root: Path) -> dict:
     overrides = [f"data.train_prefix={args.prefix}", f"model.preset={preset}", f"model.params_dtype={args.dtype}",
                  f"model.recompute={args.recompute}", f"reference.mode={args.reference}",
                  f"data.global_batch_size={args.global_batch}", f"data.micro_batch_size={args.micro_batch}",
-                 f"train.max_steps={args.steps}", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
+                 f"train.max_steps={args.steps}", f"optim.lr={args.lr}", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
                  "checkpoint.save_at_end=false", "checkpoint.save_interval=null", "checkpoint.resume=false",
                  "data.shuffle=false", *LAYOUTS[layout]]
     cfg = load_config(str(REPO / "conf" / "tiny_cpu.yaml"), overrides)
@@ -67,8 +68,14 @@ def run_layout(layout: str, args, preset: str, run_root: Path) -> dict:
             torch.cuda.reset_peak_memory_stats()
         Trainer(cfg).run()
         peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    except torch.OutOfMemoryError as err:  # one layout out of memory must not cost the others their numbers
+        print(f"  {layout}: out of memory: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+        return None
     finally:
         destroy_parallel()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = lines[args.warmup:] or lines[-1:]
 
@@ -94,6 +101,7 @@ def main() -> int:
     parser.add_argument("--global-batch", type=int, default=4, help="lists per step")
     parser.add_argument("--micro-batch", type=int, default=1, help="lists per micro-batch")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the medians")
     parser.add_argument("--layouts", default="padded,packed,shared")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -107,8 +115,14 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts.split(","):
-            rows.append(run_layout(layout, args, preset, Path(tmp)))
-            print(f"  {layout}: {rows[-1]}", file=sys.stderr, flush=True)
+            row = run_layout(layout, args, preset, Path(tmp))
+            if row is None:
+                print(f"| {layout} | out of memory |")
+                continue
+            rows.append(row)
+            print(f"  {layout}: {row}", file=sys.stderr, flush=True)
+    if not rows:
+        return 1
     base = next((r for r in rows if r["layout"] == "padded"), rows[0])
     print("| layout | step s | lists/s | vs padded | tokens computed | TFLOP/s | MFU | peak GiB | loss first -> last |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 # Tiny models on a 2-core machine: extra intra-op threads only add contention (torchrun workers inherit this).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The suite is the CPU suite (gloo, the CPU compatibility layer) on every machine: in-process tests build
+# their models where torch.cuda.is_available() says, so on a GPU machine they would silently change device.
+# The GPU is hidden before torch looks; tests/test_gpu.py gives it back to the processes it launches.
+CUDA_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+GPU_PRESENT = CUDA_DEVICES != "" and shutil.which("nvidia-smi") is not None and subprocess.run(
+    ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def gpu_env(env: dict) -> dict:
+    """``env`` with the GPU visible again (as it was before the suite hid it)."""
+    env = dict(env)
+    if CUDA_DEVICES is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = CUDA_DEVICES
+    return env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -41,7 +41,7 @@ WITHOUT = [
 def probe_results() -> dict[str, dict]:
     specs = [f"{s}:" for s in SCENARIOS] + [f"{s}:{patch}" for s, patch, _ in WITHOUT]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(PROBE), *specs], capture_output=True, text=True, env=env, timeout=600)
     results = {}
     for line in proc.stdout.splitlines():

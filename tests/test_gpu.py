@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from tests.conftest import GPU_PRESENT, gpu_env
 from tests.dist.train_common import DEMO_LISTS, REPO, TINY_CONF, metrics_lines, pack_lists
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_PRESENT, reason="needs an NVIDIA GPU (nvidia-smi -L)")]
 
 COMMON = ["logging.tensorboard=false", "checkpoint.save_interval=null", "data.shuffle=false"]
 
@@ -30,8 +30,8 @@ def nemo_lpo(*args: str, cpu: bool = False) -> str:
     """Run ``nemo-lpo ARGS`` in a fresh process (on the CPU with ``cpu``); returns its output, raises on failure."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("RANK", None)
-    if cpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    if not cpu:
+        env = gpu_env(env)
     proc = subprocess.run([sys.executable, "-m", "nemo_lpo.cli", *args], capture_output=True, text=True, env=env,
                           timeout=600)
     out = proc.stdout + proc.stderr
@@ -88,7 +88,7 @@ def test_gpu_training_learns(tmp_path, dtype):
           f"step {1000 * mean(last, 'step_time'):.0f} ms")
     assert mean(last, "loss") < mean(first, "loss")
     assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies")
-    assert "tflops_per_gpu" in lines[-1] or "H100" not in torch.cuda.get_device_name()
+    assert "tflops_per_gpu" in lines[-1]  # an H100 is a known GPU: the trainer reports TFLOP/s and MFU
 
 
 def test_gpu_shared_prompt_matches_padded_loss(tmp_path):

@@ -25,7 +25,7 @@ TOL = 1e-5
 def reference_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model_parity")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(WORKER), "save", str(out)], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

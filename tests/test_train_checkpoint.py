@@ -84,7 +84,8 @@ def test_kill9_during_save_keeps_previous_checkpoint(prefix, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", str(CLI), "train", str(TINY_CONF),
            *overrides(prefix, run, "checkpoint.save_interval=1", "train.max_steps=4")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saving = run / "checkpoints" / "step_0000002.tmp"
     try:
