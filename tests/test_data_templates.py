@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from nemo_lpo.data.readers import read_hh_rlhf
@@ -48,3 +49,31 @@ def test_invalid_prompts_are_refused(mistral):
         mistral.encode_prompt([{"role": "assistant", "content": "no user turn"}])
     with pytest.raises(TemplateError):
         mistral.encode_prompt([{"role": "user", "content": "q"}, {"role": "assistant", "content": "ends with me"}])
+
+
+def test_batched_encoding_equals_one_list_at_a_time(mistral):
+    """encode_lists (one sentencepiece call per chunk) gives encode_list's ids; a refused list gives its error."""
+    refused = [{"role": "assistant", "content": "no user turn"}]
+    lists = [(m, ["Sure.", "No, thanks.\nBye"]) for m in CASES]
+    lists.insert(2, (refused, ["Sure."]))
+    batch = mistral.encode_lists(lists, verify_first=True)
+    assert isinstance(batch[2], TemplateError)
+    for (messages, responses), result in zip(lists, batch, strict=True):
+        if messages is refused:
+            continue
+        prompt, replies = result
+        assert prompt.dtype == replies[0].dtype == np.int32
+        expected_prompt, expected_replies = mistral.encode_list(messages, responses)
+        assert prompt.tolist() == expected_prompt
+        assert [r.tolist() for r in replies] == expected_replies
+
+
+def test_batched_encoding_of_real_multiturn_prompts(shared_data, mistral):
+    with gzip.open(shared_data / "hh_rlhf" / "harmless-base_test.jsonl.gz", "rt") as f:
+        records = [json.loads(line) for _, line in zip(range(40), f, strict=False)]
+    examples = [read_hh_rlhf(r, str(i)) for i, r in enumerate(records)]
+    lists = [(ex.prompt, ex.responses) for ex in examples if all(isinstance(r, str) for r in ex.responses)]
+    assert max(len(messages) for messages, _ in lists) >= 5
+    for (messages, responses), (prompt, replies) in zip(lists, mistral.encode_lists(lists), strict=True):
+        assert prompt.tolist() == mistral.encode_prompt_library(messages)
+        assert [r.tolist() for r in replies] == mistral.encode_list(messages, responses)[1]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gzip
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -23,7 +23,7 @@ import numpy as np
 from nemo_lpo.data import layout
 from nemo_lpo.data.examples import DUPLICATE_ID, TOKENIZER_ERROR, TOO_LONG, InvalidRecord
 from nemo_lpo.data.readers import FORMATS, get_reader, iter_records, sniff_format
-from nemo_lpo.data.transforms import LengthLimits, RewardTransform, limit_k, list_rng, to_pairs
+from nemo_lpo.data.transforms import LengthLimits, RewardTransform, keep_indices, list_rng, pair_indices
 
 CHUNK_LISTS = 32
 
@@ -87,36 +87,79 @@ def _init_worker(config: PackConfig) -> None:
     _WORKER["tokenizer"] = load_tokenizer(config.tokenizer)
 
 
+def _selections(config: PackConfig, example, ordinal: int) -> tuple[list[list[int]], int]:
+    """The response indices of every list written for ``example`` (pairs, max-K, or all), and the ties left out."""
+    if config.pairs is not None:
+        pairs, tied = pair_indices(example.rewards, config.pairs, list_rng(config.seed, ordinal))
+        return [list(pair) for pair in pairs], tied
+    if config.max_k is not None:
+        return [keep_indices(example.rewards, config.max_k, list_rng(config.seed, ordinal))], 0
+    return [list(range(len(example.responses)))], 0
+
+
+def _finish(config: PackConfig, bos_id, rewards: list[float], prompt, responses) -> tuple:
+    """Reward transform and length limits of one list to write: (ids, lengths, rewards, prompt cut, cuts)."""
+    rewards = np.asarray(config.reward_transform(rewards), dtype=np.float32)
+    limited = config.limits.apply(prompt, responses, bos_id)
+    if limited is None:
+        raise InvalidRecord(TOO_LONG, "exceeds the length limits (overflow policy 'drop' or no room)")
+    prompt, responses, prompt_cut, response_cuts = limited
+    lengths = [len(prompt), *map(len, responses)]
+    ids = np.concatenate([prompt, *responses], dtype=np.int32)
+    return ids, lengths, rewards, prompt_cut, response_cuts
+
+
+def _encode_sequentially(config: PackConfig, tokenizer, example, selections: list[list[int]], verify: bool):
+    """One list the batched encoding refused, list by list as before batching, for the same error (or result)."""
+    encoded = []
+    for keep in selections:
+        rewards = [example.rewards[i] for i in keep]
+        # the reward transform before the encoding: its error is the one reported when both fail
+        config.reward_transform(rewards)
+        prompt, responses = tokenizer.encode_list(example.prompt, [example.responses[i] for i in keep],
+                                                  verify=verify)
+        verify = False
+        encoded.append(_finish(config, tokenizer.bos_id, rewards, prompt, responses))
+    return encoded
+
+
 def _process_chunk(chunk: list) -> list:
-    """Convert and tokenise a chunk; items are ("error", ...) passed through or ("ok", ordinal, example)."""
+    """Convert and tokenise a chunk; items are ("error", ...) passed through or ("ok", encoded lists, ties).
+
+    The responses a list's pairs / max-K selection use are tokenised once, with its prompt, and all the
+    chunk's texts in one batched tokenizer call; the tokenizer's own chat encoding re-checks the chunk's
+    first prompt.
+    """
     config, tokenizer = _WORKER["config"], _WORKER["tokenizer"]
-    out = []
-    verify = True  # re-check one list per chunk against the tokenizer library's own chat encoding
+    plans, requests = [], []
     for item in chunk:
         if item[0] == "error":
-            out.append(item)
+            plans.append(item)
             continue
-        _, ordinal, example = item
-        tied = 0
-        if config.pairs is not None:
-            examples, tied = to_pairs(example, config.pairs, list_rng(config.seed, ordinal))
-        elif config.max_k is not None:
-            examples = [limit_k(example, config.max_k, list_rng(config.seed, ordinal))]
-        else:
-            examples = [example]
+        _, _, example = item
+        selections, tied = _selections(config, example, item[1])
+        used = sorted({i for keep in selections for i in keep})
+        plans.append((example, selections, tied, used, len(requests)))
+        if used:  # a list without pairs (all tied) is kept with nothing to write: not tokenised
+            requests.append((example.prompt, [example.responses[i] for i in used]))
+    batch = tokenizer.encode_lists(requests, verify_first=True) if requests else []
+    out = []
+    for plan in plans:
+        if plan[0] == "error":
+            out.append(plan)
+            continue
+        example, selections, tied, used, request = plan
         try:
-            encoded = []
-            for ex in examples:
-                rewards = np.asarray(config.reward_transform(ex.rewards), dtype=np.float32)
-                prompt, responses = tokenizer.encode_list(ex.prompt, ex.responses, verify=verify)
-                verify = False
-                limited = config.limits.apply(prompt, responses, tokenizer.bos_id)
-                if limited is None:
-                    raise InvalidRecord(TOO_LONG, "exceeds the length limits (overflow policy 'drop' or no room)")
-                prompt, responses, prompt_cut, response_cuts = limited
-                lengths = [len(prompt), *map(len, responses)]
-                ids = np.asarray(list(itertools.chain(prompt, *responses)), dtype=np.int32)
-                encoded.append((ids, lengths, rewards, prompt_cut, response_cuts))
+            if used and isinstance(batch[request], ValueError):
+                encoded = _encode_sequentially(config, tokenizer, example, selections, verify=request == 0)
+            else:
+                encoded = []
+                if used:
+                    prompt, responses = batch[request]
+                    by_index = dict(zip(used, responses, strict=True))
+                for keep in selections:
+                    encoded.append(_finish(config, tokenizer.bos_id, [example.rewards[i] for i in keep], prompt,
+                                           [by_index[i] for i in keep]))
         except InvalidRecord as err:
             out.append(("error", example.source, err.reason, err.message))
             continue
@@ -127,14 +170,38 @@ def _process_chunk(chunk: list) -> list:
     return out
 
 
-def _sha256(path: str) -> str | None:
+def _scan(path: str, count: bool) -> tuple[str | None, int | None]:
+    """sha256 of a local input file and, with ``count``, its number of records when that is cheap, else None.
+
+    JSONL lines are counted in the same pass as the hash (blank lines, which are skipped, are counted too:
+    the progress total is corrected at the end); ``.gz`` is decompressed once more for the count (about 1% of
+    a pack); parquet has its row count in its metadata; other inputs (``.json``, datasets) have no total.
+    """
     if not os.path.isfile(path):
-        return None
+        return None, None
+    name = os.fspath(path)
+    jsonl = count and name.endswith((".jsonl", ".ndjson"))
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    records, last = 0, b"\n"
+    with open(name, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+            if jsonl:
+                records += block.count(b"\n")
+                last = block[-1:]
+    records += last != b"\n"
+    if not count:
+        records = None
+    elif name.endswith(".gz") and ".json" in name:
+        with gzip.open(name, "rb") as f:
+            records = sum(1 for _ in f)
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet
+
+        records = pyarrow.parquet.read_metadata(name).num_rows
+    elif not jsonl:
+        records = None
+    return digest.hexdigest(), records
 
 
 class _Reader:
@@ -146,6 +213,15 @@ class _Reader:
         self.inputs = []
         self.read = 0
         self.responses_skipped = collections.Counter()
+        self._scans = {}
+
+    def total(self) -> int | None:
+        """The number of input records if every input's is cheap to know (progress total), else None."""
+        for path in self.config.inputs:
+            if path not in self._scans:
+                self._scans[path] = _scan(path, count=True)
+        counts = [self._scans[path][1] for path in self.config.inputs]
+        return None if None in counts else sum(counts)
 
     def items(self):
         seen_ids = {}
@@ -155,7 +231,8 @@ class _Reader:
             if fmt == "auto":
                 fmt, why = sniff_format(path)
                 self.log(f"{path}: detected format {fmt} ({why})")
-            self.inputs.append({"path": str(path), "format": fmt, "format_reason": why, "sha256": _sha256(path)})
+            sha256 = (self._scans.get(path) or _scan(path, count=False))[0]
+            self.inputs.append({"path": str(path), "format": fmt, "format_reason": why, "sha256": sha256})
             reader = get_reader(fmt, self.config.ultrafeedback_score)
             for number, record in iter_records(path):
                 self.read += 1
@@ -243,10 +320,10 @@ def pack(config: PackConfig, log=None) -> dict:
 
         tokens = _indexed_builder(layout.indexed_files(parts[layout.TOKENS])[0], np.int32)
         rewards = _indexed_builder(layout.indexed_files(parts[layout.REWARDS])[0], np.float32)
-        progress = _progress(config.progress)
+        progress = _progress(config.progress, reader.total() if config.progress else None)
         for chunk in results:
+            progress.update(len(chunk))
             for item in chunk:
-                progress.update(1)
                 if item[0] == "error":
                     _, source, reason, message = item
                     if not config.skip_invalid and reason != TOO_LONG:  # too_long follows --overflow
@@ -266,6 +343,9 @@ def pack(config: PackConfig, log=None) -> dict:
                     counts["response_tokens"] += sum(lengths[1:])
                     counts["max_sequence_length"] = max(counts["max_sequence_length"], lengths[0] + max(lengths[1:]))
                     k_hist[len(lengths) - 1] += 1
+        if progress.total is not None and progress.total != progress.n:  # blank lines counted in the total
+            progress.total = progress.n
+            progress.refresh()
         progress.close()
         if counts["lists_written"] == 0:
             raise PackError(f"no list left to write from {config.inputs} (skipped: {dict(skipped)})")
@@ -290,10 +370,10 @@ def pack(config: PackConfig, log=None) -> dict:
     return manifest
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, total: int | None):
     from tqdm import tqdm
 
-    return tqdm(unit=" lists", disable=not enabled, mininterval=0.5)
+    return tqdm(total=total, unit=" lists", disable=not enabled, mininterval=0.5)
 
 
 def _publish(prefix: str, parts: dict, temp_manifest: str) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
+
 MISTRAL = "mistral"
 
 
@@ -29,9 +31,14 @@ class MistralChatTokenizer:
 
     def __init__(self) -> None:
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+        from sentencepiece import SentencePieceProcessor
 
         self._mistral = MistralTokenizer.v1()
         self._raw = self._mistral.instruct_tokenizer.tokenizer
+        # The same model file, for sentencepiece's batched encode straight to int32 arrays (one call per chunk
+        # of lists instead of one per text, and no Python int per token); single-threaded: pack's workers
+        # are the parallelism.
+        self._sp = SentencePieceProcessor(model_file=str(self._raw.file_path), num_threads=1)
         self.vocab_size = int(self._raw.n_words)
         self.bos_id = int(self._raw.bos_id)
         self.eos_id = int(self._raw.eos_id)
@@ -66,29 +73,42 @@ class MistralChatTokenizer:
         except MistralCommonException as err:
             raise TemplateError(f"mistral-common rejected the prompt: {err}") from None
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of the prompt (BOS, the turns, up to and including the last ``[/INST]``).
+    def _prompt_segments(self, messages: list[dict]) -> list[tuple[str, bool]] | None:
+        """The texts a plain conversation's prompt encodes after BOS, each with whether EOS follows it.
 
-        Plain conversations (optional leading system messages, then user / assistant turns alternating from
-        a user turn to a user turn, no empty content) are encoded directly the way mistral-common's v1
-        instruct tokenizer does (it costs as much as tokenising the text itself; the library's pydantic
-        validation would double the cost of short prompts); anything else goes through the library, which
-        validates it. Equality with the library is tested, and ``pack`` re-checks one list per chunk.
+        Plain: optional leading system messages, then user / assistant turns alternating from a user turn to
+        a user turn, no empty content. None for anything else (the library validates and encodes those).
         """
         system = [m["content"] for m in messages if m["role"] == "system"]
         turns = messages[len(system):]
         plain = (turns and len(turns) % 2 == 1 and all(m.get("content") for m in messages)
                  and all(m["role"] == ("user", "assistant")[i % 2] for i, m in enumerate(turns)))
         if not plain:
-            return self.encode_prompt_library(messages)
+            return None
         system_prompt = "\n\n".join(system)
-        tokens = [self.bos_id]
+        segments = []
         for i, m in enumerate(turns):
             if m["role"] == "user":
                 content = f"{system_prompt}\n\n{m['content']}" if i == 0 and system_prompt else m["content"]
-                tokens += self._raw.encode(f"[INST] {content} [/INST]", bos=False, eos=False)
+                segments.append((f"[INST] {content} [/INST]", False))
             else:
-                tokens += self._raw.encode(m["content"], bos=False, eos=False) + [self.eos_id]
+                segments.append((m["content"], True))
+        return segments
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of the prompt (BOS, the turns, up to and including the last ``[/INST]``).
+
+        Plain conversations (``_prompt_segments``) are encoded directly the way mistral-common's v1 instruct
+        tokenizer does (it costs as much as tokenising the text itself; the library's pydantic validation
+        would double the cost of short prompts); anything else goes through the library, which validates
+        it. Equality with the library is tested, and ``pack`` re-checks one list per chunk.
+        """
+        segments = self._prompt_segments(messages)
+        if segments is None:
+            return self.encode_prompt_library(messages)
+        tokens = [self.bos_id]
+        for text, eos in segments:
+            tokens += self._raw.encode(text, bos=False, eos=eos)
         return tokens
 
     def encode_list(self, messages: list[dict], responses: list[str],
@@ -104,6 +124,52 @@ class MistralChatTokenizer:
         if verify and prompt != self.encode_prompt_library(messages):
             raise TemplateError("the direct Mistral v1 prompt encoding differs from mistral-common's")
         return prompt, [self._raw.encode(text, bos=False, eos=False) + [self.eos_id] for text in responses]
+
+    def encode_lists(self, lists: list[tuple[list[dict], list[str]]], verify_first: bool = False) -> list:
+        """``encode_list`` of many lists at once, as int32 arrays: two sentencepiece calls for all their texts.
+
+        Args:
+            lists: (prompt messages, K replies) per list.
+            verify_first: check the first list's prompt against the library's own encoding.
+
+        Returns:
+            Per list, (prompt ids, [reply ids + EOS]) as int32 arrays, or the ValueError (TemplateError, or
+            the library's validation error) that ``encode_list`` raises for it.
+        """
+        texts = ([], [])  # (no EOS after it, EOS after it)
+        plans = []
+        for n, (messages, responses) in enumerate(lists):
+            try:
+                if not all(isinstance(r, str) for r in responses):
+                    raise TemplateError("a response is not a text reply")
+                segments = self._prompt_segments(messages)
+                if segments is None or (n == 0 and verify_first):
+                    prompt = np.asarray(self.encode_prompt(messages), dtype=np.int32)
+                    if n == 0 and verify_first and prompt.tolist() != self.encode_prompt_library(messages):
+                        raise TemplateError("the direct Mistral v1 prompt encoding differs from mistral-common's")
+                else:
+                    prompt = []  # where each segment's ids will be: (EOS after it, index in that batch)
+                    for text, eos in segments:
+                        prompt.append((eos, len(texts[eos])))
+                        texts[eos].append(text)
+            except ValueError as err:
+                plans.append(err)
+                continue
+            plans.append((prompt, len(texts[True])))
+            texts[True].extend(responses)
+        ids = [self._sp.Encode(t, add_bos=False, add_eos=eos, return_type="numpy") if t else []
+               for eos, t in enumerate(texts)]
+        bos = np.array([self.bos_id], dtype=np.int32)
+        out = []
+        for plan, (_, responses) in zip(plans, lists, strict=True):
+            if isinstance(plan, ValueError):
+                out.append(plan)
+                continue
+            prompt, first = plan
+            if isinstance(prompt, list):
+                prompt = np.concatenate([bos, *(ids[eos][i] for eos, i in prompt)])
+            out.append((prompt, ids[True][first:first + len(responses)]))
+        return out
 
     def encode_conversation(self, messages: list[dict], response: str) -> list[int]:
         """Token ids of the whole conversation as mistral-common encodes it for fine-tuning (for checks)."""
@@ -210,6 +276,34 @@ class HFChatTokenizer:
             if not response_ids or response_ids[-1] != self.eos_id:
                 raise TemplateError("the response does not tokenise to a sequence ending with EOS")
         return ids[0], ids[1:]
+
+    def encode_lists(self, lists: list[tuple[list[dict], list[str]]], verify_first: bool = False) -> list:
+        """``encode_list`` of many lists at once, as int32 arrays: one tokenizer call for all their texts.
+
+        Returns:
+            Per list, (prompt ids, [reply ids]) as int32 arrays, or the ValueError ``encode_list`` raises for it.
+        """
+        texts, plans = [], []
+        for messages, responses in lists:
+            try:
+                prompt_text, suffixes = self._response_texts(messages, responses)
+            except ValueError as err:
+                plans.append(err)
+                continue
+            plans.append(len(texts))
+            texts += [prompt_text, *suffixes]
+        ids = self._tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out = []
+        for plan, (_, responses) in zip(plans, lists, strict=True):
+            if isinstance(plan, ValueError):
+                out.append(plan)
+                continue
+            prompt, *replies = ids[plan:plan + 1 + len(responses)]
+            if any(not r or r[-1] != self.eos_id for r in replies):
+                out.append(TemplateError("the response does not tokenise to a sequence ending with EOS"))
+                continue
+            out.append((np.asarray(prompt, dtype=np.int32), [np.asarray(r, dtype=np.int32) for r in replies]))
+        return out
 
     def decode(self, ids) -> str:
         """Text of ``ids`` with special tokens kept."""

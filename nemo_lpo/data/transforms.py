@@ -77,6 +77,24 @@ def _best(rewards: list[float]) -> int:
     return int(np.argmax(rewards))  # first of the tied best
 
 
+def pair_indices(rewards: list[float], mode: str, rng: np.random.Generator) -> tuple[list[tuple[int, int]], int]:
+    """The (better, worse) response indices of ``to_pairs`` and the number of tied candidate pairs left out."""
+    r = rewards
+    k = len(r)
+    if mode == "all":
+        candidates = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        pairs = [(i, j) if r[i] > r[j] else (j, i) for i, j in candidates if r[i] != r[j]]
+        return pairs, len(candidates) - len(pairs)
+    best = _best(r)
+    others = [j for j in range(k) if j != best]
+    worse = [j for j in others if r[j] < r[best]]
+    if mode == "zephyr":
+        return ([(best, worse[int(rng.integers(len(worse)))])], 0) if worse else ([], 1)
+    if mode == "1vs0":
+        return [(best, j) for j in worse], len(others) - len(worse)
+    raise ValueError(f"pairs mode {mode!r} not in {PAIR_MODES}")
+
+
 def to_pairs(example: ListwiseExample, mode: str, rng: np.random.Generator) -> tuple[list[ListwiseExample], int]:
     """Convert a K-list into preference pairs (the paper's pairwise baselines).
 
@@ -86,37 +104,28 @@ def to_pairs(example: ListwiseExample, mode: str, rng: np.random.Generator) -> t
     Returns:
         The pairs and the number of candidate pairs left out because their rewards tie.
     """
+    pairs, tied = pair_indices(example.rewards, mode, rng)
     r = example.rewards
-    k = len(r)
-    if mode == "all":
-        candidates = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        pairs = [(i, j) if r[i] > r[j] else (j, i) for i, j in candidates if r[i] != r[j]]
-        tied = len(candidates) - len(pairs)
-    else:
-        best = _best(r)
-        others = [j for j in range(k) if j != best]
-        worse = [j for j in others if r[j] < r[best]]
-        tied = len(others) - len(worse)
-        if mode == "zephyr":
-            pairs = [(best, worse[int(rng.integers(len(worse)))])] if worse else []
-            tied = 0 if worse else 1
-        elif mode == "1vs0":
-            pairs = [(best, j) for j in worse]
-        else:
-            raise ValueError(f"pairs mode {mode!r} not in {PAIR_MODES}")
     out = [dataclasses.replace(example, responses=[example.responses[i], example.responses[j]],
                                rewards=[r[i], r[j]], id=f"{example.id}#{i}>{j}") for i, j in pairs]
     return out, tied
 
 
+def keep_indices(rewards: list[float], max_k: int, rng: np.random.Generator) -> list[int]:
+    """The response indices ``limit_k`` keeps, in their original order (all of them when K <= max_k)."""
+    k = len(rewards)
+    if k <= max_k:
+        return list(range(k))
+    best = _best(rewards)
+    others = [j for j in range(k) if j != best]
+    return sorted([best, *rng.choice(others, size=max_k - 1, replace=False).tolist()])
+
+
 def limit_k(example: ListwiseExample, max_k: int, rng: np.random.Generator) -> ListwiseExample:
     """Keep the best response and ``max_k - 1`` random others (original order kept) when K > max_k."""
-    k = len(example.rewards)
-    if k <= max_k:
+    if len(example.rewards) <= max_k:
         return example
-    best = _best(example.rewards)
-    others = [j for j in range(k) if j != best]
-    keep = sorted([best, *rng.choice(others, size=max_k - 1, replace=False).tolist()])
+    keep = keep_indices(example.rewards, max_k, rng)
     return dataclasses.replace(example, responses=[example.responses[j] for j in keep],
                                rewards=[example.rewards[j] for j in keep])
 
@@ -149,16 +158,23 @@ class LengthLimits:
             if value is not None and value < 2:
                 raise ValueError(f"{name} must be >= 2, got {value}")
 
-    def apply(self, prompt: list[int], responses: list[list[int]], bos_id: int | None):
-        """Return (prompt, responses, prompt_truncated, responses_truncated), or None when the list is dropped."""
+    def apply(self, prompt, responses, bos_id: int | None):
+        """Return (prompt, responses, prompt_truncated, responses_truncated), or None when the list is dropped.
+
+        The ids are lists of ints or 1-D numpy arrays; cut ones come back as the same type.
+        """
         drop = self.overflow == "drop"
         prompt_cut = 0
         responses = list(responses)
         response_cuts = [False] * len(responses)
 
-        def cut_prompt(keep: int) -> list[int]:
-            if prompt and prompt[0] == bos_id:
-                return prompt[:1] + prompt[len(prompt) - keep + 1:]
+        def starts_with_bos() -> bool:
+            return len(prompt) > 0 and prompt[0] == bos_id
+
+        def cut_prompt(keep: int):
+            if starts_with_bos():
+                rest = prompt[len(prompt) - keep + 1:]
+                return np.concatenate([prompt[:1], rest]) if isinstance(prompt, np.ndarray) else prompt[:1] + rest
             return prompt[len(prompt) - keep:]
 
         if self.max_prompt_length is not None and len(prompt) > self.max_prompt_length:
@@ -178,7 +194,7 @@ class LengthLimits:
                     return None
                 if self.overflow == "truncate_prompt":
                     keep = self.max_length - longest
-                    if keep < (2 if prompt and prompt[0] == bos_id else 1):
+                    if keep < (2 if starts_with_bos() else 1):
                         return None
                     prompt, prompt_cut = cut_prompt(keep), 1
                 else:
