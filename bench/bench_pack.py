@@ -2,10 +2,14 @@
 
 Data: the real UltraFeedback pairs and AlpacaEval K=8 lists from ../shared/data when present (converted to
 one listwise JSONL), otherwise generated text. Tokenizer: the real Mistral v1 tokenizer (mistral-common).
-Printed: lists/s and tokens/s of each, and ratios measured side by side (best of --repeats runs each).
+Baselines, on the prompt and response texts of every list: the tokenizer one text at a time as mistral-common
+calls it (``encode`` -> list of ints), and the same sentencepiece model doing the best it can: one batched
+``Encode`` of all the texts to int32 arrays, single-threaded (pack batches too, so this is the fair one), and
+with 2 threads (what 2 cores give the tokenizer itself, next to 2 workers).
+Printed: lists/s and tokens/s of each (median of --repeats interleaved runs), and ratios measured side by side.
 Goal: pack >= 0.8x the tokenizer's own throughput; 2 workers near 2x one worker.
 
-    .venv/bin/python bench/bench_pack.py [--repeats 3] [--limit 2000]
+    .venv/bin/python bench/bench_pack.py [--repeats 5] [--limit 2000]
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -46,28 +53,30 @@ def generated_lists(limit: int) -> list[dict]:
 
 
 def measure(repeats: int, fns: dict) -> tuple[dict, dict]:
-    """Best wall-clock and best CPU seconds (this process + its finished children) of each fn, interleaved."""
-    wall = {name: float("inf") for name in fns}
-    cpu = dict(wall)
+    """Median wall-clock and CPU seconds (this process + its finished children) of each fn, interleaved."""
+    for fn in fns.values():  # warm-up (first-call imports and caches)
+        fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0, c0 = time.perf_counter(), os.times()
             fn()
             t1, c1 = time.perf_counter(), os.times()
-            wall[name] = min(wall[name], t1 - t0)
-            used = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + (
-                c1.children_system - c0.children_system)
-            cpu[name] = min(cpu[name], used)
-    return wall, cpu
+            wall[name].append(t1 - t0)
+            cpu[name].append((c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user)
+                             + (c1.children_system - c0.children_system))
+    return ({name: statistics.median(v) for name, v in wall.items()},
+            {name: statistics.median(v) for name, v in cpu.items()})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--limit", type=int, default=2000, help="lists to pack")
     args = parser.parse_args()
 
-    from nemo_lpo.data.dataset import _indexed_builder  # noqa: F401  (import megatron before timing)
+    from nemo_lpo.data.dataset import _indexed_builder
     from nemo_lpo.data.pack import PackConfig, pack
     from nemo_lpo.data.templates import MistralChatTokenizer
 
@@ -76,17 +85,25 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))
     src = tmp / "lists.jsonl"
     src.write_text("".join(json.dumps({"id": str(i), **r}) + "\n" for i, r in enumerate(lists)))
+    _indexed_builder(str(tmp / "warm.bin"), np.int32)  # import megatron (torch) before timing
 
     tok = MistralChatTokenizer()
     raw = tok._raw
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in lists]
     texts = [[x["text"] for x in r["responses"]] for r in lists]
+    all_texts = [t for r, ts in zip(lists, texts, strict=True) for t in (r["prompt"], *ts)]
+    from sentencepiece import SentencePieceProcessor
 
-    def tokenizer_raw():  # the bare sentencepiece encode of every prompt and response text
+    sp = {n: SentencePieceProcessor(model_file=str(raw.file_path), num_threads=n) for n in (1, 2)}
+
+    def tokenizer_raw():  # mistral-common's encode of every prompt and response text, one at a time
         return sum(len(raw.encode(r["prompt"], bos=True, eos=False)) +
                    sum(len(raw.encode(t, bos=False, eos=True)) for t in ts) for r, ts in zip(lists, texts, strict=True))
 
-    def tokenizer_template():  # the same chat-template tokenisation pack does, in this process
+    def tokenizer_batched(threads: int):  # the same texts in one batched sentencepiece call, int32 arrays out
+        return lambda: sum(map(len, sp[threads].Encode(all_texts, return_type="numpy")))
+
+    def tokenizer_template():  # the same chat-template tokenisation pack does, one list at a time
         return sum(len(p) + sum(map(len, rs)) for p, rs in
                    (tok.encode_list(m, ts) for m, ts in zip(prompts, texts, strict=True)))
 
@@ -99,8 +116,12 @@ def main() -> None:
 
     tokens = tokenizer_template()  # tokens stored per run (prompt once per list + every response)
     n_responses = sum(map(len, texts))
+    per_text, batched, batched2 = ("tokenizer alone, per text", "tokenizer alone, batched",
+                                   "tokenizer alone, batched 2 thr")
     wall, cpu = measure(args.repeats, {
-        "tokenizer alone (raw encode)": tokenizer_raw,
+        per_text: tokenizer_raw,
+        batched: tokenizer_batched(1),
+        batched2: tokenizer_batched(2),
         "tokenizer + chat template": tokenizer_template,
         "pack, 1 worker": run_pack(1),
         "pack, 2 workers": run_pack(2),
@@ -108,19 +129,23 @@ def main() -> None:
     same = all((tmp / "w1" / f"ds.{p}").read_bytes() == (tmp / "w2" / f"ds.{p}").read_bytes()
                for p in ("tokens.bin", "tokens.idx", "rewards.bin", "rewards.idx", "manifest.json"))
     print(f"data: {source}: {len(lists)} lists, {n_responses} responses, {tokens} tokens; "
-          f"cpus: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}; best of {args.repeats}")
+          f"cpus: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}; "
+          f"median of {args.repeats}")
     print(f"{'':32}{'wall s':>8}{'lists/s':>9}{'tokens/s':>11}{'cpu s':>8}{'tokens/cpu-s':>14}")
     for name in wall:
         print(f"{name:32}{wall[name]:8.3f}{len(lists) / wall[name]:9.0f}{tokens / wall[name]:11.0f}"
               f"{cpu[name]:8.3f}{tokens / cpu[name]:14.0f}")
-    base, base_cpu = wall["tokenizer alone (raw encode)"], cpu["tokenizer alone (raw encode)"]
-    for name in ("pack, 1 worker", "pack, 2 workers"):
-        print(f"ratio {name} / tokenizer alone: wall {base / wall[name]:.2f}x, per cpu-second "
-              f"{base_cpu / cpu[name]:.2f}x")
+    for base in (per_text, batched):
+        print(f"ratio pack, 1 worker / {base}: wall {wall[base] / wall['pack, 1 worker']:.2f}x, "
+              f"per cpu-second {cpu[base] / cpu['pack, 1 worker']:.2f}x")
+    for base in (batched, batched2):
+        print(f"ratio pack, 2 workers / {base}: wall {wall[base] / wall['pack, 2 workers']:.2f}x")
     print(f"ratio pack, 1 worker / tokenizer + template (wall): "
           f"{wall['tokenizer + chat template'] / wall['pack, 1 worker']:.2f}x")
-    print(f"speed-up 2 workers vs 1 (wall): {wall['pack, 1 worker'] / wall['pack, 2 workers']:.2f}x")
+    print(f"speed-up 2 workers vs 1 (wall): {wall['pack, 1 worker'] / wall['pack, 2 workers']:.2f}x; "
+          f"tokenizer 2 threads vs 1: {wall[batched] / wall[batched2]:.2f}x")
     print(f"1-worker and 2-worker outputs byte-identical: {same}")
+
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
 """Pack → ListwiseDataset on the real AlpacaEval K=8 lists with the real Mistral tokenizer."""
 
+import gzip
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -8,9 +10,10 @@ import numpy as np
 import pytest
 
 from nemo_lpo.data import ListwiseCollator, ListwiseDataset, write_reference_logps
-from nemo_lpo.data.pack import PackConfig, pack
+from nemo_lpo.data.pack import PackConfig, _Reader, pack
+from nemo_lpo.data.readers import read_listwise
 from nemo_lpo.data.templates import MistralChatTokenizer
-from nemo_lpo.data.transforms import RewardTransform
+from nemo_lpo.data.transforms import RewardTransform, limit_k, list_rng, to_pairs
 
 ALPACA = "alpacaeval2/alpacaeval2_gpt4turbo_k8_a.jsonl"
 
@@ -106,3 +109,46 @@ def test_reference_logps_sidecar(alpaca, tmp_path):
 def test_incomplete_prefix_is_not_a_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest"):
         ListwiseDataset(tmp_path / "nothing")
+
+
+def test_pairs_and_max_k_reuse_each_response_encoding(alpaca, mistral, tmp_path):
+    """Each response is tokenised once per list; every pair / max-K list still holds its own texts' ids."""
+    src, _, _ = alpaca
+    records = [json.loads(line) for line in src.read_text().splitlines()]
+    for name, options in (("all", dict(pairs="all")), ("k3", dict(max_k=3))):
+        prefix = tmp_path / name
+        pack(PackConfig(inputs=[str(src)], output_prefix=str(prefix), seed=7, **options), log=lambda m: None)
+        ds = ListwiseDataset(prefix)
+        written = 0
+        for ordinal, record in enumerate(records):
+            example = read_listwise(record, str(ordinal))
+            example.validate()
+            if "pairs" in options:
+                lists, _ = to_pairs(example, options["pairs"], list_rng(7, ordinal))
+            else:
+                lists = [limit_k(example, options["max_k"], list_rng(7, ordinal))]
+            for ex in lists:
+                prompt, responses = mistral.encode_list(ex.prompt, ex.responses)
+                item = ds[written]
+                assert item["prompt_ids"].tolist() == prompt
+                assert [r.tolist() for r in item["response_ids"]] == responses
+                np.testing.assert_array_equal(item["rewards"], np.asarray(ex.rewards, dtype=np.float32))
+                written += 1
+        assert written == len(ds)
+        assert len(ds) > len(records) if name == "all" else len(ds) == len(records)
+
+
+def test_progress_total_counts_input_records(tmp_path):
+    lines = [json.dumps({"prompt": f"q{i}", "responses": [{"text": "a", "reward": 1}, {"text": "b", "reward": 0}]})
+             for i in range(5)]
+    plain = tmp_path / "x.jsonl"
+    plain.write_text("\n".join(lines))  # no final newline
+    packed = tmp_path / "x.jsonl.gz"
+    packed.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    config = PackConfig(inputs=[str(plain), str(packed)], output_prefix=str(tmp_path / "out"))
+    reader = _Reader(config, log=lambda m: None)
+    assert reader.total() == 10
+    assert sum(len(chunk) for chunk in reader.chunks()) == reader.read == 10
+    assert reader.inputs[0]["sha256"] == hashlib.sha256(plain.read_bytes()).hexdigest()
+    (tmp_path / "x.json").write_text("[" + ",".join(lines) + "]")
+    assert _Reader(PackConfig(inputs=[str(plain), str(tmp_path / "x.json")], output_prefix="o"), print).total() is None

@@ -298,7 +298,11 @@ def pack(config: PackConfig, log=None) -> dict:
         PackError: bad input without ``skip_invalid`` (``file:line: reason``), or bad options. Nothing is
             left at the output prefix in that case.
     """
-    log = log or (lambda message: print(message, file=sys.stderr))
+    if log is None:  # tqdm.write keeps a running progress bar below the message
+        from tqdm import tqdm
+
+        log = (lambda message: tqdm.write(message, file=sys.stderr)) if config.progress else (
+            lambda message: print(message, file=sys.stderr))
     for path in config.inputs:  # fail before any work; a name that is not a local path may be a hub dataset
         if not os.path.exists(path) and (os.sep in path or path.endswith((".jsonl", ".json", ".gz", ".parquet"))):
             raise FileNotFoundError(f"{path}: no such input file")
