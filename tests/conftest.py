@@ -15,7 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The suite is the CPU suite (gloo, the CPU compatibility layer) on every machine: in-process tests build
 # their models where torch.cuda.is_available() says, so on a GPU machine they would silently change device.
 # The GPU is hidden before torch looks; tests/test_gpu.py gives it back to the processes it launches.
-CUDA_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+# The value before the suite hid it travels in NEMO_LPO_TEST_CUDA_DEVICES to pytest-xdist workers (their conftest
+# import sees the hidden one); "<unset>" stands for no CUDA_VISIBLE_DEVICES at all.
+_ORIGINAL = os.environ.setdefault("NEMO_LPO_TEST_CUDA_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+CUDA_DEVICES = None if _ORIGINAL == "<unset>" else _ORIGINAL
 GPU_PRESENT = CUDA_DEVICES != "" and shutil.which("nvidia-smi") is not None and subprocess.run(
     ["nvidia-smi", "-L"], capture_output=True).returncode == 0
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
