@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nemo_lpo.data.readers import read_hh_rlhf
-from nemo_lpo.data.templates import MistralChatTokenizer, TemplateError
+from nemo_lpo.data.templates import HFChatTokenizer, MistralChatTokenizer, TemplateError
 
 CASES = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -77,3 +77,16 @@ def test_batched_encoding_of_real_multiturn_prompts(shared_data, mistral):
     for (messages, responses), (prompt, replies) in zip(lists, mistral.encode_lists(lists), strict=True):
         assert prompt.tolist() == mistral.encode_prompt_library(messages)
         assert [r.tolist() for r in replies] == mistral.encode_list(messages, responses)[1]
+
+
+def test_batched_hf_encoding_equals_one_list_at_a_time(tmp_path):
+    from tests.test_data_hf import build_tiny_tokenizer
+
+    tok = HFChatTokenizer(str(build_tiny_tokenizer(tmp_path / "tiny")))
+    lists = [(m, ["Sure.", "No, thanks.\nBye"]) for m in CASES[:-1]]
+    lists.insert(1, ([{"role": "user", "content": "q"}], ["fine", ""]))
+    batch = tok.encode_lists(lists)
+    for (messages, responses), result in zip(lists, batch, strict=True):
+        prompt, replies = result
+        expected_prompt, expected_replies = tok.encode_list(messages, responses)
+        assert prompt.tolist() == expected_prompt and [r.tolist() for r in replies] == expected_replies
