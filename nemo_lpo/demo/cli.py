@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     r.add_argument("--out", type=Path, default=Path("outputs/reproduce"), help="output folder")
     r.add_argument("--steps", type=int, default=None, help="steps per run (default 40)")
     r.add_argument("--real-steps", type=int, default=None, help="steps per run on the real data (default: max(8, steps / 5))")
+    r.add_argument("--sft-steps", type=int, default=None,
+                   help="steps of the SFT warm start that Figure 1's runs start from (default: --steps; 0: none)")
+    r.add_argument("--real-sft-steps", type=int, default=None,
+                   help="the same on the real data (default: --real-steps)")
     r.add_argument("--skip-real", action="store_true", help="only the embedded default, not ../shared/data")
     r.add_argument("--only-real", action="store_true", help="only the real K = 8 lists (e.g. to add them later)")
     r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")
@@ -88,4 +92,5 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
     if args.report_only:
         return report_only(args.out)
     return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps,
-                         include_embedded=not args.only_real)
+                         include_embedded=not args.only_real, sft_steps=args.sft_steps,
+                         real_sft_steps=args.real_sft_steps)

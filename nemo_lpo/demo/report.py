@@ -10,74 +10,140 @@ from nemo_lpo.demo.plots import plot_lines, read_metrics, series
 from nemo_lpo.demo.tasks import write_jsonl_atomic
 
 
-def _window_mean(values: list[float], first: bool, frac: float = 0.15) -> float:
-    n = max(1, int(len(values) * frac))
-    part = values[:n] if first else values[-n:]
-    return sum(part) / len(part)
+def _beta(results: dict) -> float:
+    return float(results.get("beta") or results["runs"]["dpo_pairs"]["heldout"]["beta"])
 
 
-def chosen_trend(metrics_path: str) -> dict:
-    """Mean logps/chosen over the first and last 15 % of steps, and the change."""
-    _, values = series(read_metrics(metrics_path)[0], "logps/chosen")
+def chosen_series(metrics_path: str, beta: float) -> tuple[list[int], list[float]]:
+    """Per step, log π(y_w) − log μ(y_w) of the batch's chosen responses (``rewards/chosen`` / β), in nats.
+
+    μ is the run's start model (its reference), so this is the change of the chosen responses' log-likelihood
+    since the start measured on the same responses: 0 at step 1, and the batches' differing content (which moves
+    the raw ``logps/chosen`` from step to step) does not enter.
+    """
+    steps, values = series(read_metrics(metrics_path)[0], "rewards/chosen")
+    return steps, [v / beta for v in values]
+
+
+def chosen_change(metrics_path: str, beta: float, frac: float = 0.15) -> dict:
+    """The chosen log-likelihood change (``chosen_series``): mean over the last ``frac`` of steps, lowest, highest."""
+    _, values = chosen_series(metrics_path, beta)
     if not values:
-        return {"first": None, "last": None, "change": None}
-    first, last = _window_mean(values, True), _window_mean(values, False)
-    return {"first": first, "last": last, "change": last - first}
+        return {"end": None, "lowest": None, "highest": None}
+    n = max(1, int(len(values) * frac))
+    return {"end": sum(values[-n:]) / n, "lowest": min(values), "highest": max(values)}
 
 
 def _fig1_run(results: dict) -> str:
     return "lpo_abs_k4" if "lpo_abs_k4" in results["runs"] else "lpo_abs_k8"
 
 
-def draw_figures(results: dict, out_dir: Path) -> list[Path]:
-    """Figure 1 (chosen log-likelihood, DPO vs LPO-abs) and Figure 2 (held-out accuracy vs K)."""
-    runs = results["runs"]
-    fig1_run = _fig1_run(results)
-    lines = {"DPO (pairs)": series(read_metrics(runs["dpo_pairs"]["metrics"])[0], "logps/chosen"),
-             f"LPO-abs ({fig1_run.split('_')[-1].upper()})": series(read_metrics(runs[fig1_run]["metrics"])[0],
-                                                                    "logps/chosen")}
-    fig1 = plot_lines(lines, out_dir / "figure1_chosen_logps.png",
-                      f"Figure 1 ({results['suite']}): log-likelihood of the chosen response",
-                      "logps/chosen (sum over tokens, train batches)")
+def _fig1_pairs(results: dict) -> dict[str, tuple[dict, dict]]:
+    """{start label: (DPO run, LPO-abs run)}: from the SFT model (when the suite has a warm start), from random init."""
+    runs, fig1_run = results["runs"], _fig1_run(results)
+    pairs = {}
+    warm = results.get("warm_start")
+    if warm:
+        pairs["SFT model"] = (warm["runs"]["dpo_pairs_sft"], warm["runs"][f"{fig1_run}_sft"])
+    pairs["random init"] = (runs["dpo_pairs"], runs[fig1_run])
+    return pairs
+
+
+def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Figure 1 (chosen log-likelihood change, DPO vs LPO-abs; per start) and Figure 2 (held-out accuracy vs K)."""
+    runs, beta = results["runs"], _beta(results)
+    fig1_k = _fig1_run(results).split("_")[-1].upper()
+    figures = {}
+    for start, (dpo, lpo_abs) in _fig1_pairs(results).items():
+        name = "figure1" if start == "SFT model" or "warm_start" not in results else "figure1_random_init"
+        lines = {"DPO (pairs)": chosen_series(dpo["metrics"], beta),
+                 f"LPO-abs ({fig1_k})": chosen_series(lpo_abs["metrics"], beta)}
+        figures[name] = plot_lines(
+            lines, out_dir / f"{name}_chosen_logps.png",
+            f"Figure 1 ({results['suite']}, from the {start}): chosen log-likelihood",
+            "log π(chosen) − log π_start(chosen), nats (train batches)", hline=0.0)
     ks = sorted(int(name.rsplit("_k", 1)[1]) for name in runs if name.startswith("lpo_k"))
     fig2_lines = {}
     for loss, label in (("lpo", "LPO"), ("lpo_abs", "LPO-abs")):
         fig2_lines[label] = (ks, [runs[f"{loss}_k{k}"]["heldout"]["implicit/accuracy"] for k in ks])
-    fig2 = plot_lines(fig2_lines, out_dir / "figure2_accuracy_vs_k.png",
-                      f"Figure 2 ({results['suite']}): held-out ranking accuracy at {results['steps']} steps",
-                      "pairwise accuracy of the implicit reward", xlabel="K (responses per prompt in training)",
-                      hline=0.5, xticks=ks)
-    return [fig1, fig2]
+    figures["figure2"] = plot_lines(fig2_lines, out_dir / "figure2_accuracy_vs_k.png",
+                                    f"Figure 2 ({results['suite']}): held-out ranking accuracy at {results['steps']} steps",
+                                    "pairwise accuracy of the implicit reward", xlabel="K (responses per prompt in training)",
+                                    hline=0.5, xticks=ks)
+    return figures
 
 
 def _f(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{value + 0.0:+.2f}"  # + 0.0: no "-0.00"
+
+
+def _figure1_section(res: dict, figures: dict[str, str]) -> list[str]:
+    beta, fig1_run, warm = _beta(res), _fig1_run(res), res.get("warm_start")
+    lines = ["### Figure 1: chosen log-likelihood over training, DPO vs LPO-abs", "", f"![Figure 1]({figures['figure1']})", ""]
+    if "figure1_random_init" in figures:
+        lines += [f"![Figure 1, from random init]({figures['figure1_random_init']})", ""]
+    if warm:
+        sft = warm["sft"]["heldout"]
+        lines += [f"As in the paper, DPO and LPO-abs start from an SFT model, which is also their reference: "
+                  f"{warm['sft_steps']} steps of the `sft` loss (NLL per token of each list's best response) from the "
+                  f"seeded start, with the same optimiser settings; held-out log-likelihood of the best response "
+                  f"{_f(res['start']['logps/best'], 2)} → {_f(sft['logps/best'], 2)}. The same two runs from the "
+                  "random start are shown for comparison.", ""]
+    lines += ["Train batches: the change of the chosen (best) response's log-likelihood against the run's start "
+              "model on the same responses (`rewards/chosen` / β), mean over the last 15 % of steps, and its lowest "
+              "and highest step value. Held-out: the mean log-likelihood of the best response of the 64 held-out "
+              "lists, start model → trained model.", "",
+              "| start | run | Δ chosen log-lik, train batches | lowest | highest | held-out best log-lik: start → end |",
+              "|---|---|---:|---:|---:|---|"]
+    changes = {}
+    for start, (dpo, lpo_abs) in _fig1_pairs(res).items():
+        start_best = warm["sft"]["heldout"]["logps/best"] if start == "SFT model" else res["start"]["logps/best"]
+        for label, run in (("DPO on Zephyr pairs", dpo), (f"LPO-abs ({fig1_run})", lpo_abs)):
+            c = chosen_change(run["metrics"], beta)
+            end_best = run["heldout"]["logps/best"]
+            changes[(start, label.split()[0])] = (c["end"], end_best - start_best)
+            lines.append(f"| {start} | {label} | {_signed(c['end'])} | {_signed(c['lowest'])} | {_signed(c['highest'])} | "
+                         f"{_f(start_best, 2)} → {_f(end_best, 2)} ({end_best - start_best:+.2f}) |")
+    lines.append("")
+    if any(v is None for pair in changes.values() for v in pair):
+        return lines
+    start = "SFT model" if warm else "random init"
+    (dpo_train, dpo_held), (abs_train, abs_held) = changes[(start, "DPO")], changes[(start, "LPO-abs")]
+    falls, rises = dpo_train < 0 and dpo_held < 0, abs_train > 0 and abs_held > 0
+    numbers = (f"DPO {dpo_train:+.2f} nats on train batches, {dpo_held:+.2f} held-out; LPO-abs {abs_train:+.2f} and "
+               f"{abs_held:+.2f}")
+    if falls and rises:
+        verdict = (f"shows the paper's effect from the {start}: the chosen log-likelihood falls under DPO and rises "
+                   f"under LPO-abs ({numbers}).")
+    else:
+        dpo_text = ("DPO's falls as in the paper" if falls else
+                    "DPO's does not fall on both measures" if (dpo_train < 0 or dpo_held < 0) else "DPO's rises too")
+        verdict = (f"does NOT show the paper's effect as stated from the {start}: {dpo_text}; LPO-abs's "
+                   f"{'rises' if rises else 'does not rise on both measures'} ({numbers}).")
+    lines += [f"**The miniature {verdict}**", ""]
+    if warm:
+        r_dpo, r_abs = changes[("random init", "DPO")], changes[("random init", "LPO-abs")]
+        lines += [f"From the random start, DPO's chosen log-likelihood changes by {r_dpo[0]:+.2f} nats "
+                  f"({r_dpo[1]:+.2f} held-out) and LPO-abs's by {r_abs[0]:+.2f} ({r_abs[1]:+.2f}): there every "
+                  "response's likelihood rises while the model learns the answer format, so DPO's decline needs a "
+                  "start that already fits the responses.", ""]
+    else:
+        lines += ["From a random start every response's likelihood first rises as the model learns the answer "
+                  "format; the paper's DPO decline is measured from an SFT model that already fits the responses.", ""]
+    return lines
+
+
 def _suite_section(res: dict, report_dir: Path) -> list[str]:
     runs = res["runs"]
-    fig1_run = _fig1_run(res)
-    rel = [os.path.relpath(p, report_dir) for p in res["figures"]]
-    dpo, lpo_abs = chosen_trend(runs["dpo_pairs"]["metrics"]), chosen_trend(runs[fig1_run]["metrics"])
+    figures = {name: os.path.relpath(p, report_dir) for name, p in res["figures"].items()}
     lines = [f"## {res['suite']} ({res['steps']} steps per run, {res['seconds']:.0f} s)", "",
-             "### Figure 1: chosen log-likelihood over training", "", f"![Figure 1]({rel[0]})", "",
-             "| run | logps/chosen, first 15 % of steps | last 15 % | change |", "|---|---:|---:|---:|",
-             f"| DPO on Zephyr pairs | {_f(dpo['first'])} | {_f(dpo['last'])} | {_f(dpo['change'])} |",
-             f"| LPO-abs ({fig1_run}) | {_f(lpo_abs['first'])} | {_f(lpo_abs['last'])} | {_f(lpo_abs['change'])} |", ""]
-    if dpo["change"] is not None and lpo_abs["change"] is not None:
-        falls, rises = dpo["change"] < 0, lpo_abs["change"] > 0
-        verdict = ("shows the paper's effect: the chosen log-likelihood falls under DPO and rises under LPO-abs."
-                   if falls and rises else
-                   "does NOT show the paper's effect as stated: " +
-                   ("DPO's chosen log-likelihood rises too; " if not falls else "DPO's falls as in the paper; ") +
-                   ("LPO-abs's rises." if rises else "LPO-abs's falls."))
-        lines += [f"**The miniature {verdict}**", "",
-                  f"Change of the chosen log-likelihood over the run: DPO {dpo['change']:+.2f} nats, LPO-abs "
-                  f"{lpo_abs['change']:+.2f} nats. From a random start every response's likelihood first rises as "
-                  "the model learns the answer format; the paper's DPO decline is measured from an SFT model that "
-                  "already fits the responses.", ""]
+             *_figure1_section(res, figures)]
     ks = sorted(int(name.rsplit("_k", 1)[1]) for name in runs if name.startswith("lpo_k"))
-    lines += ["### Figure 2: held-out ranking accuracy vs K (equal steps)", "", f"![Figure 2]({rel[1]})", "",
+    lines += ["### Figure 2: held-out ranking accuracy vs K (equal steps)", "", f"![Figure 2]({figures['figure2']})", "",
               "Pairwise accuracy of the implicit reward β(log π − log μ) on the held-out K = 8 lists "
               f"(start model: {_f(res['start']['implicit/accuracy'])}, a coin flip; ranking by response length "
               f"alone, longer = better: {_f(res.get('length_baseline'))}).", "",
@@ -115,7 +181,8 @@ def write_report(results: list[dict], path: Path, total_seconds: float, demo_cfg
 
     lines = ["# LPO in miniature: `nemo-lpo reproduce`", "",
              f"Tiny Mixtral (2 layers, hidden 64, 4 experts top-2, Mistral v1 vocabulary), randomly initialised "
-             f"(seed {demo_cfg.seed}); the reference μ is the start model. β = {demo_cfg.beta}, lr {demo_cfg.lr} "
+             f"(seed {demo_cfg.seed}); every run's reference μ is its start model (the seeded start, or for "
+             f"Figure 1 the SFT model trained from it). β = {demo_cfg.beta}, lr {demo_cfg.lr} "
              f"(cosine), {demo_cfg.global_batch_size} lists per step, fp32, one CPU process. Seeds fixed: the "
              "same command gives the same numbers.", "",
              f"Runtime: {total_seconds:.0f} s in total on {os.cpu_count()} CPU core(s) ({platform.processor() or platform.machine()}), "

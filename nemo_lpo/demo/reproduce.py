@@ -4,7 +4,9 @@ For each suite (the embedded default; the real K = 8 AlpacaEval lists in ../shar
 seeded tiny Mixtral start, one reference pass per training set, then these runs at equal steps:
 
 - Figure 1: ``dpo`` on Zephyr-style pairs (best vs one random other) and ``lpo_abs`` on the K = 4 lists;
-  the log-likelihood of the chosen (best) response over training, both on one plot.
+  the log-likelihood of the chosen (best) response over training. As in the paper, both start from an SFT
+  model (warm start: a short ``sft`` run on the best responses, from the seeded start), which is also their
+  reference; the same two runs from the random start are kept for comparison.
 - Figure 2: ``lpo`` and ``lpo_abs`` trained on K = 2, 4 and 8 responses per prompt; held-out pairwise ranking
   accuracy of the implicit reward on the K = 8 held-out lists.
 - Table 1: ``lpo`` with ``preference=true`` (m ≡ 1) on the same pairs as ``dpo``: the per-step losses and the
@@ -38,13 +40,14 @@ class Suite:
     heldout: Path
     steps: int
     limits: dict = dataclasses.field(default_factory=dict)
+    sft_steps: int = 0  # steps of the SFT warm start before Figure 1's runs (0: no warm start)
 
 
 def _say(message: str) -> None:
     print(f"[reproduce] {message}", flush=True)
 
 
-def embedded_suite(src_dir: Path, steps: int) -> Suite:
+def embedded_suite(src_dir: Path, steps: int, sft_steps: int = 0) -> Suite:
     """Write the nested K = 2 / 4 / 8 training files and the K = 8 held-out file of the embedded default."""
     splits = tasks.generate()
     files = {}
@@ -53,10 +56,10 @@ def embedded_suite(src_dir: Path, steps: int) -> Suite:
         tasks.write_jsonl_atomic(files[k], tasks.to_jsonl(tasks.subset_lists(splits["train"], k)))
     held = src_dir / "heldout_k8.jsonl"
     tasks.write_jsonl_atomic(held, tasks.to_jsonl(tasks.subset_lists(splits["heldout"], 8)))
-    return Suite("embedded", {k: (p, None) for k, p in files.items()}, files[4], held, steps)
+    return Suite("embedded", {k: (p, None) for k, p in files.items()}, files[4], held, steps, sft_steps=sft_steps)
 
 
-def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64) -> Suite | None:
+def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64, sft_steps: int = 0) -> Suite | None:
     """Split the real K = 8 AlpacaEval lists (when present) into train / held-out files under ``src_dir``."""
     if not SHARED_ALPACAEVAL.is_file():
         return None
@@ -65,7 +68,7 @@ def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64) -> Suite 
     tasks.write_jsonl_atomic(train, ("\n".join(lines[:-num_heldout]) + "\n").encode())
     tasks.write_jsonl_atomic(held, ("\n".join(lines[-num_heldout:]) + "\n").encode())
     return Suite("alpacaeval", {2: (train, 2), 4: (train, 4), 8: (train, None)}, train, held, steps,
-                 limits={"max_prompt_length": 64, "max_response_length": 64})
+                 limits={"max_prompt_length": 64, "max_response_length": 64}, sft_steps=sft_steps)
 
 
 def _pack(src: Path, prefix: Path, suite: Suite, **options) -> Path:
@@ -79,11 +82,30 @@ def _pack(src: Path, prefix: Path, suite: Suite, **options) -> Path:
     return prefix
 
 
+def _train_and_evaluate(cfg, held: Path, reference: Path, ref_logps, beta: float) -> tuple[dict, object]:
+    """One training run (``cfg``) and its held-out evaluation against ``reference``.
+
+    Returns the run's result entry and the trained policy's held-out log-probs ([lists, K] array).
+    """
+    from nemo_lpo.evaluate.run import evaluate_checkpoint, to_jsonable
+    from nemo_lpo.train.loop import train
+
+    run_dir = Path(cfg.logging.run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    t_run = time.perf_counter()
+    train(cfg)
+    ev = evaluate_checkpoint(run_dir / "checkpoints", held, reference=reference, beta=beta, preset="tiny-mixtral",
+                             reference_logps=ref_logps)
+    entry = {"loss": cfg.loss.type, "metrics": str(run_dir / "metrics.jsonl"), "checkpoint": ev["checkpoint"],
+             "heldout": to_jsonable(ev), "seconds": round(time.perf_counter() - t_run, 1)}
+    return entry, ev["_policy_logps"]
+
+
 def run_suite(suite: Suite, out: Path, demo_cfg) -> dict:
     """Pack, reference passes, the runs of Figures 1-2 and Table 1, held-out evaluation; returns the results."""
     from nemo_lpo.demo.pipeline import save_start_weights, train_config, write_sidecar
     from nemo_lpo.evaluate.run import evaluate_checkpoint, to_jsonable
-    from nemo_lpo.train.loop import train
 
     data, runs_dir = out / "data", out / "runs"
     t0 = time.perf_counter()
@@ -103,23 +125,50 @@ def run_suite(suite: Suite, out: Path, demo_cfg) -> dict:
     for k in sorted(suite.train):
         plan[f"lpo_k{k}"] = (f"k{k}", "lpo", ())
         plan[f"lpo_abs_k{k}"] = (f"k{k}", "lpo_abs", ())
-    results = {"suite": suite.name, "steps": suite.steps, "start": to_jsonable(base), "runs": {},
+    results = {"suite": suite.name, "steps": suite.steps, "beta": demo_cfg.beta, "start": to_jsonable(base), "runs": {},
                "length_baseline": length_baseline(held)}
     for run, (data_name, loss, extra) in plan.items():
-        run_dir = runs_dir / run
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
         _say(f"{suite.name}: training {run} ({loss} on {data_name}, {suite.steps} steps)")
-        t_run = time.perf_counter()
-        train(train_config(demo_cfg, prefixes[data_name], start, run_dir, steps=suite.steps, loss=loss, extra=extra))
-        ev = evaluate_checkpoint(run_dir / "checkpoints", held, reference=start, beta=demo_cfg.beta,
-                                 preset="tiny-mixtral", reference_logps=ref_logps)
-        results["runs"][run] = {"loss": loss, "data": data_name, "metrics": str(run_dir / "metrics.jsonl"),
-                                "checkpoint": ev["checkpoint"], "heldout": to_jsonable(ev),
-                                "seconds": round(time.perf_counter() - t_run, 1)}
+        cfg = train_config(demo_cfg, prefixes[data_name], start, runs_dir / run, steps=suite.steps, loss=loss,
+                           extra=extra)
+        entry, _ = _train_and_evaluate(cfg, held, start, ref_logps, demo_cfg.beta)
+        results["runs"][run] = {"data": data_name, **entry}
     results["table1"] = table1(results["runs"]["dpo_pairs"], results["runs"]["lpo_pref_pairs"])
+    if suite.sft_steps:
+        results["warm_start"] = warm_start(suite, out, held, ref_logps, demo_cfg)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     return results
+
+
+FIG1_K = 4  # LPO-abs of Figure 1 trains on the K = 4 lists
+
+
+def warm_start(suite: Suite, out: Path, held: Path, start_logps, demo_cfg) -> dict:
+    """Figure 1 from an SFT model: ``sft`` on the best responses, then DPO and LPO-abs from it (reference = it).
+
+    The SFT run trains on the Zephyr pairs (the ``sft`` loss reads only each list's best response) from the
+    seeded start, with the same optimiser settings as every run. Its checkpoint is the starting policy of both
+    runs and their reference μ, held online by the trainer (the datasets' stored log-probs are the random
+    start's); both are evaluated on the held-out lists against it.
+    """
+    from nemo_lpo.demo.pipeline import train_config
+    from nemo_lpo.evaluate.run import resolve_checkpoint
+
+    data, runs_dir = out / "data", out / "runs"
+    _say(f"{suite.name}: SFT warm start ({suite.sft_steps} steps of sft on the best responses)")
+    sft_cfg = train_config(demo_cfg, data / "train_pairs", out / "start", runs_dir / "sft", steps=suite.sft_steps,
+                           loss="sft")
+    sft, sft_logps = _train_and_evaluate(sft_cfg, held, out / "start", start_logps, demo_cfg.beta)
+    sft_ckpt = resolve_checkpoint(runs_dir / "sft" / "checkpoints")
+    runs = {}
+    for run, (data_name, loss) in {"dpo_pairs_sft": ("pairs", "dpo"),
+                                   f"lpo_abs_k{FIG1_K}_sft": (f"k{FIG1_K}", "lpo_abs")}.items():
+        _say(f"{suite.name}: training {run} ({loss} on {data_name} from the SFT model, {suite.steps} steps)")
+        cfg = train_config(demo_cfg, data / f"train_{data_name}", sft_ckpt, runs_dir / run, steps=suite.steps, loss=loss,
+                           extra=("reference.mode=online",))
+        entry, _ = _train_and_evaluate(cfg, held, sft_ckpt, sft_logps, demo_cfg.beta)
+        runs[run] = {"data": data_name, **entry}
+    return {"sft_steps": suite.sft_steps, "sft": sft, "runs": runs}
 
 
 def length_baseline(prefix: Path) -> float:
@@ -191,17 +240,20 @@ def table1(dpo: dict, lpo: dict) -> dict:
 
 
 def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None,
-                  include_embedded: bool = True) -> int:
+                  include_embedded: bool = True, sft_steps: int | None = None, real_sft_steps: int | None = None) -> int:
     """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code."""
     from nemo_lpo.demo.pipeline import DemoConfig
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
     steps = steps or 40
+    sft_steps = steps if sft_steps is None else sft_steps
     demo_cfg = DemoConfig(out_dir=out, steps=steps)
-    suites = [embedded_suite(out / "embedded" / "src", steps)] if include_embedded else []
+    suites = [embedded_suite(out / "embedded" / "src", steps, sft_steps=sft_steps)] if include_embedded else []
     if include_real:
-        real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps or max(8, steps // 5))
+        real_steps = real_steps or max(8, steps // 5)
+        real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps,
+                                sft_steps=real_steps if real_sft_steps is None else real_sft_steps)
         if real is None:
             _say(f"no real K = 8 lists at {SHARED_ALPACAEVAL}: skipping them")
         else:
@@ -226,7 +278,7 @@ def write_outputs(out: Path, suite_names: list[str], total_seconds: float | None
         res = json.loads((out / name / "results.json").read_text())
         if "length_baseline" not in res:  # results of an older version
             res["length_baseline"] = length_baseline(out / name / "data" / "heldout_k8")
-        res["figures"] = [str(p) for p in draw_figures(res, out / name / "figures")]
+        res["figures"] = {key: str(p) for key, p in draw_figures(res, out / name / "figures").items()}
         results.append(res)
     if total_seconds is None:
         total_seconds = sum(r["seconds"] for r in results)
