@@ -72,8 +72,12 @@ def test_report_says_when_the_effect_is_absent(tmp_path):
                    acc={2: (0.5, 0.5), 4: (0.5, 0.5), 8: (0.5, 0.5)}, warm=(-36.5, -33.0))
     res["table1"]["steps_identical"] = 19
     text = _report(res, tmp_path)
-    assert "does NOT show the paper's effect as stated from the SFT model" in text
-    assert "DPO's does not fall on both measures" in text and "NOT bit-identical" in text
+    assert "does NOT show the paper's effect as stated from the SFT model" in text and "NOT bit-identical" in text
+    assert ("DPO's chosen log-likelihood falls on train batches (-1.80 nats) and rises held-out (+0.50); LPO-abs's "
+            "rises on train batches (+9.00) and rises held-out (+4.00)") in text
+    # a held-out change under 0.1 nats is no change
+    res["warm_start"]["runs"]["dpo_pairs_sft"]["heldout"]["logps/best"] = -37.05
+    assert "and is flat held-out (-0.05)" in _report(res, tmp_path)
 
 
 def test_report_without_warm_start(tmp_path):
@@ -81,7 +85,8 @@ def test_report_without_warm_start(tmp_path):
     res = _results(tmp_path, dpo_chosen=[], lpo_abs_chosen=[], acc={2: (0.5, 0.5), 4: (0.5, 0.5), 8: (0.5, 0.5)})
     text = _report(res, tmp_path)
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {"figure1_chosen_logps.png", "figure2_accuracy_vs_k.png"}
-    assert "does NOT show the paper's effect as stated from the random init: DPO's rises too" in text
+    assert ("does NOT show the paper's effect as stated from the random init: DPO's chosen log-likelihood rises on "
+            "train batches (+0.50 nats) and rises held-out (+1.00)") in text
     assert "the paper's DPO decline is measured from an SFT model" in text
 
 
