@@ -9,8 +9,13 @@ Layout under the checkpoint folder::
 
 A ``kill -9`` during a save therefore leaves ``latest`` pointing at the previous checkpoint. Model and
 optimizer state are saved in megatron's reshardable formats (the DistributedOptimizer in
-``fully_sharded_model_space``), so a checkpoint saved under one TP/PP/EP/DP layout loads under another;
-the per-rank RNG state is only restored when the layout is the same.
+``fully_reshardable``: its DP shards are gathered at save into one tensor per parameter and state, shaped and
+sharded like the parameter, as a plain optimizer saves them; no ``chained_N.`` prefix under EP), so a checkpoint saved under one TP/PP/EP/DP layout, with or without the
+DistributedOptimizer, loads under another. The optimizer's tensors come from the checkpoint, its
+non-tensor state (param groups) from the loading optimizer, and Adam's step count from the saved common
+state: megatron's own merge of the saved structure fails when the optimizer's shape changes (one optimizer
+vs a ChainedOptimizer of dense + expert parts under EP, plain vs distributed). The per-rank RNG state is only
+restored when the layout is the same (the tiny and real presets have no dropout, so nothing draws from it).
 """
 
 from __future__ import annotations
@@ -23,8 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+FORMAT_VERSION = 2
+# megatron-core 0.19 refuses ShardedTensor.flattened_range, so the DistributedOptimizer's
+# `fully_sharded_model_space` format (flattened slices per DP rank) can neither save nor load;
+# `fully_reshardable` is its working reshardable format.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# Format 1 wrote a ChainedOptimizer's (EP > 1) tensors under a `chained_N.` prefix: loadable at the same EP only.
+READABLE_FORMATS = {1: {"distrib_optim_sharding_type": "fully_reshardable"}, FORMAT_VERSION: OPTIMIZER_METADATA}
 LATEST = "latest"
 
 
@@ -87,6 +97,16 @@ def _rng_sharded() -> object:
     )
 
 
+def _save_metadata() -> dict:
+    """OPTIMIZER_METADATA for a save on this machine.
+
+    The DistributedOptimizer gathers its DP shards at save: over NCCL on GPU (every DP rank gets them and
+    the write is spread over DP); on CPU megatron's NCCL path calls ``.cuda()``, so the gather goes over its
+    gloo group to DP rank 0 (``mem_efficient``; the checkpoint reads the same either way).
+    """
+    return {**OPTIMIZER_METADATA, "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -98,6 +118,8 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
     import time
 
     from megatron.core import dist_checkpointing
+
+    from nemo_lpo.train.optimizer import is_distributed
 
     start = time.perf_counter()
     root = Path(root)
@@ -113,13 +135,14 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
     model_sd = lpo.module.sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_save_metadata()),
         "rng": _rng_sharded(),
         "step": step,
         "scheduler": scheduler.state_dict(),
         "data": feeder.state_dict(),
         "config": config_dict,
         "layout": layout(),
+        "distributed_optimizer": is_distributed(optimizer),
         "format_version": FORMAT_VERSION,
     }
     dist_checkpointing.save(state, str(tmp))
@@ -141,29 +164,77 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
     return final
 
 
+def saved_layout(path: str | Path) -> dict:
+    """The parallel layout a training checkpoint was saved under (plus whether it used the DistributedOptimizer)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return {**common["layout"], "distributed_optimizer": common.get("distributed_optimizer", False)}
+
+
 def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
     """Restore the training state saved at ``path``; returns its step. Works across layouts (see module doc)."""
     from megatron.core import dist_checkpointing
 
+    from nemo_lpo.train.optimizer import (
+        fill_slots,
+        init_optimizer_state,
+        is_distributed,
+        load_optimizer_state,
+        main_params_from_checkpoint,
+        saved_adam_step,
+        set_adam_step,
+        split_sharded,
+    )
+
     path = Path(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    if common.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not a nemo-lpo training checkpoint (format {common.get('format_version')})")
+    version = common.get("format_version")
+    if version not in READABLE_FORMATS:
+        raise ValueError(f"{path}: not a nemo-lpo training checkpoint (format {version})")
     same_layout = common["layout"] == layout()
     model_sd = lpo.module.sharded_state_dict()
-    request = {"model": model_sd,
-               "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}
+    init_optimizer_state(optimizer)
+    opt_request = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=READABLE_FORMATS[version])
+    opt_tensors: dict = {}
+    opt_skeleton = split_sharded(opt_request, opt_tensors)
+    from_weights = main_params_from_checkpoint(opt_tensors, path)
+    # not under "optimizer": the saved common state there has the SAVING optimizer's structure, which
+    # megatron would merge into ours (and fail on) when the layout or optimizer kind changed
+    request = {"model": model_sd, "optimizer_tensors": opt_tensors}
     if same_layout:
         request["rng"] = _rng_sharded()
-    loaded = dist_checkpointing.load(request, str(path))
+    try:
+        loaded = dist_checkpointing.load(request, str(path))
+    except Exception as err:
+        here = {**layout(), "distributed_optimizer": is_distributed(optimizer)}
+        raise RuntimeError(f"{path}: cannot load the checkpoint saved under {describe_layout(saved_layout(path))} "
+                           f"into this run's {describe_layout(here)}: {err}") from err
     lpo.module.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    opt_loaded = loaded["optimizer_tensors"]
+    if from_weights:
+        again = dist_checkpointing.load(from_weights, str(path))
+        opt_loaded.update({slot: again[slot] for slot in from_weights})
+    opt_state = fill_slots(opt_skeleton, opt_loaded)
+    step = saved_adam_step(common["optimizer"])
+    if step is not None:
+        set_adam_step(opt_state, step)
+    load_optimizer_state(optimizer, opt_state)
     scheduler.num_steps = 0  # megatron's load_state_dict ADDS the saved count to the current one
     scheduler.load_state_dict(common["scheduler"])
-    feeder.load_state_dict(common["data"])
+    feeder.load_state_dict(common["data"])  # consumed lists of the GLOBAL batch: valid for any dp size
     if same_layout:
         _set_rng_state(loaded["rng"])
     return int(common["step"])
+
+
+def describe_layout(lay: dict) -> str:
+    """``tp=2 pp=1 ep=1 dp=1 (2 processes, distributed optimizer)``: a layout for messages."""
+    text = " ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "ep", "dp") if k in lay)
+    extra = [f"{lay['world']} process{'es' if lay.get('world', 1) != 1 else ''}"] if "world" in lay else []
+    if "distributed_optimizer" in lay:
+        extra.append("distributed optimizer" if lay["distributed_optimizer"] else "plain optimizer")
+    return f"layout {text} ({', '.join(extra)})" if extra else f"layout {text}"
 
 
 def _copy_model_description(sidecar: Path | None, ckpt: Path, config_dict: dict) -> None:

@@ -90,11 +90,29 @@ class Trainer:
 
         path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.resume else None
         if path is not None:
+            self._warn_random_reference(path)
             self.step = load_checkpoint(path, self.lpo, self.optimizer, self.scheduler, self.feeder)
             if self.rank == 0:
                 print(f"resumed from {path} at step {self.step}", flush=True)
         self.logger.truncate_after(self.step)
         return self.step
+
+    def _warn_random_reference(self, path: Path) -> None:
+        """Warn when an online reference is a random init that the new layout draws differently.
+
+        The reference is not in the checkpoint: it is rebuilt from ``model.init_checkpoint`` (layout-free), or,
+        without one, from the seeded random init, which differs between pipeline / expert layouts.
+        """
+        from nemo_lpo.train.checkpoint import describe_layout, layout, saved_layout
+
+        if self.lpo.reference is None or self.cfg.model.init_checkpoint or self.cfg.reference.checkpoint:
+            return
+        saved, now = saved_layout(path), layout()
+        if self.rank == 0 and any(saved[k] != now[k] for k in ("tp", "pp", "ep")):
+            print(f"WARNING: resuming {path} ({describe_layout(saved)}) under {describe_layout(now)} with "
+                  "reference.mode=online and no model.init_checkpoint: the reference is this layout's seeded random "
+                  "init, not the saved run's; set model.init_checkpoint for a layout-independent reference",
+                  flush=True)
 
     def save(self) -> Path:
         """Save a checkpoint of the current step (collective)."""

@@ -8,7 +8,7 @@ step's metrics. Scenarios: base (online reference, 4 micro-batches x 1 list), ba
 1x4 without the MoE aux loss, which megatron defines per micro-batch), precomputed (ref-logps pass, then the
 sidecar), recompute (full activation recompute), shared_noaux (shared-prompt packing, vs
 base_noaux), bf16 (bf16 params, fp32 main weights), tp2 (+SP), pp2,
-ep2 (alltoall), dp2 (+ distributed optimizer).
+ep2 (alltoall), dp2 (+ distributed optimizer). ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ SCENARIOS = {
     "pp2": ["parallel.pp=2"],
     "ep2": ["parallel.ep=2", "model.moe_token_dispatcher=alltoall"],
     "dp2": ["parallel.distributed_optimizer=true"],
+    "init": [],
 }
 
 
@@ -64,6 +65,8 @@ def run(work: Path, prefix: str, name: str) -> None:
 
         seeded = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=None))
         save_model_weights(LPOModel(seeded, train=False).module, init)
+    if name == "init":
+        return
     if name == "precomputed":
         from nemo_lpo.train.reference import write_reference
 
