@@ -43,7 +43,7 @@ def single(work) -> dict:
 def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
-    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS))
+    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "pp2_shared_noaux"))
 
 
 def lines_of(found: dict, name: str) -> list[dict]:
@@ -90,6 +90,13 @@ def test_shared_prompt_packing_matches_unpacked(single):
         assert abs(got["loss"] - want["loss"]) < TOL and abs(got["grad_norm"] - want["grad_norm"]) < TOL
         assert got["rewards/accuracies"] == pytest.approx(want["rewards/accuracies"], abs=1e-6)
         assert got["tokens"] < want["tokens"]  # each prompt once instead of K times
+
+
+def test_shared_prompt_under_pp2(layouts, single):
+    """Shared-prompt rows (their per-token positions and list mask on both stages) through the PP2 pipeline."""
+    shared = lines_of(single, "shared_noaux")
+    assert shared[0]["loss"] != shared[2]["loss"]
+    assert_same_run(lines_of(layouts, "pp2_shared_noaux"), shared)
 
 
 def test_bf16_tracks_fp32(single):

@@ -8,7 +8,8 @@ step's metrics. Scenarios: base (online reference, 4 micro-batches x 1 list), ba
 1x4 without the MoE aux loss, which megatron defines per micro-batch), precomputed (ref-logps pass, then the
 sidecar), recompute (full activation recompute), shared_noaux (shared-prompt packing, vs
 base_noaux), bf16 (bf16 params, fp32 main weights), tp2 (+SP), pp2,
-ep2 (alltoall), dp2 (+ distributed optimizer). ``init`` only writes WORK_DIR/init (for other tests' runs).
+ep2 (alltoall), dp2 (+ distributed optimizer), pp2_shared_noaux (shared-prompt rows through the 1F1B pipeline,
+vs shared_noaux). ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SCENARIOS = {
     "pp2": ["parallel.pp=2"],
     "ep2": ["parallel.ep=2", "model.moe_token_dispatcher=alltoall"],
     "dp2": ["parallel.distributed_optimizer=true"],
+    "pp2_shared_noaux": ["parallel.pp=2", "model.moe_aux_loss_coeff=0.0", "data.shared_prompt=true"],
     "init": [],
 }
 
