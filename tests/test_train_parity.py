@@ -1,7 +1,8 @@
 """LPO training is layout-invariant, and step 1 equals the closed form.
 
-TP2+SP, PP2, EP2 (alltoall), DP2 (+ distributed optimizer), micro-batch splits and precomputed vs online
-reference all reproduce the single-process run.
+TP2+SP, PP2, EP2 (alltoall), DP2 (+ distributed optimizer), PP2 x virtual pipeline 2 (4-layer variant,
+also resuming a 1-process checkpoint), micro-batch splits and precomputed vs online reference all reproduce
+the single-process run.
 
 Two torchrun launches (1 and 2 processes) run every scenario of tests/dist/train_parity.py on the same
 packed lists and the same starting weights (a dist checkpoint written by the single-process launch).
@@ -35,7 +36,7 @@ def work(tmp_path_factory) -> tuple[Path, Path]:
 def single(work) -> dict:
     root, prefix = work
     out = run_torchrun(WORKER, 1, str(root), str(prefix), "base", "base_noaux", "mb4_noaux", "precomputed",
-                       "recompute", "shared_noaux", "bf16")
+                       "recompute", "shared_noaux", "bf16", "base4")
     return results(out)
 
 
@@ -43,7 +44,8 @@ def single(work) -> dict:
 def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
-    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "pp2_shared_noaux"))
+    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "pp2_shared_noaux", "pp2_vpp2",
+                                "pp2_vpp2_resume"))
 
 
 def lines_of(found: dict, name: str) -> list[dict]:
@@ -52,8 +54,8 @@ def lines_of(found: dict, name: str) -> list[dict]:
     return found[name]["lines"]
 
 
-def assert_same_run(got: list[dict], want: list[dict], tol: float = TOL) -> None:
-    assert [line["step"] for line in got] == [line["step"] for line in want] == [1, 2, 3]
+def assert_same_run(got: list[dict], want: list[dict], tol: float = TOL, steps=(1, 2, 3)) -> None:
+    assert [line["step"] for line in got] == [line["step"] for line in want] == list(steps)
     for g, w in zip(got, want, strict=True):
         assert abs(g["loss"] - w["loss"]) < tol, (g["step"], g["loss"], w["loss"])
         assert abs(g["grad_norm"] - w["grad_norm"]) < tol, (g["step"], g["grad_norm"], w["grad_norm"])
@@ -97,6 +99,21 @@ def test_shared_prompt_under_pp2(layouts, single):
     shared = lines_of(single, "shared_noaux")
     assert shared[0]["loss"] != shared[2]["loss"]
     assert_same_run(lines_of(layouts, "pp2_shared_noaux"), shared)
+
+
+def test_virtual_pipeline_reproduces_single_process(layouts, single):
+    """PP2 x VPP2 (megatron's interleaved 1F1B, 4 layers: one per chunk) vs 1 process.
+
+    Its micro-batches are padded to the step's longest, which changes nothing.
+    """
+    base = lines_of(single, "base4")
+    assert base[0]["loss"] != base[2]["loss"]
+    assert_same_run(lines_of(layouts, "pp2_vpp2"), base[:3])
+
+
+def test_virtual_pipeline_resumes_single_process_checkpoint(layouts, single):
+    """The 1-process step-3 checkpoint (model + optimizer) resumed as two chunks per rank at PP2 x VPP2."""
+    assert_same_run(lines_of(layouts, "pp2_vpp2_resume"), lines_of(single, "base4")[3:], steps=(4, 5, 6))
 
 
 def test_bf16_tracks_fp32(single):

@@ -53,6 +53,10 @@ class ParallelConfig:
     Attributes:
         tp: Tensor-parallel size.
         pp: Pipeline-parallel size.
+        vpp: Virtual pipeline stages (model chunks) per pipeline rank: Megatron's interleaved 1F1B schedule
+            (``--num-layers-per-virtual-pipeline-stage`` = num_layers / (pp * vpp)); 1 disables it. Needs
+            pp > 1, num_layers divisible by pp * vpp and micro-batches per step (per data-parallel rank) a
+            multiple of pp; every micro-batch of a step is padded to the step's longest sequence.
         ep: Expert-parallel size (MoE models).
         etp: Expert tensor-parallel size; None means 1 when ep > 1, else tp.
         sequence_parallel: Shard activations along the sequence over TP (required for MoE with tp > 1).
@@ -64,6 +68,7 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
+    vpp: int = 1
     ep: int = 1
     etp: int | None = None
     sequence_parallel: bool = False
@@ -248,9 +253,11 @@ class Config:
     def __post_init__(self) -> None:
         """Check the cross-field constraints that single values cannot express."""
         p, d = self.parallel, self.data
-        for name in ("tp", "pp", "ep"):
+        for name in ("tp", "pp", "vpp", "ep"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        if p.vpp > 1:
+            self._check_virtual_pipeline()
         if d.micro_batch_size < 1 or d.global_batch_size % d.micro_batch_size:
             raise ConfigError(
                 f"data.global_batch_size ({d.global_batch_size}) must be a positive multiple of "
@@ -266,6 +273,16 @@ class Config:
             raise ConfigError("model.preset=from_checkpoint needs model.init_checkpoint (a converted checkpoint)")
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
+
+    def _check_virtual_pipeline(self) -> None:
+        p = self.parallel
+        if p.pp < 2:
+            raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline), "
+                              f"got pp={p.pp}")
+        layers = _preset_layers(self.model.preset)  # None for from_checkpoint: checked when the model is built
+        if layers is not None and layers % (p.pp * p.vpp):
+            raise ConfigError(f"parallel.vpp: model.preset={self.model.preset} has {layers} layers, not divisible "
+                              f"by pp*vpp = {p.pp}*{p.vpp}")
 
     def to_dict(self) -> dict:
         """Return the config as plain nested dicts (YAML / checkpoint friendly)."""
@@ -288,6 +305,22 @@ class Config:
                 f"data.global_batch_size ({self.data.global_batch_size}) must be a multiple of "
                 f"micro_batch_size*dp = {self.data.micro_batch_size * dp}"
             )
+        microbatches = self.data.global_batch_size // (self.data.micro_batch_size * dp)
+        if self.parallel.vpp > 1 and microbatches % self.parallel.pp:
+            # megatron's interleaved schedule runs micro-batches in groups of pp per virtual stage
+            raise ConfigError(
+                f"parallel.vpp={self.parallel.vpp}: the {microbatches} micro-batches per step "
+                f"(global_batch_size / (micro_batch_size*dp) = {self.data.global_batch_size} / "
+                f"({self.data.micro_batch_size}*{dp})) must be a multiple of parallel.pp={self.parallel.pp}"
+            )
         return dp
+
+
+def _preset_layers(name: str) -> int | None:
+    """Layer count of the named preset (None when it is not a named preset)."""
+    from nemo_lpo.model.presets import PRESETS
+
+    preset = PRESETS.get(name)
+    return None if preset is None else preset.num_layers
 
 

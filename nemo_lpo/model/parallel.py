@@ -22,6 +22,7 @@ def initialize_parallel(
     etp: int | None = None,
     seed: int = 1234,
     backend: str | None = None,
+    vpp: int = 1,
 ) -> None:
     """Initialise torch.distributed, megatron's model-parallel groups and its RNG tracker.
 
@@ -36,6 +37,7 @@ def initialize_parallel(
         etp: expert-tensor-parallel size (None: megatron's default, equal to ``tp``).
         seed: base seed; megatron derives the TP / expert streams from it.
         backend: force a torch.distributed backend (default: nccl with CUDA, gloo without).
+        vpp: virtual pipeline stages (model chunks) per pipeline rank; 1 = no interleaving.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -74,6 +76,7 @@ def initialize_parallel(
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
     )
     # As Megatron-LM's _set_random_seed: the CPU generator too (it is the only one on CPU), then the
     # tracked model-parallel streams.

@@ -44,12 +44,41 @@ def step_dir_name(step: int) -> str:
 
 
 def layout() -> dict:
-    """This run's parallel layout (sizes), as stored with each checkpoint."""
+    """This run's parallel layout (sizes), as stored with each checkpoint (``vpp`` only when interleaving)."""
     from megatron.core import parallel_state as ps
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
-            "world": torch.distributed.get_world_size()}
+    lay = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+           "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+           "world": torch.distributed.get_world_size()}
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp and vpp > 1:
+        lay["vpp"] = vpp
+    return lay
+
+
+def model_sharded_state_dict(module) -> dict:
+    """The sharded state dict of a model or of its virtual-pipeline chunk list.
+
+    Chunks go under ``model0``, ``model1``, ... (as Megatron-LM): their local names repeat
+    (``decoder.layers.0`` in every chunk) but their sharded keys carry GLOBAL layer numbers, so what is read or
+    written does not depend on the nesting, and a checkpoint of any layout, with or without chunks, loads into
+    any other. All chunks go into ONE request: megatron's load validation wants each rank's whole access
+    pattern at once (a load per chunk fails it).
+    """
+    if isinstance(module, list):
+        if len(module) == 1:
+            return module[0].sharded_state_dict()
+        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(module)}
+    return module.sharded_state_dict()
+
+
+def load_model_state(module, loaded: dict) -> None:
+    """Put the values of a ``model_sharded_state_dict`` request, as loaded, into the model or its chunks."""
+    if isinstance(module, list) and len(module) > 1:
+        for i, chunk in enumerate(module):
+            chunk.load_state_dict(loaded[f"model{i}"])
+    else:
+        (module[0] if isinstance(module, list) else module).load_state_dict(loaded)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -132,7 +161,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    model_sd = lpo.module.sharded_state_dict()
+    model_sd = model_sharded_state_dict(lpo.module)
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_save_metadata()),
@@ -193,7 +222,7 @@ def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
     if version not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a nemo-lpo training checkpoint (format {version})")
     same_layout = common["layout"] == layout()
-    model_sd = lpo.module.sharded_state_dict()
+    model_sd = model_sharded_state_dict(lpo.module)
     init_optimizer_state(optimizer)
     opt_request = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=READABLE_FORMATS[version])
     opt_tensors: dict = {}
@@ -210,7 +239,7 @@ def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
         here = {**layout(), "distributed_optimizer": is_distributed(optimizer)}
         raise RuntimeError(f"{path}: cannot load the checkpoint saved under {describe_layout(saved_layout(path))} "
                            f"into this run's {describe_layout(here)}: {err}") from err
-    lpo.module.load_state_dict(loaded["model"])
+    load_model_state(lpo.module, loaded["model"])
     opt_loaded = loaded["optimizer_tensors"]
     if from_weights:
         again = dist_checkpointing.load(from_weights, str(path))
@@ -230,7 +259,7 @@ def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
 
 def describe_layout(lay: dict) -> str:
     """``tp=2 pp=1 ep=1 dp=1 (2 processes, distributed optimizer)``: a layout for messages."""
-    text = " ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "ep", "dp") if k in lay)
+    text = " ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "vpp", "ep", "dp") if k in lay)
     extra = [f"{lay['world']} process{'es' if lay.get('world', 1) != 1 else ''}"] if "world" in lay else []
     if "distributed_optimizer" in lay:
         extra.append("distributed optimizer" if lay["distributed_optimizer"] else "plain optimizer")
@@ -256,7 +285,8 @@ def _copy_model_description(sidecar: Path | None, ckpt: Path, config_dict: dict)
 def load_model_weights(module, path: str | Path) -> None:
     """Load only the model weights of a dist checkpoint (a training checkpoint or a converted model).
 
-    Keys are megatron-core's own GPTModel sharded keys, so any TP/PP/EP layout can read any other.
+    ``module`` is a model or its virtual-pipeline chunk list. Keys are megatron-core's own GPTModel sharded
+    keys, so any TP/PP/VPP/EP layout can read any other.
     """
     from megatron.core import dist_checkpointing
 
@@ -265,20 +295,20 @@ def load_model_weights(module, path: str | Path) -> None:
         path = latest_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    request = module.sharded_state_dict()
+    request = model_sharded_state_dict(module)
     loaded = dist_checkpointing.load(request, str(path))
     # A training checkpoint also returns its common state (step, optimizer, scheduler, config, ...) beside
     # the requested tensors; only the model's own keys go to the module.
-    module.load_state_dict({key: value for key, value in loaded.items() if key in request})
+    load_model_state(module, {key: value for key, value in loaded.items() if key in request})
 
 
 def save_model_weights(module, path: str | Path) -> None:
-    """Save only the model weights as a dist checkpoint (e.g. the starting weights of a test run)."""
+    """Save only the model weights (a model or its chunk list) as a dist checkpoint (e.g. a test run's init)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(module.sharded_state_dict(), str(path))
+    dist_checkpointing.save(model_sharded_state_dict(module), str(path))
     _barrier()

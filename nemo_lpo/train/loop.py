@@ -22,7 +22,8 @@ def init_parallel(cfg: Config) -> None:
     from nemo_lpo.model.parallel import initialize_parallel
 
     p = cfg.parallel
-    initialize_parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, seed=cfg.train.seed, backend=p.backend)
+    initialize_parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, seed=cfg.train.seed, backend=p.backend,
+                       vpp=p.vpp)
     cfg.data_parallel_size(torch.distributed.get_world_size())  # clear error for an impossible layout
 
 

@@ -1,4 +1,4 @@
-"""LPOModel: the megatron GPTModel of this pipeline stage, its reference handling and the listwise loss.
+"""LPOModel: the megatron GPTModel of this pipeline stage (its chunks under virtual pipeline), its reference handling and the listwise loss.
 
 What a NeMo model class is to NeMo: it builds the policy (megatron DDP around a GPTModel, a Float16Module
 in between for bf16), the optional online reference (a frozen copy of the starting policy, optionally
@@ -106,6 +106,13 @@ def build_transformer_config(cfg: Config):
     p, m = cfg.parallel, cfg.model
     dtype = DTYPES[m.params_dtype]
     extra = {} if m.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": m.moe_aux_loss_coeff}
+    if p.vpp > 1:
+        from nemo_lpo.config import ConfigError
+
+        if preset.num_layers % (p.pp * p.vpp):
+            raise ConfigError(f"parallel.vpp: {preset.name} has {preset.num_layers} layers, not divisible by "
+                              f"pp*vpp = {p.pp}*{p.vpp}")
+        extra.update(virtual_pipeline_model_parallel_size=p.vpp, **VIRTUAL_PIPELINE_P2P)
     config = transformer_config(
         preset, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp8=m.fp8,
@@ -115,18 +122,43 @@ def build_transformer_config(cfg: Config):
     return preset, config
 
 
+# Pipeline p2p settings of the interleaved (virtual pipeline) schedule; why (megatron-core 0.19.2, on any
+# backend, not a gloo artefact):
+# - batch_p2p_comm=False: the interleaved schedule's combined exchange posts [send_prev, recv_prev, send_next,
+#   recv_next] in ONE batch_isend_irecv. At pp=2 the previous and the next rank are the same peer, and
+#   point-to-point messages between one pair of ranks are matched in posting order, untagged (NCCL and gloo
+#   alike), so each rank's recv_prev receives the peer's send_prev (a gradient instead of an activation):
+#   same sizes, no error, wrong numbers (measured: losses off by 2e-2 from the 3rd micro-batch). Megatron-LM
+#   itself never batches here: its VPP default is overlap_p2p_comm=True, batch_p2p_comm=False, used here too
+#   (the unbatched path orders sends and receives by even/odd rank, so they pair correctly; measured exact
+#   on CPU with and without overlap). Upstream reports: NVIDIA/Megatron-LM issue 1450, PR 5271.
+# - variable_seq_lengths=False: megatron's shape exchange (_communicate_shapes) is batched the same way
+#   regardless of batch_p2p_comm, so at pp=2 the shapes cross too; every micro-batch of a step therefore has
+#   ONE shape (the feeder pads them to the step's longest), sent without a shape exchange.
+VIRTUAL_PIPELINE_P2P = {"batch_p2p_comm": False, "overlap_p2p_comm": True, "variable_seq_lengths": False}
+
+
 def _build_module(cfg: Config):
+    """(preset, config, chunks): this rank's model chunks, one per virtual pipeline stage (one without VPP)."""
     from nemo_lpo.model.build import build_gpt_model
 
     preset, config = build_transformer_config(cfg)
-    module = build_gpt_model(preset, config)
-    if torch.cuda.is_available():
-        module.cuda(torch.cuda.current_device())
-    if config.bf16:
-        from megatron.core.transformer.module import Float16Module
+    vpp = cfg.parallel.vpp
+    chunks = []
+    for vp_stage in range(vpp) if vpp > 1 else [None]:
+        module = build_gpt_model(preset, config, vp_stage=vp_stage)
+        if torch.cuda.is_available():
+            module.cuda(torch.cuda.current_device())
+        if config.bf16:
+            from megatron.core.transformer.module import Float16Module
 
-        module = Float16Module(config, module)
-    return preset, config, module
+            module = Float16Module(config, module)
+        chunks.append(module)
+    return preset, config, chunks
+
+
+def _one_or_list(chunks: list):
+    return chunks[0] if len(chunks) == 1 else chunks
 
 
 def count_valid_lists(batch: dict) -> torch.Tensor:
@@ -165,7 +197,10 @@ class LPOModel:
             hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {sorted(LOSSES)}"
             raise ValueError(f"loss.type: unknown loss {cfg.loss.type!r}{hint}")
         self.cfg = cfg
-        self.preset, self.config, self.module = _build_module(cfg)
+        # ``modules`` / ``models`` / ``references``: always lists, one chunk per virtual pipeline stage;
+        # ``module`` / ``model`` / ``reference``: the single chunk without VPP, the list with it.
+        self.preset, self.config, self.modules = _build_module(cfg)
+        self.module = _one_or_list(self.modules)
         # the converted model's description, copied into each training checkpoint (export, later runs)
         self.model_sidecar = checkpoint_sidecar(cfg.model.init_checkpoint)
         if cfg.model.init_checkpoint:
@@ -173,29 +208,33 @@ class LPOModel:
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.reference = None
+        self.references = None
         if train and cfg.reference.mode == "online":
-            self.reference = self._build_reference()
-        self.model = self.module
+            self.references = self._build_reference()
+        self.reference = None if self.references is None else _one_or_list(self.references)
+        self.models = self.modules
         if train:
-            self.model = self._wrap_ddp()
+            self.models = self._wrap_ddp()
+        self.model = _one_or_list(self.models)
         self.metric_names = self._metric_names()
 
-    def _build_reference(self):
+    def _build_reference(self) -> list:
         from nemo_lpo.train.checkpoint import load_model_weights
 
-        _, _, reference = _build_module(self.cfg)
+        _, _, references = _build_module(self.cfg)
         ref_ckpt = self.cfg.reference.checkpoint
         if ref_ckpt and ref_ckpt != self.cfg.model.init_checkpoint:
-            load_model_weights(reference, ref_ckpt)
+            load_model_weights(_one_or_list(references), ref_ckpt)
         else:  # same layout, same stage: the policy's starting weights, tensor for tensor
-            reference.load_state_dict(self.module.state_dict(), strict=True)
-        reference.eval()
-        for param in reference.parameters():
-            param.requires_grad_(False)
-        if self.cfg.reference.offload and torch.cuda.is_available():
-            reference.cpu()
-        return reference
+            for reference, module in zip(references, self.modules, strict=True):
+                reference.load_state_dict(module.state_dict(), strict=True)
+        for reference in references:
+            reference.eval()
+            for param in reference.parameters():
+                param.requires_grad_(False)
+            if self.cfg.reference.offload and torch.cuda.is_available():
+                reference.cpu()
+        return references
 
     def _wrap_ddp(self):
         from megatron.core.distributed import (
@@ -213,14 +252,17 @@ class LPOModel:
             check_for_nan_in_grad=False,
             bucket_size=None if not p.overlap_grad_reduce else 40_000_000,
         )
-        ddp = DistributedDataParallel(self.config, ddp_config, self.module)
-        self.config.no_sync_func = ddp.no_sync
+        # one DDP per chunk, as Megatron-LM; only the first chunk's buffers overlap with the first
+        # forward (megatron's disable_bucketing for the other chunks)
+        ddps = [DistributedDataParallel(self.config, ddp_config, module, disable_bucketing=i > 0)
+                for i, module in enumerate(self.modules)]
+        self.config.no_sync_func = _one_or_list([ddp.no_sync for ddp in ddps])
         self.config.finalize_model_grads_func = finalize_model_grads
         if p.overlap_grad_reduce:
-            self.config.grad_sync_func = ddp.start_grad_sync
+            self.config.grad_sync_func = _one_or_list([ddp.start_grad_sync for ddp in ddps])
         if p.overlap_param_gather:
-            self.config.param_sync_func = ddp.start_param_sync
-        return ddp
+            self.config.param_sync_func = _one_or_list([ddp.start_param_sync for ddp in ddps])
+        return ddps
 
     def _metric_names(self) -> list[str]:
         """Names the loss reports (same on every rank, whether or not it computes the loss)."""
@@ -262,7 +304,8 @@ class LPOModel:
 
     def computed_tokens(self, batch: dict) -> torch.Tensor:
         """Number of tokens the model computed for ``batch`` (throughput metric)."""
-        return batch["seq_lengths"].sum()
+        # empty rows pad a virtual-pipeline step's micro-batches to one shape (step.add_empty_rows)
+        return batch["seq_lengths"].sum() - batch.get("empty_rows", 0)
 
     def loss_func(self, batch: dict, global_valid: torch.Tensor, num_microbatches: int, output: torch.Tensor):
         """Return (scaled micro-batch loss, metric SUMS) on the last stage; see the module docstring."""
@@ -297,12 +340,14 @@ class LPOModel:
     def _reference_on_device(self):
         offload = self.cfg.reference.offload and torch.cuda.is_available()
         if offload:
-            self.reference.cuda(torch.cuda.current_device())
+            for reference in self.references:
+                reference.cuda(torch.cuda.current_device())
         try:
-            yield self.reference
+            yield self.references
         finally:
             if offload:
-                self.reference.cpu()
+                for reference in self.references:
+                    reference.cpu()
                 torch.cuda.empty_cache()
 
     def attach_online_reference(self, microbatches: list[dict]) -> None:
@@ -310,8 +355,8 @@ class LPOModel:
         if self.reference is None:
             raise RuntimeError("reference.mode is precomputed but the batch has no ref_logps "
                                "(run `nemo-lpo ref-logps` on the dataset first, or set reference.mode=online)")
-        with self._reference_on_device() as reference:
-            logps = run_forward_only(reference, self.reference_forward_step, microbatches,
+        with self._reference_on_device() as references:
+            logps = run_forward_only(references, self.reference_forward_step, microbatches,
                                      self.cfg.loss.length_average)
         for batch, value in zip(microbatches, logps, strict=False):
             batch["ref_logps"] = value
@@ -320,15 +365,24 @@ class LPOModel:
 def run_forward_only(module, forward_step_factory, microbatches: list[dict], length_average: bool) -> list:
     """Run ``microbatches`` forward through ``module`` with megatron's schedule; [B, K] log-probs on the last stage.
 
-    Other pipeline stages get an empty list (they do not need the values).
+    ``module`` is a model or its list of virtual-pipeline chunks. Under the interleaved schedule the micro-batches
+    must share one shape (callers pad them) and their count must be a multiple of pp: the last one is repeated
+    to fill up and its extra results dropped. Other pipeline stages get an empty list (they do not need the values).
     """
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    chunks = module if isinstance(module, list) else [module]
+    count = len(microbatches)
+    if len(chunks) > 1:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        microbatches = microbatches + [microbatches[-1]] * (-count % pp)
     first = microbatches[0]["tokens"]
+    data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=partial(forward_step_factory, length_average),
-            data_iterator=iter(microbatches), model=[module], num_microbatches=len(microbatches),
+            data_iterator=data, model=chunks, num_microbatches=len(microbatches),
             seq_length=first.shape[1], micro_batch_size=first.shape[0], forward_only=True,
         )
-    return [item["ref_logps"] for item in out] if out else []
+    return [item["ref_logps"] for item in out][:count] if out else []

@@ -21,7 +21,7 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 
 def build_optimizer(cfg: Config, model, num_steps: int):
-    """Return (megatron optimizer, OptimizerParamScheduler) for the DDP-wrapped ``model``.
+    """Return (megatron optimizer, OptimizerParamScheduler) for the DDP-wrapped ``model`` (or its chunk list).
 
     Adam(W) with fp32 main parameters; bf16 models keep fp32 master weights and gradients
     (megatron's mixed-precision optimizer). Gradient clipping by global norm happens in ``step()``.
@@ -48,7 +48,7 @@ def build_optimizer(cfg: Config, model, num_steps: int):
         overlap_param_gather=p.overlap_param_gather,
         log_num_zeros_in_grad=False,
     )
-    optimizer = get_megatron_optimizer(opt_config, [model])
+    optimizer = get_megatron_optimizer(opt_config, model if isinstance(model, list) else [model])
     decay_steps = o.decay_steps or num_steps
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -29,12 +29,13 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
     from nemo_lpo.data import ListwiseDataset
     from nemo_lpo.train.checkpoint import load_model_weights
     from nemo_lpo.train.lpo_model import build_lpo_model, run_forward_only
-    from nemo_lpo.train.step import make_collator
+    from nemo_lpo.train.step import collate_uniform, make_collator
 
     lpo = build_lpo_model(cfg, train=False)
     if cfg.reference.checkpoint and cfg.reference.checkpoint != cfg.model.init_checkpoint:
         load_model_weights(lpo.module, cfg.reference.checkpoint)
-    lpo.module.eval()
+    for module in lpo.modules:
+        module.eval()
     dataset = ListwiseDataset(cfg.data.train_prefix)
     collator = make_collator(cfg, dataset.pad_id)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -44,10 +45,16 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     results: dict[int, np.ndarray] = {}
     for c in range(0, len(starts), CHUNK_MICROBATCHES):
-        batches = []
-        for start in starts[c:c + CHUNK_MICROBATCHES]:
-            items = [dataset[i] for i in range(start, min(start + mbs, len(dataset)))]
-            batches.append({k: v.to(device) for k, v in collator(items).items()})
+        groups = [[dataset[i] for i in range(start, min(start + mbs, len(dataset)))]
+                  for start in starts[c:c + CHUNK_MICROBATCHES]]
+        if cfg.parallel.vpp > 1:
+            # one shape for the interleaved schedule: a short last micro-batch repeats its last list (same
+            # list id, same values), then all are padded to the longest (step.collate_uniform)
+            groups = [items + [items[-1]] * (mbs - len(items)) for items in groups]
+            collated = collate_uniform(cfg, dataset.pad_id, groups)
+        else:
+            collated = [collator(items) for items in groups]
+        batches = [{k: v.to(device) for k, v in batch.items()} for batch in collated]
         logps = run_forward_only(lpo.module, lpo.reference_forward_step, batches, cfg.loss.length_average)
         if not keep:
             continue

@@ -2,7 +2,8 @@
 
 ``train_step`` counts the valid lists of the global batch (all-reduced over data-parallel ranks BEFORE
 the step, so every micro-batch's loss is divided by the same global count), fills online reference
-log-probs when configured, runs ``get_forward_backward_func`` (no pipelining or 1F1B, with gradient
+log-probs when configured, runs ``get_forward_backward_func`` (no pipelining, 1F1B, or interleaved
+1F1B over the model chunks of a virtual pipeline, with gradient
 accumulation over the micro-batches), steps the megatron optimizer (gradient clipping inside) and the
 learning-rate scheduler, and reduces the loss metrics over micro-batches and data-parallel ranks.
 """
@@ -31,9 +32,12 @@ class StepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def make_collator(cfg: Config, pad_id: int):
-    """The batch builder of ``cfg.data``: one sequence per (list, slot), or one row per list (shared prompt)."""
-    multiple = BatchFeeder.pad_multiple(cfg)
+def make_collator(cfg: Config, pad_id: int, multiple: int | None = None):
+    """The batch builder of ``cfg.data``: one sequence per (list, slot), or one row per list (shared prompt).
+
+    ``multiple`` overrides the padded-length multiple (``BatchFeeder.pad_multiple``).
+    """
+    multiple = multiple or BatchFeeder.pad_multiple(cfg)
     if cfg.data.shared_prompt:
         from nemo_lpo.packing.collate import SharedPromptCollator
 
@@ -63,6 +67,8 @@ class BatchFeeder:
         self.num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
         self.device = device
         self.drop_ref_logps = cfg.reference.mode == "online"  # the frozen copy supplies them
+        self.cfg = cfg
+        self.uniform = cfg.parallel.vpp > 1  # the interleaved schedule needs one shape per step
         self._iter = None
 
     @staticmethod
@@ -89,11 +95,15 @@ class BatchFeeder:
             except StopIteration:  # the sampler moved to the next epoch; keep going
                 self._iter = iter(self.sampler)
                 indices = next(self._iter)
-            batch = self.collator([self.dataset[i] for i in indices])
+            batches.append([self.dataset[i] for i in indices])
+        batches = collate_uniform(self.cfg, self.dataset.pad_id, batches) if self.uniform else \
+            [self.collator(items) for items in batches]
+        out = []
+        for batch in batches:
             if self.drop_ref_logps:
                 batch.pop("ref_logps", None)
-            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return batches
+            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return out
 
     def state_dict(self) -> dict:
         """Data position (the sampler's consumed lists and epoch)."""
@@ -103,6 +113,58 @@ class BatchFeeder:
         """Resume at the saved data position."""
         self.sampler.load_state_dict(state)
         self._iter = None
+
+
+def collate_uniform(cfg: Config, pad_id: int, groups: list[list[dict]]) -> list[dict]:
+    """Collate each group of dataset items into a micro-batch, all of ONE shape (virtual pipeline).
+
+    Megatron's interleaved schedule sends activations of a fixed shape without exchanging it first (its
+    shape exchange is unusable at pp=2, see ``lpo_model.VIRTUAL_PIPELINE_P2P``), so every micro-batch of a
+    step is padded to the step's longest: the padding costs only this step's spread of lengths, whereas a
+    fixed maximum length would pad every step to the worst case. The collators pad (re-collated with
+    ``pad_to_multiple_of`` = that length, which keeps the sequence-parallel multiple), so every layout's
+    derived keys (shared-prompt gather indices, packed cu_seqlens) stay consistent. The padded layout's
+    sequence count also varies (K sequences per list): missing rows are added as empty sequences
+    (``add_empty_rows``); other layouts have one row per list or per micro-batch.
+    """
+    collator = make_collator(cfg, pad_id)
+    batches = [collator(items) for items in groups]
+    longest = max(batch["tokens"].shape[1] for batch in batches)
+    if any(batch["tokens"].shape[1] != longest for batch in batches):
+        repad = make_collator(cfg, pad_id, multiple=longest)
+        batches = [batch if batch["tokens"].shape[1] == longest else repad(items)
+                   for batch, items in zip(batches, groups, strict=True)]
+    rows = max(batch["tokens"].shape[0] for batch in batches)
+    if any(batch["tokens"].shape[0] != rows for batch in batches):
+        if cfg.data.shared_prompt or cfg.data.packed:
+            raise ValueError(f"parallel.vpp: micro-batches of {sorted({b['tokens'].shape[0] for b in batches})} "
+                             "rows in one step (the interleaved schedule needs one shape)")
+        batches = [add_empty_rows(batch, rows, pad_id) for batch in batches]
+    return batches
+
+
+def add_empty_rows(batch: dict, rows: int, pad_id: int) -> dict:
+    """Append empty sequences to a padded batch up to ``rows`` sequences.
+
+    Each is one pad token (as the collator's empty slots: a zero-length sequence would leave its attention
+    row fully masked), with loss_mask 0, so it adds nothing to any response's log-prob; it is attributed to
+    slot 0 of list 0 with a zero sum. ``empty_rows`` counts them, so the token metric leaves them out.
+    """
+    n, t = batch["tokens"].shape
+    extra = rows - n
+    if extra <= 0:
+        return batch
+    out = dict(batch)
+    pad = torch.full((extra, t), pad_id, dtype=batch["tokens"].dtype)
+    out["tokens"] = torch.cat([batch["tokens"], pad])
+    out["labels"] = torch.cat([batch["labels"], pad.clone()])
+    out["loss_mask"] = torch.cat([batch["loss_mask"], batch["loss_mask"].new_zeros(extra, t)])
+    out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(t).expand(extra, t)])
+    out["seq_lengths"] = torch.cat([batch["seq_lengths"], batch["seq_lengths"].new_ones(extra)])
+    for key in ("list_index", "slot_index"):
+        out[key] = torch.cat([batch[key], batch[key].new_zeros(extra)])
+    out["empty_rows"] = torch.tensor(extra, dtype=torch.int64)
+    return out
 
 
 def _sync() -> None:
@@ -149,13 +211,16 @@ def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) ->
         _sync()
         timings["reference"] = time.perf_counter() - start
 
-    lpo.model.zero_grad_buffer()
+    for model in lpo.models:
+        model.zero_grad_buffer()
     optimizer.zero_grad()
     first = microbatches[0]["tokens"]
     fb_start = time.perf_counter()
+    # one data iterator per model chunk (virtual pipeline): every chunk reads each micro-batch
+    data = [iter(microbatches) for _ in lpo.models] if len(lpo.models) > 1 else iter(microbatches)
     outputs = get_forward_backward_func()(
         forward_step_func=lambda it, model: lpo.forward_step(global_valid, len(microbatches), it, model),
-        data_iterator=iter(microbatches), model=[lpo.model], num_microbatches=len(microbatches),
+        data_iterator=data, model=lpo.models, num_microbatches=len(microbatches),
         seq_length=first.shape[1], micro_batch_size=first.shape[0], forward_only=False,
     )
     _sync()

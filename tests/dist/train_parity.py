@@ -9,7 +9,9 @@ step's metrics. Scenarios: base (online reference, 4 micro-batches x 1 list), ba
 sidecar), recompute (full activation recompute), shared_noaux (shared-prompt packing, vs
 base_noaux), bf16 (bf16 params, fp32 main weights), tp2 (+SP), pp2,
 ep2 (alltoall), dp2 (+ distributed optimizer), pp2_shared_noaux (shared-prompt rows through the 1F1B pipeline,
-vs shared_noaux). ``init`` only writes WORK_DIR/init (for other tests' runs).
+vs shared_noaux); base4 (a 4-layer tiny Mixtral, 6 steps, checkpoint at step 3; its own WORK_DIR/init4),
+pp2_vpp2 (PP2 x virtual pipeline 2, vs base4's first 3 steps), pp2_vpp2_resume (base4's step-3 checkpoint
+resumed at PP2 x VPP2, vs base4's steps 4-6). ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import traceback
 from pathlib import Path
 
 STEPS = 3
+TINY4 = "tiny-mixtral-4layers"
 COMMON = ["optim.lr=1e-3", "optim.warmup_steps=0", "optim.clip_grad=1.0", "data.global_batch_size=4",
           "data.micro_batch_size=1", "data.shuffle=true", "reference.mode=online", "checkpoint.save_at_end=false",
           "checkpoint.resume=false", "logging.tensorboard=false", f"train.max_steps={STEPS}"]
@@ -39,17 +42,36 @@ SCENARIOS = {
     "dp2": ["parallel.distributed_optimizer=true"],
     "pp2_shared_noaux": ["parallel.pp=2", "model.moe_aux_loss_coeff=0.0", "data.shared_prompt=true"],
     "init": [],
+    # virtual pipeline: a 4-layer variant of the tiny preset (PP2 x VPP2 = one layer per chunk), its own init
+    # weights; the lr schedule is fixed at 6 steps so that the 3-step and the 6-step runs share it; unrounded
+    # lengths, so that micro-batches differ in length (the VPP runs pad them to the step's longest)
+    "base4": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", f"train.max_steps={2 * STEPS}", f"optim.decay_steps={2 * STEPS}",
+              f"checkpoint.save_interval={STEPS}"],
+    "pp2_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2", f"optim.decay_steps={2 * STEPS}"],
+    # resume base4's step-3 checkpoint (1 process) at PP2 x VPP2 and train steps 4-6
+    "pp2_vpp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2", f"train.max_steps={2 * STEPS}",
+                        f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
 }
+def register_tiny4() -> None:
+    """Add the 4-layer variant of tiny-mixtral to the presets (no shipped preset has 4 layers)."""
+    import dataclasses
+
+    from nemo_lpo.model.presets import PRESETS
+
+    PRESETS.setdefault(TINY4, dataclasses.replace(PRESETS["tiny-mixtral"], name=TINY4, num_layers=4))
 
 
 def run(work: Path, prefix: str, name: str) -> None:
     import torch
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     from nemo_lpo.config import load_config
     from nemo_lpo.train.checkpoint import save_model_weights
     from nemo_lpo.train.loop import Trainer, init_parallel
 
-    init = work / "init"
+    register_tiny4()
+    destroy_moe_metrics_tracker()  # megatron's process-global MoE tracker is sized by the first model's depth
+    init = work / ("init4" if TINY4 in " ".join(SCENARIOS[name]) else "init")
     overrides = [*COMMON, f"data.train_prefix={prefix}", f"logging.run_dir={work / name}",
                  f"model.init_checkpoint={init}", *SCENARIOS[name]]
     if name == "precomputed":
@@ -60,6 +82,14 @@ def run(work: Path, prefix: str, name: str) -> None:
                 shutil.copy(f, sidecar_prefix.parent / f.name)
         torch.distributed.barrier()
         overrides.append(f"data.train_prefix={sidecar_prefix}")
+    if name == "pp2_vpp2_resume":
+        saved = work / "base4" / "checkpoints" / "step_0000003"
+        if torch.distributed.get_rank() == 0:
+            ckpt = work / name / "checkpoints"
+            shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.copytree(saved, ckpt / saved.name)
+            (ckpt / "latest").write_text(saved.name + "\n")
+        torch.distributed.barrier()
     cfg = load_config(Path(__file__).resolve().parents[2] / "conf" / "tiny_cpu.yaml", overrides)
     init_parallel(cfg)
     if not (init / "metadata.json").exists():
