@@ -45,7 +45,7 @@ def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
     return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "pp2_shared_noaux", "pp2_vpp2",
-                                "pp2_vpp2_resume"))
+                                "pp2_vpp2_precomputed", "pp2_vpp2_resume"))
 
 
 def lines_of(found: dict, name: str) -> list[dict]:
@@ -109,6 +109,11 @@ def test_virtual_pipeline_reproduces_single_process(layouts, single):
     base = lines_of(single, "base4")
     assert base[0]["loss"] != base[2]["loss"]
     assert_same_run(lines_of(layouts, "pp2_vpp2"), base[:3])
+
+
+def test_virtual_pipeline_reference_pass(layouts, single):
+    """ref-logps through the interleaved schedule, then training on the sidecar: the online 1-process run."""
+    assert_same_run(lines_of(layouts, "pp2_vpp2_precomputed"), lines_of(single, "base4")[:3])
 
 
 def test_virtual_pipeline_resumes_single_process_checkpoint(layouts, single):

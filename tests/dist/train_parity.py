@@ -10,7 +10,8 @@ sidecar), recompute (full activation recompute), shared_noaux (shared-prompt pac
 base_noaux), bf16 (bf16 params, fp32 main weights), tp2 (+SP), pp2,
 ep2 (alltoall), dp2 (+ distributed optimizer), pp2_shared_noaux (shared-prompt rows through the 1F1B pipeline,
 vs shared_noaux); base4 (a 4-layer tiny Mixtral, 6 steps, checkpoint at step 3; its own WORK_DIR/init4),
-pp2_vpp2 (PP2 x virtual pipeline 2, vs base4's first 3 steps), pp2_vpp2_resume (base4's step-3 checkpoint
+pp2_vpp2 (PP2 x virtual pipeline 2, vs base4's first 3 steps), pp2_vpp2_precomputed (its ref-logps pass and
+training on the sidecar, vs base4), pp2_vpp2_resume (base4's step-3 checkpoint
 resumed at PP2 x VPP2, vs base4's steps 4-6). ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
@@ -48,6 +49,9 @@ SCENARIOS = {
     "base4": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", f"train.max_steps={2 * STEPS}", f"optim.decay_steps={2 * STEPS}",
               f"checkpoint.save_interval={STEPS}"],
     "pp2_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2", f"optim.decay_steps={2 * STEPS}"],
+    # the reference pass (ref-logps) through the interleaved schedule, then training on its sidecar
+    "pp2_vpp2_precomputed": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2",
+                             f"optim.decay_steps={2 * STEPS}", "reference.mode=precomputed"],
     # resume base4's step-3 checkpoint (1 process) at PP2 x VPP2 and train steps 4-6
     "pp2_vpp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2", f"train.max_steps={2 * STEPS}",
                         f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
@@ -74,8 +78,8 @@ def run(work: Path, prefix: str, name: str) -> None:
     init = work / ("init4" if TINY4 in " ".join(SCENARIOS[name]) else "init")
     overrides = [*COMMON, f"data.train_prefix={prefix}", f"logging.run_dir={work / name}",
                  f"model.init_checkpoint={init}", *SCENARIOS[name]]
-    if name == "precomputed":
-        sidecar_prefix = work / "precomputed" / "data" / Path(prefix).name
+    if name.endswith("precomputed"):
+        sidecar_prefix = work / name / "data" / Path(prefix).name
         if torch.distributed.get_rank() == 0:
             sidecar_prefix.parent.mkdir(parents=True, exist_ok=True)
             for f in Path(prefix).parent.glob(Path(prefix).name + "*"):
@@ -99,7 +103,7 @@ def run(work: Path, prefix: str, name: str) -> None:
         save_model_weights(LPOModel(seeded, train=False).module, init)
     if name == "init":
         return
-    if name == "precomputed":
+    if name.endswith("precomputed"):
         from nemo_lpo.train.reference import write_reference
 
         write_reference(cfg)
