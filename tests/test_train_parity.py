@@ -45,7 +45,7 @@ def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
     return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "pp2_shared_noaux", "pp2_vpp2",
-                                "pp2_vpp2_precomputed", "pp2_vpp2_resume"))
+                                "pp2_vpp2_precomputed", "pp2_vpp2_resume", "pp2_from_vpp2"))
 
 
 def lines_of(found: dict, name: str) -> list[dict]:
@@ -119,6 +119,11 @@ def test_virtual_pipeline_reference_pass(layouts, single):
 def test_virtual_pipeline_resumes_single_process_checkpoint(layouts, single):
     """The 1-process step-3 checkpoint (model + optimizer) resumed as two chunks per rank at PP2 x VPP2."""
     assert_same_run(lines_of(layouts, "pp2_vpp2_resume"), lines_of(single, "base4")[3:], steps=(4, 5, 6))
+
+
+def test_virtual_pipeline_checkpoint_resumes_without_chunks(layouts, single):
+    """The PP2 x VPP2 step-5 checkpoint (chunks model0/model1 per rank) resumed at plain PP2 for step 6."""
+    assert_same_run(lines_of(layouts, "pp2_from_vpp2"), lines_of(single, "base4")[5:], steps=(6,))
 
 
 def test_bf16_tracks_fp32(single):

@@ -12,7 +12,8 @@ ep2 (alltoall), dp2 (+ distributed optimizer), pp2_shared_noaux (shared-prompt r
 vs shared_noaux); base4 (a 4-layer tiny Mixtral, 6 steps, checkpoint at step 3; its own WORK_DIR/init4),
 pp2_vpp2 (PP2 x virtual pipeline 2, vs base4's first 3 steps), pp2_vpp2_precomputed (its ref-logps pass and
 training on the sidecar, vs base4), pp2_vpp2_resume (base4's step-3 checkpoint
-resumed at PP2 x VPP2, vs base4's steps 4-6). ``init`` only writes WORK_DIR/init (for other tests' runs).
+resumed at PP2 x VPP2, vs base4's steps 4-6; it saves step 5), pp2_from_vpp2 (that step-5 checkpoint resumed at
+PP2 without VPP, vs base4's step 6). ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
 from __future__ import annotations
@@ -54,8 +55,14 @@ SCENARIOS = {
                              f"optim.decay_steps={2 * STEPS}", "reference.mode=precomputed"],
     # resume base4's step-3 checkpoint (1 process) at PP2 x VPP2 and train steps 4-6
     "pp2_vpp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2", f"train.max_steps={2 * STEPS}",
-                        f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
+                        f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true", "checkpoint.save_interval=5"],
+    # and back: pp2_vpp2_resume's step-5 checkpoint (two chunks per rank) resumed at PP2 without VPP for step 6
+    "pp2_from_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2",
+                      f"train.max_steps={2 * STEPS}", f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
 }
+RESUMES = {"pp2_vpp2_resume": "base4/checkpoints/step_0000003", "pp2_from_vpp2": "pp2_vpp2_resume/checkpoints/step_0000005"}
+
+
 def register_tiny4() -> None:
     """Add the 4-layer variant of tiny-mixtral to the presets (no shipped preset has 4 layers)."""
     import dataclasses
@@ -86,8 +93,8 @@ def run(work: Path, prefix: str, name: str) -> None:
                 shutil.copy(f, sidecar_prefix.parent / f.name)
         torch.distributed.barrier()
         overrides.append(f"data.train_prefix={sidecar_prefix}")
-    if name == "pp2_vpp2_resume":
-        saved = work / "base4" / "checkpoints" / "step_0000003"
+    if name in RESUMES:
+        saved = work / RESUMES[name]
         if torch.distributed.get_rank() == 0:
             ckpt = work / name / "checkpoints"
             shutil.rmtree(ckpt, ignore_errors=True)
