@@ -207,8 +207,6 @@ def test_unreachable_hub_name_is_a_clear_error(offline, tmp_path, capsys):
     assert "Traceback" not in err and not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="pack's early missing-file check takes NAME:SPLIT with a '/' for a missing file")
 def test_dataset_directory_selection_packs(hub_repo, hf_cache, tmp_path):
     repo, records = hub_repo
     manifest = pack(PackConfig(inputs=[f"{repo}:test"], output_prefix=str(tmp_path / "ui")), log=lambda m: None)

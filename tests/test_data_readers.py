@@ -234,8 +234,6 @@ def test_multiturn_response_validation():
     assert response_turns("text") == [{"role": "assistant", "content": "text"}] and response_turns(ok) == ok
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, AttributeError, TypeError, ValueError),
-                   reason="templates.encode_list tokenises text responses only (multi-turn responses are messages)")
 def test_hh_rlhf_multiturn_responses_pack_as_whole_conversations(tmp_path):
     from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest

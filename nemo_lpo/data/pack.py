@@ -22,7 +22,7 @@ import numpy as np
 
 from nemo_lpo.data import layout
 from nemo_lpo.data.examples import DUPLICATE_ID, TOKENIZER_ERROR, TOO_LONG, InvalidRecord
-from nemo_lpo.data.readers import FORMATS, get_reader, iter_records, sniff_format
+from nemo_lpo.data.readers import FORMATS, get_reader, iter_records, parse_input, sniff_format
 from nemo_lpo.data.transforms import LengthLimits, RewardTransform, keep_indices, list_rng, pair_indices
 
 CHUNK_LISTS = 32
@@ -303,9 +303,8 @@ def pack(config: PackConfig, log=None) -> dict:
 
         log = (lambda message: tqdm.write(message, file=sys.stderr)) if config.progress else (
             lambda message: print(message, file=sys.stderr))
-    for path in config.inputs:  # fail before any work; a name that is not a local path may be a hub dataset
-        if not os.path.exists(path) and (os.sep in path or path.endswith((".jsonl", ".json", ".gz", ".parquet"))):
-            raise FileNotFoundError(f"{path}: no such input file")
+    for path in config.inputs:  # fail before any work; hub names and NAME:SPLIT selections pass
+        parse_input(path)
     prefix = os.fspath(config.output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     reader = _Reader(config, log)

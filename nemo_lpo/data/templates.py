@@ -19,7 +19,10 @@ import os
 
 import numpy as np
 
+from nemo_lpo.data.examples import response_turns
+
 MISTRAL = "mistral"
+_ENCODED = object()  # marks a list of ``encode_lists`` already encoded on its own
 
 
 class TemplateError(ValueError):
@@ -123,7 +126,23 @@ class MistralChatTokenizer:
         prompt = self.encode_prompt(messages)
         if verify and prompt != self.encode_prompt_library(messages):
             raise TemplateError("the direct Mistral v1 prompt encoding differs from mistral-common's")
-        return prompt, [self._raw.encode(text, bos=False, eos=False) + [self.eos_id] for text in responses]
+        return prompt, [self.encode_response(response) for response in responses]
+
+    def encode_response(self, response: str | list[dict]) -> list[int]:
+        """Ids of a reply: each assistant turn ``encode(text) + [EOS]``, each user turn ``[INST] text [/INST]``.
+
+        A multi-turn reply (HH-RLHF transcripts that part before their last reply) continues the conversation
+        exactly as mistral-common encodes the same turns inside a prompt.
+        """
+        ids = []
+        for turn in response_turns(response):
+            if turn["role"] == "assistant":
+                ids += self._raw.encode(turn["content"], bos=False, eos=False) + [self.eos_id]
+            elif turn["role"] == "user":
+                ids += self._raw.encode(f"[INST] {turn['content']} [/INST]", bos=False, eos=False)
+            else:
+                raise TemplateError(f"a reply turn has role {turn['role']!r} (assistant or user)")
+        return ids
 
     def encode_lists(self, lists: list[tuple[list[dict], list[str]]], verify_first: bool = False) -> list:
         """``encode_list`` of many lists at once, as int32 arrays: two sentencepiece calls for all their texts.
@@ -140,8 +159,11 @@ class MistralChatTokenizer:
         plans = []
         for n, (messages, responses) in enumerate(lists):
             try:
-                if not all(isinstance(r, str) for r in responses):
-                    raise TemplateError("a response is not a text reply")
+                if not all(isinstance(r, str) for r in responses):  # multi-turn replies (rare): one at a time
+                    prompt, replies = self.encode_list(messages, responses, verify=n == 0 and verify_first)
+                    plans.append((_ENCODED, (np.asarray(prompt, dtype=np.int32),
+                                           [np.asarray(r, dtype=np.int32) for r in replies])))
+                    continue
                 segments = self._prompt_segments(messages)
                 if segments is None or (n == 0 and verify_first):
                     prompt = np.asarray(self.encode_prompt(messages), dtype=np.int32)
@@ -165,22 +187,24 @@ class MistralChatTokenizer:
             if isinstance(plan, ValueError):
                 out.append(plan)
                 continue
+            if plan[0] is _ENCODED:
+                out.append(plan[1])
+                continue
             prompt, first = plan
             if isinstance(prompt, list):
                 prompt = np.concatenate([bos, *(ids[eos][i] for eos, i in prompt)])
             out.append((prompt, ids[True][first:first + len(responses)]))
         return out
 
-    def encode_conversation(self, messages: list[dict], response: str) -> list[int]:
+    def encode_conversation(self, messages: list[dict], response: str | list[dict]) -> list[int]:
         """Token ids of the whole conversation as mistral-common encodes it for fine-tuning (for checks)."""
-        from mistral_common.protocol.instruct.messages import AssistantMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from mistral_common.protocol.instruct.validator import ValidationMode
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         tokenizer = MistralTokenizer.v1()
         tokenizer._chat_completion_request_validator._mode = ValidationMode.finetuning
-        request = ChatCompletionRequest(messages=self._messages(messages) + [AssistantMessage(content=response)])
+        request = ChatCompletionRequest(messages=self._messages([*messages, *response_turns(response)]))
         return list(tokenizer.encode_chat_completion(request).tokens)
 
     def decode(self, ids) -> str:
@@ -199,7 +223,7 @@ class MistralChatTokenizer:
         return "".join(parts)
 
     @staticmethod
-    def templated_text(messages: list[dict], response: str) -> str:
+    def templated_text(messages: list[dict], response: str | list[dict]) -> str:
         """The Mistral v1 instruct format written out as text (what the packed ids must decode to).
 
         ``<s>[INST] {user} [/INST] {assistant}</s>[INST] {user} [/INST] {response}</s>``; a system message is
@@ -214,7 +238,9 @@ class MistralChatTokenizer:
                 first = False
             elif m["role"] == "assistant":
                 text += f" {m['content']}</s>"
-        return text + f" {response}</s>"
+        for turn in response_turns(response):
+            text += f" {turn['content']}</s>" if turn["role"] == "assistant" else f"[INST] {turn['content']} [/INST]"
+        return text
 
 
 class HFChatTokenizer:
@@ -255,7 +281,7 @@ class HFChatTokenizer:
         prompt_text = self._render(messages, add_generation_prompt=True)
         suffixes = []
         for response in responses:
-            full = self._render([*messages, {"role": "assistant", "content": response}], add_generation_prompt=False)
+            full = self._render([*messages, *response_turns(response)], add_generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise TemplateError("the chat template does not render the prompt as a prefix of the conversation")
             suffix = full[len(prompt_text):]
