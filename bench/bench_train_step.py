@@ -12,7 +12,7 @@ Mixtral's real layer shapes, so per-layer TFLOP/s mean what they mean at full si
 run in bf16 (``--dtype``); TFLOP/s and MFU come from the trainer's metrics (GPU only). Lists/s is the
 comparable figure: the layouts compute different numbers of tokens for the same lists.
 
-    .venv/bin/python bench/bench_train_step.py --prefix data/lists [--preset tiny-mixtral] [--steps 6]
+    .venv/bin/python bench/bench_train_step.py [--prefix data/lists] [--preset tiny-mixtral] [--steps 6]
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ def register_preset(name: str, num_layers: int | None) -> str:
     cut = f"{name}-{num_layers}l"
     PRESETS[cut] = PRESETS[name].replace(name=cut, num_layers=num_layers)
     return cut
+
+
+def pack_demo_lists(prefix: Path) -> str:
+    """Pack the embedded demo lists (K = 4, Mistral tokenizer) at ``prefix``; returns it."""
+    from nemo_lpo.data.pack import PackConfig, pack
+
+    pack(PackConfig(inputs=[str(REPO / "nemo_lpo" / "demo" / "data" / "train.jsonl")], output_prefix=str(prefix)),
+         log=lambda message: None)
+    return str(prefix)
 
 
 def run_layout(layout: str, args, preset: str, run_root: Path) -> dict:
@@ -92,7 +101,7 @@ def run_layout(layout: str, args, preset: str, run_root: Path) -> dict:
 def main() -> int:
     """Run every layout and print one table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prefix", required=True, help="packed dataset (nemo-lpo pack output)")
+    parser.add_argument("--prefix", help="packed dataset (nemo-lpo pack output); default: the embedded demo lists")
     parser.add_argument("--preset", default="tiny-mixtral")
     parser.add_argument("--num-layers", type=int, default=None, help="cut the preset to this many layers")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
@@ -111,9 +120,11 @@ def main() -> int:
     preset = register_preset(args.preset, args.num_layers)
     print(f"device: {device}, torch {torch.__version__}; model {preset} {args.dtype}, reference {args.reference}, "
           f"{args.global_batch} lists/step, {args.micro_batch} per micro-batch, {args.steps} steps "
-          f"(first {args.warmup} not timed); data {args.prefix}", flush=True)
+          f"(first {args.warmup} not timed); data {args.prefix or 'the embedded demo lists'}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.prefix is None:
+            args.prefix = pack_demo_lists(Path(tmp) / "data" / "lists")
         for layout in args.layouts.split(","):
             row = run_layout(layout, args, preset, Path(tmp))
             if row is None:
