@@ -42,12 +42,15 @@ def write_input(tmp_path, bad: bytes):
     return src
 
 
+# 2 workers: the workers parse and validate, the reading process checks ids and counts in order
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
-def test_default_stops_at_file_line_and_writes_nothing(case, tmp_path, capsys):
+def test_default_stops_at_file_line_and_writes_nothing(case, workers, tmp_path, capsys):
     bad, _, response_reasons = BAD_LINES[case]
     src = write_input(tmp_path, bad)
     out_dir = tmp_path / "out"
-    code = main(["pack", "--input", str(src), "--output-prefix", str(out_dir / "ds"), "--no-progress"])
+    code = main(["pack", "--input", str(src), "--output-prefix", str(out_dir / "ds"), "--no-progress",
+                 "--workers", str(workers)])
     assert code == 1
     err = capsys.readouterr().err
     first_reason = next(iter(response_reasons), BAD_LINES[case][1])
@@ -58,12 +61,14 @@ def test_default_stops_at_file_line_and_writes_nothing(case, tmp_path, capsys):
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
-def test_skip_invalid_counts_per_reason(case, tmp_path):
+def test_skip_invalid_counts_per_reason(case, workers, tmp_path):
     bad, list_reason, response_reasons = BAD_LINES[case]
     src = write_input(tmp_path, bad)
     prefix = tmp_path / "out" / "ds"
-    manifest = pack(PackConfig(inputs=[str(src)], output_prefix=str(prefix), skip_invalid=True), log=lambda m: None)
+    manifest = pack(PackConfig(inputs=[str(src)], output_prefix=str(prefix), skip_invalid=True, workers=workers),
+                    log=lambda m: None)
     counts = manifest["counts"]
     assert counts["skipped"] == {list_reason: 1}
     assert counts["responses_skipped"] == response_reasons
