@@ -9,7 +9,7 @@ with 2 threads (what 2 cores give the tokenizer itself, next to 2 workers).
 Printed: lists/s and tokens/s of each (median of --repeats interleaved runs), and ratios measured side by side.
 Goal: pack >= 0.8x the tokenizer's own throughput; 2 workers near 2x one worker.
 
-    .venv/bin/python bench/bench_pack.py [--repeats 5] [--limit 2000]
+    .venv/bin/python bench/bench_pack.py [--repeats 5] [--limit 2000] [--workers 2 4 8]
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--limit", type=int, default=2000, help="lists to pack")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2],
+                        help="worker counts compared with 1 (scaling is only meaningful below the CPU count: "
+                             "the reading process needs a core too)")
     args = parser.parse_args()
 
     from nemo_lpo.data.dataset import _indexed_builder
@@ -94,7 +97,8 @@ def main() -> None:
     all_texts = [t for r, ts in zip(lists, texts, strict=True) for t in (r["prompt"], *ts)]
     from sentencepiece import SentencePieceProcessor
 
-    sp = {n: SentencePieceProcessor(model_file=str(raw.file_path), num_threads=n) for n in (1, 2)}
+    counts = sorted({n for n in args.workers if n > 1})
+    sp = {n: SentencePieceProcessor(model_file=str(raw.file_path), num_threads=n) for n in (1, *counts)}
 
     def tokenizer_raw():  # mistral-common's encode of every prompt and response text, one at a time
         return sum(len(raw.encode(r["prompt"], bos=True, eos=False)) +
@@ -116,18 +120,19 @@ def main() -> None:
 
     tokens = tokenizer_template()  # tokens stored per run (prompt once per list + every response)
     n_responses = sum(map(len, texts))
-    per_text, batched, batched2 = ("tokenizer alone, per text", "tokenizer alone, batched",
-                                   "tokenizer alone, batched 2 thr")
+    per_text, batched = "tokenizer alone, per text", "tokenizer alone, batched"
+    threaded = {n: f"tokenizer alone, batched {n} thr" for n in counts}
+    packs = {n: f"pack, {n} workers" for n in counts}
     wall, cpu = measure(args.repeats, {
         per_text: tokenizer_raw,
         batched: tokenizer_batched(1),
-        batched2: tokenizer_batched(2),
+        **{threaded[n]: tokenizer_batched(n) for n in counts},
         "tokenizer + chat template": tokenizer_template,
         "pack, 1 worker": run_pack(1),
-        "pack, 2 workers": run_pack(2),
+        **{packs[n]: run_pack(n) for n in counts},
     })
-    same = all((tmp / "w1" / f"ds.{p}").read_bytes() == (tmp / "w2" / f"ds.{p}").read_bytes()
-               for p in ("tokens.bin", "tokens.idx", "rewards.bin", "rewards.idx", "manifest.json"))
+    same = all((tmp / "w1" / f"ds.{p}").read_bytes() == (tmp / f"w{n}" / f"ds.{p}").read_bytes()
+               for n in counts for p in ("tokens.bin", "tokens.idx", "rewards.bin", "rewards.idx", "manifest.json"))
     print(f"data: {source}: {len(lists)} lists, {n_responses} responses, {tokens} tokens; "
           f"cpus: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeats}")
@@ -138,13 +143,15 @@ def main() -> None:
     for base in (per_text, batched):
         print(f"ratio pack, 1 worker / {base}: wall {wall[base] / wall['pack, 1 worker']:.2f}x, "
               f"per cpu-second {cpu[base] / cpu['pack, 1 worker']:.2f}x")
-    for base in (batched, batched2):
-        print(f"ratio pack, 2 workers / {base}: wall {wall[base] / wall['pack, 2 workers']:.2f}x")
+    for n in counts:
+        for base in (batched, threaded[n]):
+            print(f"ratio pack, {n} workers / {base}: wall {wall[base] / wall[packs[n]]:.2f}x")
     print(f"ratio pack, 1 worker / tokenizer + template (wall): "
           f"{wall['tokenizer + chat template'] / wall['pack, 1 worker']:.2f}x")
-    print(f"speed-up 2 workers vs 1 (wall): {wall['pack, 1 worker'] / wall['pack, 2 workers']:.2f}x; "
-          f"tokenizer 2 threads vs 1: {wall[batched] / wall[batched2]:.2f}x")
-    print(f"1-worker and 2-worker outputs byte-identical: {same}")
+    for n in counts:
+        print(f"speed-up {n} workers vs 1 (wall): {wall['pack, 1 worker'] / wall[packs[n]]:.2f}x; "
+              f"tokenizer {n} threads vs 1: {wall[batched] / wall[threaded[n]]:.2f}x")
+    print(f"outputs byte-identical for 1 and {counts} workers: {same}")
 
 
 if __name__ == "__main__":
