@@ -42,7 +42,7 @@ def checkpoints(packed, tmp_path_factory):
     ds = ListwiseDataset(packed)
     initialize_parallel(seed=7)
     try:
-        model = build_model("tiny-mixtral", None, seed=7)
+        model = build_model("tiny-mixtral", None)
         save_model_weights(model, work / "start")
         with torch.no_grad():
             for p in model.parameters():

@@ -97,7 +97,7 @@ def save_start_weights(path: Path, seed: int) -> None:
         shutil.rmtree(path)
     initialize_parallel(seed=seed)
     try:
-        save_model_weights(build_model("tiny-mixtral", None, seed=seed), path)
+        save_model_weights(build_model("tiny-mixtral", None), path)
     finally:
         destroy_parallel()
 

@@ -74,12 +74,12 @@ def resolve_model_preset(checkpoint: str | Path, run_config: dict | None = None,
                          f"reference.checkpoint = its reference): {err}") from None
 
 
-def build_model(preset, checkpoint: str | Path | None, seed: int = 1234):
+def build_model(preset, checkpoint: str | Path | None):
     """Build a single-process GPTModel of ``preset`` and load ``checkpoint``'s weights into it (eval mode).
 
     ``preset`` is a preset name or a ``ModelPreset`` (e.g. from :func:`resolve_model_preset`). Needs
     ``nemo_lpo.model.parallel.initialize_parallel()`` (tp = pp = ep = 1) first; without a checkpoint the random
-    init follows the RNG state it seeded (``seed`` is unused, kept for callers).
+    init follows the RNG state it seeded.
     """
     import torch
 

@@ -161,6 +161,11 @@ def _one_or_list(chunks: list):
     return chunks[0] if len(chunks) == 1 else chunks
 
 
+def chunk_iterators(microbatches: list[dict], chunks: int):
+    """The data iterator(s) for megatron's schedule: one per virtual-pipeline chunk (each reads every micro-batch)."""
+    return [iter(microbatches) for _ in range(chunks)] if chunks > 1 else iter(microbatches)
+
+
 def count_valid_lists(batch: dict) -> torch.Tensor:
     """Lists with at least two valid responses (the loss module's notion of a valid list), as a 0-dim tensor."""
     return (batch["response_mask"].sum(dim=1) >= 2).sum()
@@ -378,7 +383,7 @@ def run_forward_only(module, forward_step_factory, microbatches: list[dict], len
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         microbatches = microbatches + [microbatches[-1]] * (-count % pp)
     first = microbatches[0]["tokens"]
-    data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    data = chunk_iterators(microbatches, len(chunks))
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=partial(forward_step_factory, length_average),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nemo_lpo.config import Config
-from nemo_lpo.train.lpo_model import LPOModel, count_valid_lists
+from nemo_lpo.train.lpo_model import LPOModel, chunk_iterators, count_valid_lists
 
 
 @dataclass
@@ -216,8 +216,7 @@ def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) ->
     optimizer.zero_grad()
     first = microbatches[0]["tokens"]
     fb_start = time.perf_counter()
-    # one data iterator per model chunk (virtual pipeline): every chunk reads each micro-batch
-    data = [iter(microbatches) for _ in lpo.models] if len(lpo.models) > 1 else iter(microbatches)
+    data = chunk_iterators(microbatches, len(lpo.models))
     outputs = get_forward_backward_func()(
         forward_step_func=lambda it, model: lpo.forward_step(global_valid, len(microbatches), it, model),
         data_iterator=data, model=lpo.models, num_microbatches=len(microbatches),
