@@ -52,6 +52,19 @@ def generated_lists(limit: int) -> list[dict]:
             for _ in range(limit)]
 
 
+# CPU the main process spends inside its own share of the chunks, per pack run: what is left of its CPU is
+# what it does for all the workers (reading, checking ids, writing, handing chunks out), the serial part.
+_OWN_CHUNKS = {"cpu": 0.0}
+
+
+def timed_process_chunk(chunk):
+    c0 = time.process_time()
+    try:
+        return _OWN_CHUNKS["process_chunk"](chunk)
+    finally:
+        _OWN_CHUNKS["cpu"] += time.process_time() - c0
+
+
 def measure(repeats: int, fns: dict) -> tuple[dict, dict]:
     """Median wall-clock and CPU seconds (this process + its finished children) of each fn, interleaved."""
     for fn in fns.values():  # warm-up (first-call imports and caches)
@@ -79,6 +92,7 @@ def main() -> None:
                              "the reading process needs a core too)")
     args = parser.parse_args()
 
+    from nemo_lpo.data import chunk_worker
     from nemo_lpo.data.dataset import _indexed_builder
     from nemo_lpo.data.pack import PackConfig, pack
     from nemo_lpo.data.templates import MistralChatTokenizer
@@ -111,11 +125,19 @@ def main() -> None:
         return sum(len(p) + sum(map(len, rs)) for p, rs in
                    (tok.encode_list(m, ts) for m, ts in zip(prompts, texts, strict=True)))
 
+    _OWN_CHUNKS["process_chunk"] = chunk_worker.process_chunk
+    chunk_worker.process_chunk = timed_process_chunk  # picklable by name (__main__), inherited by the forks
+    serial_cpu = {n: [] for n in counts}
+
     def run_pack(workers: int):
         def fn():
+            _OWN_CHUNKS["cpu"], c0 = 0.0, os.times()
             pack(PackConfig(inputs=[str(src)], output_prefix=str(tmp / f"w{workers}" / "ds"), workers=workers,
                             skip_invalid=True),
                  log=lambda message: None)
+            c1 = os.times()
+            if workers > 1:
+                serial_cpu[workers].append(c1.user - c0.user + c1.system - c0.system - _OWN_CHUNKS["cpu"])
         return fn
 
     tokens = tokenizer_template()  # tokens stored per run (prompt once per list + every response)
@@ -151,6 +173,11 @@ def main() -> None:
     for n in counts:
         print(f"speed-up {n} workers vs 1 (wall): {wall['pack, 1 worker'] / wall[packs[n]]:.2f}x; "
               f"tokenizer {n} threads vs 1: {wall[batched] / wall[threaded[n]]:.2f}x")
+    for n in counts:
+        serial = statistics.median(serial_cpu[n])
+        print(f"{n} workers: the main process's CPU besides its own chunks (reading, ids, writing, handing out): "
+              f"{serial:.3f} s = {serial / cpu['pack, 1 worker']:.3f} of a 1-worker pack's CPU; "
+              f"speed-up bound with any number of workers (Amdahl): {cpu['pack, 1 worker'] / serial:.1f}x")
     print(f"outputs byte-identical for 1 and {counts} workers: {same}")
 
 

@@ -107,3 +107,23 @@ def test_nothing_usable_is_an_error(tmp_path):
     with pytest.raises(PackError, match="no list left"):
         pack(PackConfig(inputs=[str(src)], output_prefix=str(tmp_path / "ds"), skip_invalid=True), log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_skipped_record_leaves_the_other_lists_random_choices_unchanged(workers, tmp_path):
+    """Choices are seeded by the record's position in the input, not by how many valid lists preceded it."""
+    fixed = [good(i, k=6) for i in range(40)]
+    broken = list(fixed)
+    broken[5] = BAD_LINES["nan_reward"][0]
+    written = {}
+    for name, lines in (("fixed", fixed), ("broken", broken)):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_bytes(b"\n".join(lines) + b"\n")
+        pack(PackConfig(inputs=[str(src)], output_prefix=str(tmp_path / name / "ds"), max_k=3, skip_invalid=True,
+                        workers=workers), log=lambda m: None)
+        ds = ListwiseDataset(tmp_path / name / "ds")
+        written[name] = [[r.tolist() for r in ds[i]["response_ids"]] for i in range(len(ds))]
+    assert len(written["broken"]) == len(written["fixed"]) - 1
+    assert written["broken"] == written["fixed"][:5] + written["fixed"][6:]
+    # and the choices do differ between lists (the test would pass vacuously if max-K kept a fixed subset)
+    assert len({tuple(map(tuple, lst[1:])) for lst in written["fixed"]}) > 1

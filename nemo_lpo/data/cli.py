@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--overflow", default="truncate_prompt", choices=("truncate_prompt", "truncate_response", "drop"),
                    help="what to do with a list over a limit: cut the prompt from the left, cut the responses, "
                         "or drop the list (every case is counted in the manifest)")
-    p.add_argument("--workers", type=int, default=1, help="tokenisation processes (the output does not depend on it)")
+    p.add_argument("--workers", type=int, default=1, help="tokenising processes, this one included (the output does not depend on it)")
     p.add_argument("--pairs", choices=("zephyr", "1vs0", "all"), help="convert each list into preference pairs")
     p.add_argument("--max-k", type=int, help="keep the best and K-1 random other responses per list")
     p.add_argument("--reward-transform", default="none", choices=("none", "affine", "logodds", "rank"))

@@ -1,9 +1,11 @@
-"""``nemo-lpo pack``: read → validate → convert → tokenise (worker processes) → megatron IndexedDatasets.
+"""``nemo-lpo pack``: read → parse, validate, convert, tokenise (worker processes) → megatron IndexedDatasets.
 
-Records are read and validated in input order in the main process (so ``file:line`` errors and duplicate
-ids are found deterministically); chunks of lists are tokenised by a pool of worker processes and written
-back in input order, so the output bytes do not depend on the worker count. Everything is written under
-temporary names and renamed at the end, the manifest last: a failure leaves nothing that looks complete.
+The main process reads raw records in input order and hands chunks of them to the workers
+(``chunk_worker.process_chunk``; ``workers.ordered_map``, the main process being one of the workers). It
+takes the results back in input order, checks ids for duplicates and writes, so ``file:line`` errors and
+duplicates are found deterministically and the output bytes do not depend on the worker count. Everything
+is written under temporary names and renamed at the end, the manifest last: a failure leaves nothing that
+looks complete.
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from nemo_lpo.data import layout
-from nemo_lpo.data.examples import DUPLICATE_ID, TOKENIZER_ERROR, TOO_LONG, InvalidRecord
+from nemo_lpo.data import chunk_worker, layout
+from nemo_lpo.data.examples import DUPLICATE_ID, TOO_LONG
 from nemo_lpo.data.readers import FORMATS, get_reader, iter_records, parse_input, sniff_format
-from nemo_lpo.data.transforms import LengthLimits, RewardTransform, keep_indices, list_rng, pair_indices
+from nemo_lpo.data.transforms import LengthLimits, RewardTransform
+from nemo_lpo.data.workers import ordered_map, start_pool
 
 CHUNK_LISTS = 32
 
@@ -48,7 +50,7 @@ class PackConfig:
         limits: token length limits and overflow policy.
         skip_invalid: skip bad records (counted per reason) instead of stopping at the first.
         seed: seed of every random choice (per list: seed + the list's input position).
-        workers: tokenisation processes (1 = in the main process).
+        workers: tokenising processes, the main process one of them (1 = the main process alone).
         progress: show a tqdm progress bar.
     """
 
@@ -75,99 +77,6 @@ class PackConfig:
             raise PackError(f"--max-k must be >= 2, got {self.max_k}")
         if self.workers < 1:
             raise PackError(f"--workers must be >= 1, got {self.workers}")
-
-
-_WORKER = {}
-
-
-def _init_worker(config: PackConfig) -> None:
-    from nemo_lpo.data.templates import load_tokenizer
-
-    _WORKER["config"] = config
-    _WORKER["tokenizer"] = load_tokenizer(config.tokenizer)
-
-
-def _selections(config: PackConfig, example, ordinal: int) -> tuple[list[list[int]], int]:
-    """The response indices of every list written for ``example`` (pairs, max-K, or all), and the ties left out."""
-    if config.pairs is not None:
-        pairs, tied = pair_indices(example.rewards, config.pairs, list_rng(config.seed, ordinal))
-        return [list(pair) for pair in pairs], tied
-    if config.max_k is not None:
-        return [keep_indices(example.rewards, config.max_k, list_rng(config.seed, ordinal))], 0
-    return [list(range(len(example.responses)))], 0
-
-
-def _finish(config: PackConfig, bos_id, rewards: list[float], prompt, responses) -> tuple:
-    """Reward transform and length limits of one list to write: (ids, lengths, rewards, prompt cut, cuts)."""
-    rewards = np.asarray(config.reward_transform(rewards), dtype=np.float32)
-    limited = config.limits.apply(prompt, responses, bos_id)
-    if limited is None:
-        raise InvalidRecord(TOO_LONG, "exceeds the length limits (overflow policy 'drop' or no room)")
-    prompt, responses, prompt_cut, response_cuts = limited
-    lengths = [len(prompt), *map(len, responses)]
-    ids = np.concatenate([prompt, *responses], dtype=np.int32)
-    return ids, lengths, rewards, prompt_cut, response_cuts
-
-
-def _encode_sequentially(config: PackConfig, tokenizer, example, selections: list[list[int]], verify: bool):
-    """One list the batched encoding refused, list by list as before batching, for the same error (or result)."""
-    encoded = []
-    for keep in selections:
-        rewards = [example.rewards[i] for i in keep]
-        # the reward transform before the encoding: its error is the one reported when both fail
-        config.reward_transform(rewards)
-        prompt, responses = tokenizer.encode_list(example.prompt, [example.responses[i] for i in keep],
-                                                  verify=verify)
-        verify = False
-        encoded.append(_finish(config, tokenizer.bos_id, rewards, prompt, responses))
-    return encoded
-
-
-def _process_chunk(chunk: list) -> list:
-    """Convert and tokenise a chunk; items are ("error", ...) passed through or ("ok", encoded lists, ties).
-
-    The responses a list's pairs / max-K selection use are tokenised once, with its prompt, and all the
-    chunk's texts in one batched tokenizer call; the tokenizer's own chat encoding re-checks the chunk's
-    first prompt.
-    """
-    config, tokenizer = _WORKER["config"], _WORKER["tokenizer"]
-    plans, requests = [], []
-    for item in chunk:
-        if item[0] == "error":
-            plans.append(item)
-            continue
-        _, _, example = item
-        selections, tied = _selections(config, example, item[1])
-        used = sorted({i for keep in selections for i in keep})
-        plans.append((example, selections, tied, used, len(requests)))
-        if used:  # a list without pairs (all tied) is kept with nothing to write: not tokenised
-            requests.append((example.prompt, [example.responses[i] for i in used]))
-    batch = tokenizer.encode_lists(requests, verify_first=True) if requests else []
-    out = []
-    for plan in plans:
-        if plan[0] == "error":
-            out.append(plan)
-            continue
-        example, selections, tied, used, request = plan
-        try:
-            if used and isinstance(batch[request], ValueError):
-                encoded = _encode_sequentially(config, tokenizer, example, selections, verify=request == 0)
-            else:
-                encoded = []
-                if used:
-                    prompt, responses = batch[request]
-                    by_index = dict(zip(used, responses, strict=True))
-                for keep in selections:
-                    encoded.append(_finish(config, tokenizer.bos_id, [example.rewards[i] for i in keep], prompt,
-                                           [by_index[i] for i in keep]))
-        except InvalidRecord as err:
-            out.append(("error", example.source, err.reason, err.message))
-            continue
-        except ValueError as err:  # the chat template or tokenizer refused the list
-            out.append(("error", example.source, TOKENIZER_ERROR, str(err)))
-            continue
-        out.append(("ok", encoded, tied))
-    return out
 
 
 def _scan(path: str, count: bool) -> tuple[str | None, int | None]:
@@ -205,14 +114,13 @@ def _scan(path: str, count: bool) -> tuple[str | None, int | None]:
 
 
 class _Reader:
-    """Reads and validates the inputs in order, yielding chunks of ("ok"/"error", ...) items."""
+    """Reads the inputs in order, yielding chunks of (format, ``file:line``, position, raw record) to process."""
 
     def __init__(self, config: PackConfig, log) -> None:
         self.config = config
         self.log = log
         self.inputs = []
         self.read = 0
-        self.responses_skipped = collections.Counter()
         self._scans = {}
 
     def total(self) -> int | None:
@@ -224,34 +132,17 @@ class _Reader:
         return None if None in counts else sum(counts)
 
     def items(self):
-        seen_ids = {}
-        ordinal = 0
         for path in self.config.inputs:
             fmt, why = self.config.format, "given by --format"
             if fmt == "auto":
                 fmt, why = sniff_format(path)
                 self.log(f"{path}: detected format {fmt} ({why})")
+            get_reader(fmt, self.config.ultrafeedback_score)  # bad options fail here, not in a worker
             sha256 = (self._scans.get(path) or _scan(path, count=False))[0]
             self.inputs.append({"path": str(path), "format": fmt, "format_reason": why, "sha256": sha256})
-            reader = get_reader(fmt, self.config.ultrafeedback_score)
-            for number, record in iter_records(path):
+            for number, raw in iter_records(path, raw=True):
+                yield fmt, f"{path}:{number}", self.read, raw
                 self.read += 1
-                source = f"{path}:{number}"
-                try:
-                    if isinstance(record, InvalidRecord):
-                        raise record
-                    example = reader(record, source)  # the id when the record has none
-                    example.source = source
-                    self.responses_skipped.update(example.validate(self.config.skip_invalid))
-                    if example.id in seen_ids:
-                        raise InvalidRecord(DUPLICATE_ID, f"duplicate id {example.id!r} (first at {seen_ids[example.id]})")
-                    seen_ids[example.id] = source
-                except InvalidRecord as err:
-                    self.responses_skipped.update(err.dropped)
-                    yield ("error", source, err.reason, err.message)
-                    continue
-                yield ("ok", ordinal, example)
-                ordinal += 1
 
     def chunks(self):
         chunk = []
@@ -262,33 +153,6 @@ class _Reader:
                 chunk = []
         if chunk:
             yield chunk
-
-
-def _start_pool(config: PackConfig):
-    """Load the tokenizer here, then a worker pool for ``workers > 1`` (else None) that inherits it.
-
-    fork (as torch DataLoader workers do): works from any caller (spawn needs an importable ``__main__``),
-    and the workers share the tokenizer already loaded; the CLI forks before megatron or torch are imported.
-    """
-    _init_worker(config)
-    if config.workers == 1:
-        return None
-    return multiprocessing.get_context("fork").Pool(config.workers)
-
-
-def _ordered_results(config: PackConfig, pool, chunks):
-    """Yield the processed chunks in input order, at most ``4 * workers`` chunks in flight."""
-    if pool is None:
-        for chunk in chunks:
-            yield _process_chunk(chunk)
-        return
-    window = collections.deque()
-    for chunk in chunks:
-        window.append(pool.apply_async(_process_chunk, (chunk,)))
-        if len(window) >= 4 * config.workers:
-            yield window.popleft().get()
-    while window:
-        yield window.popleft().get()
 
 
 def pack(config: PackConfig, log=None) -> dict:
@@ -315,10 +179,13 @@ def pack(config: PackConfig, log=None) -> dict:
     skipped = collections.Counter()
     counts = collections.Counter()
     k_hist = collections.Counter()
+    responses_skipped = collections.Counter()
+    seen_ids = {}
     pool = None
     try:
-        pool = _start_pool(config)
-        results = _ordered_results(config, pool, reader.chunks())
+        chunk_worker.init(config)  # before the fork: the pool's processes inherit the loaded tokenizer
+        pool = start_pool(config.workers)
+        results = ordered_map(chunk_worker.process_chunk, reader.chunks(), pool, config.workers)
         from nemo_lpo.data.dataset import _indexed_builder
 
         tokens = _indexed_builder(layout.indexed_files(parts[layout.TOKENS])[0], np.int32)
@@ -326,14 +193,21 @@ def pack(config: PackConfig, log=None) -> dict:
         progress = _progress(config.progress, reader.total() if config.progress else None)
         for chunk in results:
             progress.update(len(chunk))
-            for item in chunk:
-                if item[0] == "error":
-                    _, source, reason, message = item
+            for kind, source, list_id, dropped, payload in chunk:
+                responses_skipped.update(dropped)
+                if list_id is not None:  # ids are checked here, in input order, before any later error
+                    if list_id in seen_ids:
+                        kind, payload = "error", (DUPLICATE_ID, f"duplicate id {list_id!r} "
+                                                                f"(first at {seen_ids[list_id]})")
+                    else:
+                        seen_ids[list_id] = source
+                if kind == "error":
+                    reason, message = payload
                     if not config.skip_invalid and reason != TOO_LONG:  # too_long follows --overflow
                         raise PackError(f"{source}: {reason}: {message}")
                     skipped[reason] += 1
                     continue
-                _, encoded, tied = item
+                encoded, tied = payload
                 counts["lists_kept"] += 1
                 counts["tied_pairs_left_out"] += tied
                 for ids, lengths, reward_row, prompt_cut, response_cuts in encoded:
@@ -354,7 +228,8 @@ def pack(config: PackConfig, log=None) -> dict:
             raise PackError(f"no list left to write from {config.inputs} (skipped: {dict(skipped)})")
         for part, builder in ((layout.TOKENS, tokens), (layout.REWARDS, rewards)):
             builder.finalize(layout.indexed_files(parts[part])[1])
-        manifest = _manifest(config, reader, _WORKER["tokenizer"].identity(), counts, skipped, k_hist)
+        manifest = _manifest(config, reader, chunk_worker.tokenizer().identity(), counts, skipped, responses_skipped,
+                             k_hist)
         with open(temp_manifest, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -366,9 +241,9 @@ def pack(config: PackConfig, log=None) -> dict:
         if pool is not None:
             pool.terminate()
             pool.join()
-    if skipped or reader.responses_skipped:
+    if skipped or responses_skipped:
         log(f"skipped lists by reason: {dict(sorted(skipped.items()))}; "
-            f"skipped responses by reason: {dict(sorted(reader.responses_skipped.items()))}")
+            f"skipped responses by reason: {dict(sorted(responses_skipped.items()))}")
     log(f"wrote {counts['lists_written']} lists ({counts['lists_kept']} of {reader.read} read) to {prefix}")
     return manifest
 
@@ -391,7 +266,8 @@ def _publish(prefix: str, parts: dict, temp_manifest: str) -> None:
     os.replace(temp_manifest, layout.manifest_path(prefix))
 
 
-def _manifest(config: PackConfig, reader: _Reader, tokenizer: dict, counts, skipped, k_hist) -> dict:
+def _manifest(config: PackConfig, reader: _Reader, tokenizer: dict, counts, skipped, responses_skipped,
+              k_hist) -> dict:
     kept = counts["lists_kept"]
     return {
         "format_version": layout.FORMAT_VERSION,
@@ -404,7 +280,7 @@ def _manifest(config: PackConfig, reader: _Reader, tokenizer: dict, counts, skip
         },
         "counts": {
             "lists_read": reader.read, "lists_kept": kept, "lists_skipped": sum(skipped.values()),
-            "skipped": dict(sorted(skipped.items())), "responses_skipped": dict(sorted(reader.responses_skipped.items())),
+            "skipped": dict(sorted(skipped.items())), "responses_skipped": dict(sorted(responses_skipped.items())),
             "lists_written": counts["lists_written"], "tied_pairs_left_out": counts["tied_pairs_left_out"],
             "prompts_truncated": counts["prompts_truncated"], "responses_truncated": counts["responses_truncated"],
         },

@@ -96,14 +96,16 @@ def _load_named_dataset(spec: InputSpec, name: str):
         raise DatasetLoadError(f"{name}: {where}: cannot be loaded: {err}") from None
 
 
-def iter_records(path: str, config: str | None = None,
-                 split: str | None = None) -> Iterator[tuple[int, dict | InvalidRecord]]:
+def iter_records(path: str, config: str | None = None, split: str | None = None,
+                 raw: bool = False) -> Iterator[tuple[int, dict | InvalidRecord | bytes]]:
     """Yield ``(line or row number, record)`` for every record of an input; unreadable ones as InvalidRecord.
 
     Args:
         path: a data file, or a dataset directory / hub name with an optional selection (``parse_input``).
         config: the dataset config (subset) to read, overriding the one in ``path``.
         split: the split to read, overriding the one in ``path``.
+        raw: yield JSONL lines as their bytes, unparsed (``parse_line`` parses one), so that parsing can
+            happen in the pack's worker processes; rows of other inputs come parsed either way.
 
     Raises:
         FileNotFoundError: no such file, and not a hub name.
@@ -113,7 +115,7 @@ def iter_records(path: str, config: str | None = None,
     name = spec.path
     if spec.kind == "file" and (name.endswith((".jsonl", ".jsonl.gz", ".ndjson"))
                                 or (name.endswith(".gz") and ".json" in name)):
-        yield from _iter_jsonl(name)
+        yield from _iter_jsonl(name, raw)
         return
     if spec.kind == "file":
         import datasets
@@ -125,26 +127,27 @@ def iter_records(path: str, config: str | None = None,
     yield from enumerate(table, start=1)
 
 
-def _iter_jsonl(name: str) -> Iterator[tuple[int, dict | InvalidRecord]]:
+def _iter_jsonl(name: str, raw: bool) -> Iterator[tuple[int, dict | InvalidRecord | bytes]]:
     opener = gzip.open if name.endswith(".gz") else open
     with opener(name, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield number, InvalidRecord(INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield number, InvalidRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
-                continue
-            if not isinstance(record, dict):
-                yield number, InvalidRecord(MALFORMED_JSON, f"expected a JSON object, got {type(record).__name__}")
-                continue
-            yield number, record
+        for number, line in enumerate(f, start=1):
+            if line.strip():  # blank lines are not records
+                yield number, line if raw else parse_line(line)
+
+
+def parse_line(line: bytes) -> dict | InvalidRecord:
+    """One JSONL line as its JSON object, or the InvalidRecord saying why it is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return InvalidRecord(INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return InvalidRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
+    if not isinstance(record, dict):
+        return InvalidRecord(MALFORMED_JSON, f"expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _field(record: dict, key: str):
