@@ -7,7 +7,9 @@ calls it (``encode`` -> list of ints), and the same sentencepiece model doing th
 ``Encode`` of all the texts to int32 arrays, single-threaded (pack batches too, so this is the fair one), and
 with 2 threads (what 2 cores give the tokenizer itself, next to 2 workers).
 Printed: lists/s and tokens/s of each (median of --repeats interleaved runs), and ratios measured side by side.
-Goal: pack >= 0.8x the tokenizer's own throughput; 2 workers near 2x one worker.
+Goal: pack >= 0.8x the tokenizer's own throughput; 2 workers near 2x one worker. Also printed: the CPU the main
+process spends for all the workers (reading, ids, writing, handing chunks out), which bounds the speed-up with
+many workers: it cannot exceed (1-worker CPU) / (that CPU), where the main process does nothing else.
 
     .venv/bin/python bench/bench_pack.py [--repeats 5] [--limit 2000] [--workers 2 4 8]
 """
@@ -177,7 +179,7 @@ def main() -> None:
         serial = statistics.median(serial_cpu[n])
         print(f"{n} workers: the main process's CPU besides its own chunks (reading, ids, writing, handing out): "
               f"{serial:.3f} s = {serial / cpu['pack, 1 worker']:.3f} of a 1-worker pack's CPU; "
-              f"speed-up bound with any number of workers (Amdahl): {cpu['pack, 1 worker'] / serial:.1f}x")
+              f"so the main process is filled by that alone at ~{cpu['pack, 1 worker'] / serial:.0f} workers (speed-up bound)")
     print(f"outputs byte-identical for 1 and {counts} workers: {same}")
 
 
