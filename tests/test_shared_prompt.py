@@ -164,7 +164,8 @@ def test_mask_and_positions_are_what_make_it_exact(tiny_models):
     with torch.no_grad():
         expected = unpacked_logps(model, items)
         inputs = shared_prompt_model_inputs(batch, model)
-        plain_causal = dict(inputs, attention_mask=~torch.tril(torch.ones_like(inputs["attention_mask"])))
+        seq = batch["tokens"].shape[1]
+        plain_causal = dict(inputs, attention_mask=~torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None, None])
         row_positions = dict(inputs, position_ids=torch.arange(batch["tokens"].shape[1])[None])
         for broken in (plain_causal, row_positions):
             got = shared_prompt_logps(model(**broken), batch)

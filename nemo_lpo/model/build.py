@@ -37,8 +37,30 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
     if use_te:
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
                                           vp_stage=vp_stage)
-    return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
-                                      vp_stage=vp_stage)
+    return with_gathered_attention(get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                                              normalization="RMSNorm", vp_stage=vp_stage))
+
+
+def with_gathered_attention(block_spec):
+    """A copy of a local decoder block spec whose core attention is ``GatheredDotProductAttention``.
+
+    It is megatron's ``DotProductAttention`` for boolean masks and computes shared-prompt / packed rows part
+    by part when handed an ``attention_layout`` (nemo_lpo/model/attention.py); no parameters change.
+    """
+    import copy
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from nemo_lpo.model.attention import GatheredDotProductAttention
+
+    block_spec = copy.deepcopy(block_spec)  # layers may share one submodules object: set once, seen by all
+    for layer in block_spec.layer_specs:
+        attention = layer.submodules.self_attention.submodules
+        if attention.core_attention not in (DotProductAttention, GatheredDotProductAttention):
+            raise TypeError(f"expected megatron's local DotProductAttention in the layer spec, got "
+                            f"{attention.core_attention}")
+        attention.core_attention = GatheredDotProductAttention
+    return block_spec
 
 
 def build_gpt_model(

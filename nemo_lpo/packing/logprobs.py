@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from nemo_lpo.model.attention import attention_layout, takes_attention_layout
 from nemo_lpo.packing.collate import padding_token_mask, shared_prompt_mask
 
 REQUIRED_KEYS = ("tokens", "position_ids", "segment_ids", "part_ids", "gather_index", "gather_labels",
@@ -44,8 +45,11 @@ def shared_prompt_model_inputs(batch: dict, model=None) -> dict:
         model: the (wrapped) model; when it is MoE, padding tokens are kept out of the routing statistics.
     """
     _check(batch)
-    inputs = {"input_ids": batch["tokens"], "position_ids": batch["position_ids"],
-              "attention_mask": shared_prompt_mask(batch)}
+    if takes_attention_layout(model):  # part by part, no [R, 1, S, S] mask or S² scores
+        mask = attention_layout(batch["segment_ids"], batch["part_ids"])
+    else:
+        mask = shared_prompt_mask(batch)
+    inputs = {"input_ids": batch["tokens"], "position_ids": batch["position_ids"], "attention_mask": mask}
     config = _config(model)
     if config is not None and getattr(config, "num_moe_experts", None):
         inputs["padding_mask"] = padding_token_mask(batch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from nemo_lpo.model.attention import packed_layout, takes_attention_layout
 from nemo_lpo.model.gpt import causal_padding_mask, packed_causal_mask, padding_token_mask
 
 
@@ -62,7 +63,8 @@ def model_inputs(batch: dict, model=None, *, with_labels: bool = True) -> dict:
     inputs = {
         "input_ids": batch["tokens"],
         "position_ids": batch["position_ids"],
-        "attention_mask": attention_mask(batch),
+        "attention_mask": (packed_layout(batch["cu_seqlens"], batch["tokens"].shape[1]) if packed
+                           and takes_attention_layout(model) else attention_mask(batch)),
     }
     if with_labels:
         inputs["labels"] = batch["labels"]

@@ -1,0 +1,121 @@
+"""Gathered vs dense core attention on shared-prompt and packed rows: forward+backward CPU time and peak memory.
+
+The same lists, side by side in one run (interleaved medians; ratios):
+  padded           ListwiseCollator: B*K rows [prompt, y_k], causal mask (the baseline every layout is compared to)
+  packed dense     the B*K sequences in one row, megatron's dense block-diagonal [1, 1, S, S] mask (S² scores)
+  packed gathered  the same row, GatheredDotProductAttention: every sequence attends to itself only
+  shared dense     one row [prompt, y_1..y_K] per list, the dense shared-prompt mask (S² scores)
+  shared gathered  the same row part by part: the prompt once, each response to [prompt | itself]
+
+Model: ``bench-moe`` (4 layers, hidden 128, 8 experts top-2, vocab 2048: the layers dominate, as in
+Mixtral-8x7B). Peak memory: the extra peak resident set of one forward+backward (``peak_memory_bytes``). The
+log-probs of the gathered and dense paths are compared too (max relative difference).
+
+    .venv/bin/python bench/bench_attention.py [--reps 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+PAD = 0
+
+
+def variants_for(model, items, device):
+    """The forward+backward callable of each variant, its no-grad log-probs callable, and its batch shape."""
+    from nemo_lpo.data import ListwiseCollator
+    from nemo_lpo.model.attention import dense_attention
+    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
+    from nemo_lpo.packing.bench_utils import to_device
+    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+
+    batches = {"padded": to_device(ListwiseCollator(PAD)(items), device),
+               "packed": to_device(ListwiseCollator(PAD, packed=True)(items), device),
+               "shared": to_device(collate_shared_prompt(items, PAD, pad_to_multiple_of=8), device)}
+
+    def logps(layout: str):
+        batch = batches[layout]
+        if layout == "shared":
+            return sequence_logps_shared_prompt(model, batch)
+        return sequence_logps(token_logps(model, batch), batch)
+
+    def run(layout: str, dense: bool, grad: bool = True):
+        def fn():
+            with torch.enable_grad() if grad else torch.no_grad(), dense_attention() if dense else contextlib.nullcontext():
+                model.zero_grad(set_to_none=True)
+                out = logps(layout)
+                if grad:
+                    out.sum().backward()
+                return out.detach()
+        return fn
+
+    steps = {"padded": run("padded", dense=True)}
+    values = {"padded": run("padded", dense=True, grad=False)}
+    for layout in ("packed", "shared"):
+        for dense in (True, False):
+            name = f"{layout} {'dense' if dense else 'gathered'}"
+            steps[name] = run(layout, dense)
+            values[name] = run(layout, dense, grad=False)
+    rows = {name: batches[name.split()[0]]["tokens"].shape for name in steps}
+    return steps, values, rows
+
+
+def main() -> int:
+    """Run the grid and print one table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="two small points (smoke run)")
+    args = parser.parse_args()
+
+    from nemo_lpo.model.presets import PRESETS
+    from nemo_lpo.packing.bench_utils import (
+        build_model,
+        init_single_process,
+        interleaved_medians,
+        peak_memory_bytes,
+        print_table,
+        synthetic_items,
+    )
+
+    init_single_process()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    preset = PRESETS["tiny-mixtral"].replace(name="bench-moe", num_layers=4, hidden_size=128, ffn_hidden_size=256,
+                                             num_attention_heads=4, num_query_groups=2, vocab_size=2048,
+                                             num_experts=8, moe_router_topk=2)
+    model = build_model(preset)
+    grid = [(4, 64, 64), (8, 256, 128)] if args.quick else [(4, 128, 128), (4, 512, 128), (8, 512, 128),
+                                                            (8, 1024, 256)]
+    rows = []
+    for k, prompt_len, response_len in grid:
+        items = synthetic_items(1, k, prompt_len, response_len, seed=k * 1000 + prompt_len, vocab=preset.vocab_size)
+        steps, values, shapes = variants_for(model, items, device)
+        med = interleaved_medians(steps, reps=args.reps, warmup=1)
+        peak = {name: peak_memory_bytes(fn) / 2**20 for name, fn in steps.items()}
+        diffs = {}
+        for layout in ("packed", "shared"):
+            dense, gathered = values[f"{layout} dense"](), values[f"{layout} gathered"]()
+            diffs[layout] = ((dense - gathered).abs().max() / dense.abs().max()).item()
+        base = med["padded"]["cpu"]
+        for name in steps:
+            layout = name.split()[0]
+            rows.append([k, prompt_len, response_len, name, "x".join(map(str, shapes[name])),
+                         1000 * med[name]["cpu"], base / med[name]["cpu"], peak[name],
+                         peak["padded"] / max(peak[name], 1e-9),
+                         f"{diffs[layout]:.1e}" if layout in diffs else ""])
+        print(f"  done K={k} Lp={prompt_len} Lr={response_len}", file=sys.stderr, flush=True)
+    print_table("bench-moe (4 layers, hidden 128, 4 heads / 2 KV groups, 8 experts top-2, vocab 2048), 1 list, "
+                "forward+backward", ["K", "prompt", "resp", "variant", "tokens", "cpu ms", "speed-up vs padded",
+                                     "peak MiB", "padded peak / peak", "max rel |dlogp| dense vs gathered"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
