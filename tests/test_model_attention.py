@@ -18,18 +18,28 @@ def test_plan_by_hand():
              {"prompt_ids": [11], "response_ids": [[12]], "rewards": [0.5], "index": 8}]
     batch = collate_shared_prompt(items, pad_id=PAD, pad_to_multiple_of=4)  # rows of 8
     plan = plan_attention(attention_layout(batch["segment_ids"], batch["part_ids"]))
-    # prompts: row 0 positions 0..2, row 1 position 8 (flat), padded with their first token
-    assert plan.prompt_index.tolist() == [[0, 1, 2], [8, 8, 8]]
-    assert plan.prompt_valid.tolist() == [[True] * 3, [True, False, False]]
-    assert plan.response_index.tolist() == [[3, 4, 3], [5, 6, 7], [9, 9, 9]]
-    assert plan.response_valid.sum(1).tolist() == [2, 3, 1]
+    # prompts (row 0 positions 0..2; row 1 flat position 8) in two batches: 1 token is under half of 3
+    assert [b.query_index.tolist() for b in plan[:2]] == [[[0, 1, 2]], [[8]]]
+    assert all(b.mask is None and b.key_index is b.query_index for b in plan[:2])  # causal over themselves
+    # responses, longest first: lengths 3 and 2 together (padding repeats the first position), 1 alone
+    together, alone = plan[2:]
+    assert together.query_index.tolist() == [[5, 6, 7], [3, 4, 3]]
+    assert together.query_valid.tolist() == [[True, True, True], [True, True, False]]
     # keys: the list's prompt, then the response itself; padding repeats the prompt's first token
-    assert plan.response_keys.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 5, 6, 7], [8, 9, 8, 8, 8, 8]]
-    mask = plan.response_mask[:, 0]
-    assert mask[1].tolist() == [[True, True, True, True, False, False],   # y_2's first token: prompt + itself
-                                [True, True, True, True, True, False],
-                                [True, True, True, True, True, True]]
-    assert mask[2, 0].tolist() == [True, True, False, False, False, False]
+    assert together.key_index.tolist() == [[0, 1, 2, 5, 6, 7], [0, 1, 2, 3, 4, 0]]
+    assert together.mask[0, 0].tolist() == [[True, True, True, True, False, False],  # y_2's first token
+                                            [True, True, True, True, True, False],
+                                            [True, True, True, True, True, True]]
+    assert together.mask[1, 0, 1].tolist() == [True, True, True, True, True, False]
+    assert alone.query_index.tolist() == [[9]] and alone.key_index.tolist() == [[8, 9]]
+    assert alone.mask[0, 0].tolist() == [[True, True]]
+
+
+def test_parts_of_very_different_lengths_are_batched_apart():
+    from nemo_lpo.model.attention import _length_buckets
+
+    buckets = _length_buckets(torch.tensor([20, 2000, 25, 1500, 999, 11]))
+    assert [b.tolist() for b in buckets] == [[1, 3], [4], [2, 0], [5]]  # each longest < 2x its shortest
 
 
 def test_a_response_without_its_prompt_is_refused():

@@ -79,15 +79,36 @@ def takes_attention_layout(model) -> bool:
 
 
 @dataclasses.dataclass
-class _Plan:
-    """Flat token indices (into ``R * S``) gathered per part, with what SDPA needs for each batch."""
+class PartBatch:
+    """Parts of similar length attended in one SDPA call; flat token indices into ``R * S``.
 
-    prompt_index: torch.Tensor  # [Gp, Lp] query = key positions of each prompt, padded with its first token
-    prompt_valid: torch.Tensor  # [Gp, Lp] bool
-    response_index: torch.Tensor | None  # [Gr, Lr] query positions of each response
-    response_valid: torch.Tensor | None  # [Gr, Lr] bool
-    response_keys: torch.Tensor | None  # [Gr, Lkv] key positions: the prompt, then the response
-    response_mask: torch.Tensor | None  # [Gr, 1, Lr, Lkv] bool, True = attend
+    query_index / query_valid: [G, Lq] the parts' query positions (padding repeats a real position) and which
+    are real. key_index: [G, Lk] their key positions, the same as the queries for a prompt or packed sequence
+    (causal) and ``[prompt | response]`` for a response. mask: None (causal) or [G, 1, Lq, Lk], True = attend.
+    """
+
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    key_index: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def _length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Indices of ``lengths`` grouped so that a group's longest is < 2x its shortest (padding at most 2x).
+
+    One padded batch of a 2000-token part with seven 20-token ones would cost more than the dense row.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    buckets, current, longest = [], [], None
+    for index, length in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        if current and 2 * length <= longest:
+            buckets.append(current)
+            current = []
+        if not current:
+            longest = length
+        current.append(index)
+    buckets.append(current)
+    return [torch.tensor(bucket, device=lengths.device) for bucket in buckets]
 
 
 def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,41 +118,49 @@ def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.where(valid, starts[:, None] + j[None, :], starts[:, None]), valid
 
 
-def plan_attention(layout: torch.Tensor) -> _Plan:
-    """The gather plan of an ``attention_layout``: contiguous (row, segment, part) runs become parts."""
+def _response_batch(start, length, prompt_start, prompt_length) -> PartBatch:
+    query_index, query_valid = _runs(start, length)
+    j = torch.arange(int((prompt_length + length).max()), device=start.device)[None, :]
+    in_prompt = j < prompt_length[:, None]
+    in_response = ~in_prompt & (j < (prompt_length + length)[:, None])
+    key_index = torch.where(in_prompt, prompt_start[:, None] + j,
+                            torch.where(in_response, start[:, None] + j - prompt_length[:, None], prompt_start[:, None]))
+    i = torch.arange(query_index.shape[1], device=start.device)[None, :, None]
+    own = (j[:, None, :] - prompt_length[:, None, None]) <= i  # the response's own keys up to the query
+    mask = in_prompt[:, None, :] | (in_response[:, None, :] & own)
+    return PartBatch(query_index, query_valid, key_index, mask[:, None])
+
+
+def plan_attention(layout: torch.Tensor) -> list[PartBatch]:
+    """The SDPA batches of an ``attention_layout``: contiguous (row, segment, part) runs are the parts."""
     segment, part = layout[:, 0].reshape(-1), layout[:, 1].reshape(-1)
     row_length = layout.shape[2]
     positions = torch.arange(segment.numel(), device=layout.device)
     real = segment >= 0
-    previous_segment = torch.roll(segment, 1)
-    previous_part = torch.roll(part, 1)
-    starts_run = real & ((positions % row_length == 0) | (segment != previous_segment) | (part != previous_part))
+    starts_run = real & ((positions % row_length == 0) | (segment != torch.roll(segment, 1))
+                         | (part != torch.roll(part, 1)))
     starts = positions[starts_run]
     run_of_token = torch.cumsum(starts_run.to(torch.int64), 0) - 1
     lengths = torch.bincount(run_of_token[real], minlength=starts.numel())
     is_prompt = part[starts] == 0
     run_ids = torch.arange(starts.numel(), device=layout.device)
     prompt_of_run = torch.cummax(torch.where(is_prompt, run_ids, -1), 0).values
-    prompt_index, prompt_valid = _runs(starts[is_prompt], lengths[is_prompt])
-    if bool(is_prompt.all()):
-        return _Plan(prompt_index, prompt_valid, None, None, None, None)
+    batches = []
+    prompt_start, prompt_length = starts[is_prompt], lengths[is_prompt]
+    for bucket in _length_buckets(prompt_length):
+        query_index, query_valid = _runs(prompt_start[bucket], prompt_length[bucket])
+        batches.append(PartBatch(query_index, query_valid, query_index, None))
     responses = ~is_prompt
+    if not bool(responses.any()):
+        return batches
     own_prompt = prompt_of_run[responses]
     if bool((own_prompt < 0).any()) or bool((segment[starts[own_prompt]] != segment[starts[responses]]).any()):
         raise ValueError("attention layout: a response does not follow its list's prompt in the same row")
-    response_index, response_valid = _runs(starts[responses], lengths[responses])
-    prompt_start, prompt_length = starts[own_prompt], lengths[own_prompt]
-    response_start, response_length = starts[responses], lengths[responses]
-    j = torch.arange(int((prompt_length + response_length).max()), device=layout.device)[None, :]
-    in_prompt = j < prompt_length[:, None]
-    in_response = ~in_prompt & (j < (prompt_length + response_length)[:, None])
-    response_keys = torch.where(in_prompt, prompt_start[:, None] + j,
-                                torch.where(in_response, response_start[:, None] + j - prompt_length[:, None],
-                                            prompt_start[:, None]))
-    i = torch.arange(response_index.shape[1], device=layout.device)[None, :, None]
-    own = (j[:, None, :] - prompt_length[:, None, None]) <= i  # the response's own keys up to the query
-    mask = in_prompt[:, None, :] | (in_response[:, None, :] & own)
-    return _Plan(prompt_index, prompt_valid, response_index, response_valid, response_keys, mask[:, None])
+    start, length = starts[responses], lengths[responses]
+    for bucket in _length_buckets(length):
+        batches.append(_response_batch(start[bucket], length[bucket], starts[own_prompt][bucket],
+                                       lengths[own_prompt][bucket]))
+    return batches
 
 
 class GatheredDotProductAttention(DotProductAttention):
@@ -168,21 +197,17 @@ class GatheredDotProductAttention(DotProductAttention):
         return context.view(rows, seq, heads * dim).transpose(0, 1).contiguous()
 
     @staticmethod
-    def _parts(flat, plan: _Plan, scale: float, dropout: float):
-        """[(query index, valid, output [G, L, heads, dim])] of the prompt batch and the response batch."""
+    def _parts(flat, plan: list[PartBatch], scale: float, dropout: float):
+        """[(query index, valid, output [G, Lq, heads, dim])] of every batch of the plan."""
         query, key, value = flat
-
         groups = query.shape[1] // key.shape[1]
-
-        def sdpa(q_index, k_index, **kwargs):
-            q, k, v = (x[idx].transpose(1, 2) for x, idx in ((query, q_index), (key, k_index), (value, k_index)))
+        outputs = []
+        for batch in plan:
+            q, k, v = (x[idx].transpose(1, 2) for x, idx in ((query, batch.query_index), (key, batch.key_index),
+                                                              (value, batch.key_index)))
             if groups > 1:  # as megatron's dense path; SDPA's enable_gqa would rule out the masked fused kernel
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, **kwargs)
-            return out.transpose(1, 2)
-
-        outputs = [(plan.prompt_index, plan.prompt_valid, sdpa(plan.prompt_index, plan.prompt_index, is_causal=True))]
-        if plan.response_index is not None:
-            outputs.append((plan.response_index, plan.response_valid,
-                            sdpa(plan.response_index, plan.response_keys, attn_mask=plan.response_mask)))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, dropout_p=dropout, scale=scale,
+                                                 is_causal=batch.mask is None)
+            outputs.append((batch.query_index, batch.query_valid, out.transpose(1, 2)))
         return outputs
