@@ -37,14 +37,22 @@ stage gpu_tests 150 python3 -m pytest tests/test_gpu.py -m gpu -q -rA -p no:cach
     -k "${GPU_TESTS_K:-gpu}"
 
 # 2. whole training steps with real Mixtral-8x7B / Mistral-7B layer shapes (cut to 1 / 2 layers), bf16,
-#    padded vs packed vs shared-prompt, on AlpacaEval lists (K=4 of 8, responses cut at 1024 tokens: megatron's local
-#    attention is dense over a row, so longer packed rows do not fit), made here with:
+#    padded vs packed vs shared-prompt, on AlpacaEval lists (K=4 of 8, responses cut at 1024 tokens; session 2 ran
+#    these with megatron's dense local attention, where longer packed rows did not fit), made here with:
 #    nemo-lpo pack --input ../shared/data/alpacaeval2/*.jsonl --format listwise --tokenizer mistral \
 #      --output-prefix .gpu/ae_k4 --max-length 1024 --overflow truncate_response --max-k 4
 TAIL=6 stage train_mixtral 120 python3 bench/bench_train_step.py --prefix .gpu/ae_k4 --preset mixtral-8x7b \
     --num-layers 1 --global-batch 8 --micro-batch 1 --steps 6 --warmup 2
 TAIL=6 stage train_mistral 90 python3 bench/bench_train_step.py --prefix .gpu/ae_k4 --preset mistral-7b \
     --num-layers 2 --global-batch 8 --micro-batch 1 --steps 6 --warmup 2
+
+# 2b. K=8 lists of responses up to 2048 tokens (rows up to ~16k tokens), where megatron's dense local attention ran
+#     out of memory for packed and shared rows; the local spec's GatheredDotProductAttention does not build S² scores.
+#     .gpu/ae_k8: the same pack command with --max-length 2048 and no --max-k.
+TAIL=6 stage train_k8 150 python3 bench/bench_train_step.py --prefix .gpu/ae_k8 --preset mistral-7b \
+    --num-layers 2 --global-batch 8 --micro-batch 1 --steps 6 --warmup 2
+# 2c. gathered vs dense core attention alone (time, peak memory, log-prob agreement)
+TAIL=40 stage attention 120 python3 bench/bench_attention.py --reps 3
 
 # 3. the loss module on the GPU (listwise vs pairwise cost)
 TAIL=12 stage losses 30 python3 bench/bench_losses.py --device cuda

@@ -90,8 +90,8 @@ class DataConfig:
         shuffle: Shuffle lists every epoch (seeded by ``seed``).
         seed: Sampler seed.
         pad_to_multiple_of: Round the padded sequence length up to this (times tp under sequence parallel).
-        packed: Pack the sequences of a micro-batch back to back (block-diagonal causal mask); with
-            ``shared_prompt``, all lists of a micro-batch in one row.
+        packed: Pack the sequences of a micro-batch back to back (each attends to itself only: the local
+            spec's gathered core attention); with ``shared_prompt``, all lists of a micro-batch in one row.
         shared_prompt: Shared-prompt packing (``nemo_lpo.packing``): each list is one row
             [prompt, y_1, ..., y_K] and its prompt is computed once (the MoE aux-loss statistics then
             count the prompt's tokens once instead of K times).

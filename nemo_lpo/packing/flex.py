@@ -1,11 +1,11 @@
 """The shared-prompt mask as a FlexAttention ``mask_mod`` / ``BlockMask`` (the GPU path without a dense mask).
 
 megatron's local attention materialises ``[R, 1, S, S]`` scores and masks them, so a long shared row pays
-for the response-response blocks it then discards. FlexAttention (``torch.nn.attention.flex_attention``)
-evaluates the same predicate per (query, key) and, through a ``BlockMask``, skips tiles that are fully
-masked: the prompt is attended once, each response attends to the prompt and its own triangle only. Wiring
-it into megatron needs a core-attention module in the layer spec (docs/performance.md); this module gives
-the mask and its sparsity so the kernel side can be checked against ``shared_prompt_mask``.
+for the response-response blocks it then discards. The model's core attention avoids that by gathering each
+part's keys (``nemo_lpo.model.attention.GatheredDotProductAttention``). FlexAttention
+(``torch.nn.attention.flex_attention``) is the block-sparse alternative: it evaluates the same predicate per
+(query, key) and, through a ``BlockMask``, skips tiles that are fully masked. This module gives that mask and
+its sparsity, checked against ``shared_prompt_mask`` (a compiled flex core attention is not wired in).
 """
 
 from __future__ import annotations
