@@ -97,8 +97,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two small points (smoke run)")
     args = parser.parse_args()
 
-    from nemo_lpo.model.presets import PRESETS
     from nemo_lpo.packing.bench_utils import (
+        bench_moe_preset,
         build_model,
         init_single_process,
         interleaved_medians,
@@ -109,9 +109,7 @@ def main() -> int:
     init_single_process()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    preset = PRESETS["tiny-mixtral"].replace(name="bench-moe", num_layers=4, hidden_size=128, ffn_hidden_size=256,
-                                             num_attention_heads=4, num_query_groups=2, vocab_size=2048,
-                                             num_experts=8, moe_router_topk=2)
+    preset = bench_moe_preset()
     model = build_model(preset)
     grid = [(4, 64, 64), (8, 256, 128)] if args.quick else [(4, 128, 128), (4, 512, 128), (8, 512, 128),
                                                             (8, 1024, 256), (8, 128, "1024 + 7x32")]

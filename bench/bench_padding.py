@@ -127,8 +127,7 @@ def main() -> int:
         return 0
 
     from nemo_lpo.data import ListwiseDataset
-    from nemo_lpo.model.presets import PRESETS
-    from nemo_lpo.packing.bench_utils import build_model, init_single_process, print_table
+    from nemo_lpo.packing.bench_utils import bench_moe_preset, build_model, init_single_process, print_table
 
     rows, time_rows, datasets = [], [], {}
     with tempfile.TemporaryDirectory(prefix="bench_padding_") as tmp:
@@ -150,10 +149,8 @@ def main() -> int:
             return 0
 
         init_single_process()
-        vocab = 2048
-        preset = PRESETS["tiny-mixtral"].replace(name="bench-moe", num_layers=4, hidden_size=128, ffn_hidden_size=256,
-                                                 num_attention_heads=4, num_query_groups=2, vocab_size=vocab,
-                                                 num_experts=8, moe_router_topk=2)
+        preset = bench_moe_preset()
+        vocab = preset.vocab_size
         model = build_model(preset)
         for name, (_, mbs) in DATASETS.items():
             cpu = step_times(model, datasets[name], mbs, args.timed_batches, args.reps, vocab)

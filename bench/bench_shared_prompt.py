@@ -105,14 +105,12 @@ def main() -> int:
     args = parser.parse_args()
 
     from nemo_lpo.model.presets import PRESETS
-    from nemo_lpo.packing.bench_utils import build_model, init_single_process
+    from nemo_lpo.packing.bench_utils import bench_moe_preset, build_model, init_single_process
 
     init_single_process()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    bench_moe = PRESETS["tiny-mixtral"].replace(name="bench-moe", num_layers=4, hidden_size=128, ffn_hidden_size=256,
-                                                num_attention_heads=4, num_query_groups=2, vocab_size=2048,
-                                                num_experts=8, moe_router_topk=2)
+    bench_moe = bench_moe_preset()
     ks, prompts = ((2, 8), (32, 512)) if args.quick else ((2, 4, 8), (32, 128, 512))
     grid = [(k, p) for k in ks for p in prompts]
     model = build_model(bench_moe)

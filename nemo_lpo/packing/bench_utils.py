@@ -95,6 +95,18 @@ def init_single_process(seed: int = 1234) -> None:
     initialize_parallel(seed=seed)
 
 
+def bench_moe_preset():
+    """``bench-moe``: tiny-mixtral's family with the layers, not the output layer, dominating the FLOPs.
+
+    As in Mixtral-8x7B: 4 layers, hidden 128, 4 heads / 2 KV groups, 8 experts top-2, vocab 2048.
+    """
+    from nemo_lpo.model.presets import PRESETS
+
+    return PRESETS["tiny-mixtral"].replace(name="bench-moe", num_layers=4, hidden_size=128, ffn_hidden_size=256,
+                                           num_attention_heads=4, num_query_groups=2, vocab_size=2048,
+                                           num_experts=8, moe_router_topk=2)
+
+
 def build_model(preset, seed: int = 0, **config_kwargs):
     """The megatron GPTModel of ``preset`` (train mode; on the GPU when there is one)."""
     from nemo_lpo.model.build import build_gpt_model
