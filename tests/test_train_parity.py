@@ -1,10 +1,10 @@
 """LPO training is layout-invariant, and step 1 equals the closed form.
 
 TP2+SP, PP2, EP2 (alltoall), DP2 (+ distributed optimizer), PP2 x virtual pipeline 2 (4-layer variant,
-also resuming a 1-process checkpoint), micro-batch splits and precomputed vs online reference all reproduce
+also resuming a 1-process checkpoint; with TP2+SP or DP2 + distributed optimizer on 4 processes), micro-batch splits and precomputed vs online reference all reproduce
 the single-process run.
 
-Two torchrun launches (1 and 2 processes) run every scenario of tests/dist/train_parity.py on the same
+Three torchrun launches (1, 2 and 4 processes) run every scenario of tests/dist/train_parity.py on the same
 packed lists and the same starting weights (a dist checkpoint written by the single-process launch).
 """
 
@@ -46,6 +46,14 @@ def layouts(work, single) -> dict:
     assert "lines" in single["base"], single["base"].get("error")
     return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "pp2_shared_noaux", "pp2_vpp2",
                                 "pp2_vpp2_precomputed", "pp2_vpp2_resume", "pp2_from_vpp2"))
+
+
+@pytest.fixture(scope="module")
+def four_processes(work, single) -> dict:
+    root, prefix = work
+    assert "lines" in single["base4"], single["base4"].get("error")
+    return results(run_torchrun(WORKER, 4, str(root), str(prefix), "tp2_pp2", "tp2_pp2_vpp2",
+                                "dp2_pp2_vpp2"))
 
 
 def lines_of(found: dict, name: str) -> list[dict]:
@@ -109,6 +117,17 @@ def test_virtual_pipeline_reproduces_single_process(layouts, single):
     base = lines_of(single, "base4")
     assert base[0]["loss"] != base[2]["loss"]
     assert_same_run(lines_of(layouts, "pp2_vpp2"), base[:3])
+
+
+def test_tensor_and_pipeline_parallel_moe(four_processes, single):
+    """TP2 + sequence parallel x PP2 on the MoE model: later stages get their share of the padding mask."""
+    assert_same_run(lines_of(four_processes, "tp2_pp2"), lines_of(single, "base"))
+
+
+@pytest.mark.parametrize("scenario", ["tp2_pp2_vpp2", "dp2_pp2_vpp2"])
+def test_virtual_pipeline_with_tensor_or_data_parallelism(four_processes, single, scenario):
+    """4 processes: PP2 x VPP2 with TP2 + sequence parallel, and with DP2 + the distributed optimizer."""
+    assert_same_run(lines_of(four_processes, scenario), lines_of(single, "base4")[:3])
 
 
 def test_virtual_pipeline_reference_pass(layouts, single):

@@ -61,6 +61,15 @@ class GPTModelWithPositions(GPTModel):
         out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
                                   inference_context=inference_context, packed_seq_params=packed_seq_params,
                                   padding_mask=padding_mask)
+        if (padding_mask is not None and not self.pre_process and decoder_input is None
+                and self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1):
+            # megatron 0.19.2 splits the MoE padding mask over the sequence-parallel ranks on the first
+            # pipeline stage only; later stages (and later virtual chunks) would route [S/tp] tokens against
+            # an [S] mask and fail in the aux-loss statistics
+            from megatron.core import tensor_parallel
+
+            split = tensor_parallel.scatter_to_sequence_parallel_region(out[5].transpose(0, 1).contiguous())
+            out = (*out[:5], split.transpose(0, 1).contiguous(), *out[6:])
         if position_ids is None or self.position_embedding_type != "rope" or out[1] is None:
             return out
         if self.sliding_window is not None and int(position_ids.max()) >= self.sliding_window:

@@ -13,7 +13,8 @@ vs shared_noaux); base4 (a 4-layer tiny Mixtral, 6 steps, checkpoint at step 3; 
 pp2_vpp2 (PP2 x virtual pipeline 2, vs base4's first 3 steps), pp2_vpp2_precomputed (its ref-logps pass and
 training on the sidecar, vs base4), pp2_vpp2_resume (base4's step-3 checkpoint
 resumed at PP2 x VPP2, vs base4's steps 4-6; it saves step 5), pp2_from_vpp2 (that step-5 checkpoint resumed at
-PP2 without VPP, vs base4's step 6). ``init`` only writes WORK_DIR/init (for other tests' runs).
+PP2 without VPP, vs base4's step 6); 4 processes: tp2_pp2 (TP2+SP x PP2, vs base), tp2_pp2_vpp2 (TP2+SP x PP2 x VPP2) and dp2_pp2_vpp2 (DP2 +
+distributed optimizer x PP2 x VPP2), vs base4's first 3 steps. ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ SCENARIOS = {
     # resume base4's step-3 checkpoint (1 process) at PP2 x VPP2 and train steps 4-6
     "pp2_vpp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2", f"train.max_steps={2 * STEPS}",
                         f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true", "checkpoint.save_interval=5"],
+    # 4 processes: virtual pipeline with tensor (+ sequence) parallelism, and with data parallelism + the
+    # distributed optimizer (2 micro-batches per data-parallel rank, a multiple of pp as interleaving needs)
+    "tp2_pp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"],
+    "tp2_pp2_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.tp=2", "parallel.sequence_parallel=true",
+                     "parallel.pp=2", "parallel.vpp=2", f"optim.decay_steps={2 * STEPS}"],
+    "dp2_pp2_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2",
+                     "parallel.distributed_optimizer=true", f"optim.decay_steps={2 * STEPS}"],
     # and back: pp2_vpp2_resume's step-5 checkpoint (two chunks per rank) resumed at PP2 without VPP for step 6
     "pp2_from_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2",
                       f"train.max_steps={2 * STEPS}", f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
@@ -135,6 +143,9 @@ def main() -> None:
 
                 if torch.distributed.get_rank() == 0:
                     print("RESULT " + json.dumps({"scenario": name, "error": traceback.format_exc()}), flush=True)
+                else:  # another rank's failure would otherwise only show as rank 0 waiting for it
+                    print(f"rank {torch.distributed.get_rank()}: scenario {name} failed:\n{traceback.format_exc()}",
+                          file=sys.stderr, flush=True)
     finally:
         destroy_parallel()
 
