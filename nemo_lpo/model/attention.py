@@ -14,8 +14,8 @@ matrix is masked: on an H100 a K=8 list of ≤ 2048-token sequences (S up to ~16
 No ``S²`` tensor is built, SDPA picks a fused kernel (flash / memory-efficient on GPU, the flash kernel on CPU),
 and the masked response-response blocks are never computed. The model receives the layout instead of a mask:
 ``attention_layout(segment_ids, part_ids)``, an int64 ``[R, 2, S]`` tensor passed as ``attention_mask``; a
-boolean mask still takes megatron's dense path, so padded batches and TE-free checkpoints are unchanged
-(the module has no parameters).
+boolean mask still takes megatron's dense path, so padded batches are unchanged, and so are checkpoints (the
+module has no parameters).
 """
 
 from __future__ import annotations
