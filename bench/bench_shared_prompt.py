@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 PAD = 0
-# megatron's local attention is dense over a row (S^2 scores and an explicit S x S mask), so the
-# padding-free packed layout gets quadratic in the micro-batch's total length; skip it beyond this.
+# The packed layout puts the prompt K times into one row; beyond this it is left out (it was quadratic in the
+# row length on megatron's dense local attention, before the gathered core attention; kept for comparability).
 MAX_PACKED_ROW = 2048
 
 
@@ -122,8 +122,8 @@ def main() -> int:
     sweep(tiny, 32000, [(4, 128), (8, 256)], args.lists, args.response_len, args.reps, device,
           "tiny-mixtral (2 layers, hidden 64, vocab 32000: the output layer dominates), forward+backward")
     print("\ntok ratio = real tokens unpacked / shared (the prompt is computed once instead of K times);"
-          " padded slots include padding. Attention on megatron's local path is dense over each row "
-          "(S^2 scores), so a long shared row pays for the masked-out response-response blocks.")
+          " padded slots include padding. Shared and packed rows are attended part by part (the local spec's "
+          "GatheredDotProductAttention; bench_attention.py compares it with megatron's dense mask).")
     return 0
 
 
