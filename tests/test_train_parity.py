@@ -1,7 +1,8 @@
 """LPO training is layout-invariant, and step 1 equals the closed form.
 
 TP2+SP, PP2, EP2 (alltoall), DP2 (+ distributed optimizer), PP2 x virtual pipeline 2 (4-layer variant,
-also resuming a 1-process checkpoint; with TP2+SP or DP2 + distributed optimizer on 4 processes), micro-batch splits and precomputed vs online reference all reproduce
+also resuming a 1-process checkpoint; with TP2+SP or DP2 + distributed optimizer on 4 processes), PP4 x VPP2
+(8-layer variant), micro-batch splits and precomputed vs online reference all reproduce
 the single-process run.
 
 Three torchrun launches (1, 2 and 4 processes) run every scenario of tests/dist/train_parity.py on the same
@@ -36,7 +37,7 @@ def work(tmp_path_factory) -> tuple[Path, Path]:
 def single(work) -> dict:
     root, prefix = work
     out = run_torchrun(WORKER, 1, str(root), str(prefix), "base", "base_noaux", "mb4_noaux", "precomputed",
-                       "recompute", "shared_noaux", "bf16", "base4")
+                       "recompute", "shared_noaux", "bf16", "base4", "base8")
     return results(out)
 
 
@@ -53,7 +54,7 @@ def four_processes(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base4"], single["base4"].get("error")
     return results(run_torchrun(WORKER, 4, str(root), str(prefix), "tp2_pp2", "tp2_pp2_vpp2",
-                                "dp2_pp2_vpp2"))
+                                "dp2_pp2_vpp2", "pp4_vpp2"))
 
 
 def lines_of(found: dict, name: str) -> list[dict]:
@@ -128,6 +129,11 @@ def test_tensor_and_pipeline_parallel_moe(four_processes, single):
 def test_virtual_pipeline_with_tensor_or_data_parallelism(four_processes, single, scenario):
     """4 processes: PP2 x VPP2 with TP2 + sequence parallel, and with DP2 + the distributed optimizer."""
     assert_same_run(lines_of(four_processes, scenario), lines_of(single, "base4")[:3])
+
+
+def test_virtual_pipeline_four_stages(four_processes, single):
+    """PP4 x VPP2 on an 8-layer variant (one layer per chunk) reproduces its 1-process run."""
+    assert_same_run(lines_of(four_processes, "pp4_vpp2"), lines_of(single, "base8"))
 
 
 def test_virtual_pipeline_reference_pass(layouts, single):

@@ -14,7 +14,8 @@ pp2_vpp2 (PP2 x virtual pipeline 2, vs base4's first 3 steps), pp2_vpp2_precompu
 training on the sidecar, vs base4), pp2_vpp2_resume (base4's step-3 checkpoint
 resumed at PP2 x VPP2, vs base4's steps 4-6; it saves step 5), pp2_from_vpp2 (that step-5 checkpoint resumed at
 PP2 without VPP, vs base4's step 6); 4 processes: tp2_pp2 (TP2+SP x PP2, vs base), tp2_pp2_vpp2 (TP2+SP x PP2 x VPP2) and dp2_pp2_vpp2 (DP2 +
-distributed optimizer x PP2 x VPP2), vs base4's first 3 steps. ``init`` only writes WORK_DIR/init (for other tests' runs).
+distributed optimizer x PP2 x VPP2), vs base4's first 3 steps; base8 (an 8-layer variant, 1 process) and
+pp4_vpp2 (PP4 x VPP2 on it, 4 processes). ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 STEPS = 3
 TINY4 = "tiny-mixtral-4layers"
+TINY8 = "tiny-mixtral-8layers"
 COMMON = ["optim.lr=1e-3", "optim.warmup_steps=0", "optim.clip_grad=1.0", "data.global_batch_size=4",
           "data.micro_batch_size=1", "data.shuffle=true", "reference.mode=online", "checkpoint.save_at_end=false",
           "checkpoint.resume=false", "logging.tensorboard=false", f"train.max_steps={STEPS}"]
@@ -57,6 +59,10 @@ SCENARIOS = {
     # resume base4's step-3 checkpoint (1 process) at PP2 x VPP2 and train steps 4-6
     "pp2_vpp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2", "parallel.vpp=2", f"train.max_steps={2 * STEPS}",
                         f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true", "checkpoint.save_interval=5"],
+    # pipeline depth 4 with virtual pipeline 2: an 8-layer variant (one layer per chunk), its own init weights
+    "base8": [f"model.preset={TINY8}", "data.pad_to_multiple_of=1", f"optim.decay_steps={2 * STEPS}"],
+    "pp4_vpp2": [f"model.preset={TINY8}", "data.pad_to_multiple_of=1", "parallel.pp=4", "parallel.vpp=2",
+                 f"optim.decay_steps={2 * STEPS}"],
     # 4 processes: virtual pipeline with tensor (+ sequence) parallelism, and with data parallelism + the
     # distributed optimizer (2 micro-batches per data-parallel rank, a multiple of pp as interleaving needs)
     "tp2_pp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"],
@@ -72,12 +78,13 @@ RESUMES = {"pp2_vpp2_resume": "base4/checkpoints/step_0000003", "pp2_from_vpp2":
 
 
 def register_tiny4() -> None:
-    """Add the 4-layer variant of tiny-mixtral to the presets (no shipped preset has 4 layers)."""
+    """Add the 4- and 8-layer variants of tiny-mixtral to the presets (no shipped preset has that many layers)."""
     import dataclasses
 
     from nemo_lpo.model.presets import PRESETS
 
     PRESETS.setdefault(TINY4, dataclasses.replace(PRESETS["tiny-mixtral"], name=TINY4, num_layers=4))
+    PRESETS.setdefault(TINY8, dataclasses.replace(PRESETS["tiny-mixtral"], name=TINY8, num_layers=8))
 
 
 def run(work: Path, prefix: str, name: str) -> None:
@@ -90,7 +97,8 @@ def run(work: Path, prefix: str, name: str) -> None:
 
     register_tiny4()
     destroy_moe_metrics_tracker()  # megatron's process-global MoE tracker is sized by the first model's depth
-    init = work / ("init4" if TINY4 in " ".join(SCENARIOS[name]) else "init")
+    preset = " ".join(SCENARIOS[name])
+    init = work / ("init8" if TINY8 in preset else "init4" if TINY4 in preset else "init")
     overrides = [*COMMON, f"data.train_prefix={prefix}", f"logging.run_dir={work / name}",
                  f"model.init_checkpoint={init}", *SCENARIOS[name]]
     if name.endswith("precomputed"):
