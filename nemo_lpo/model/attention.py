@@ -178,10 +178,12 @@ class GatheredDotProductAttention(DotProductAttention):
         if packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
             raise ValueError("the gathered attention path takes no packed_seq_params, attention_bias or "
                              "softmax offset")
-        plan = getattr(attention_mask, "_nemo_lpo_plan", None)
-        if plan is None:  # once per forward: every layer gets the same layout tensor
+        cached = getattr(attention_mask, "_nemo_lpo_plan", None)
+        if cached is None:  # once per forward: every layer gets the same layout tensor
             plan = plan_attention(attention_mask)
-            attention_mask._nemo_lpo_plan = plan
+            cached = plan, torch.cat([batch.query_index[batch.query_valid] for batch in plan])
+            attention_mask._nemo_lpo_plan = cached
+        plan, index = cached
         seq, rows, heads, dim = query.shape
         flat = [x.transpose(0, 1).reshape(rows * seq, x.shape[2], dim) for x in (query, key, value)]
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
@@ -191,14 +193,13 @@ class GatheredDotProductAttention(DotProductAttention):
                 outputs = self._parts(flat, plan, scale, dropout)
         else:
             outputs = self._parts(flat, plan, scale, dropout)
-        index = torch.cat([idx[valid] for idx, valid, _ in outputs])
-        values = torch.cat([out[valid] for _, valid, out in outputs])
+        values = torch.cat([out[batch.query_valid] for batch, out in zip(plan, outputs, strict=True)])
         context = flat[0].new_zeros(rows * seq, heads, dim).index_copy(0, index, values)
         return context.view(rows, seq, heads * dim).transpose(0, 1).contiguous()
 
     @staticmethod
     def _parts(flat, plan: list[PartBatch], scale: float, dropout: float):
-        """[(query index, valid, output [G, Lq, heads, dim])] of every batch of the plan."""
+        """The output ``[G, Lq, heads, dim]`` of every batch of the plan."""
         query, key, value = flat
         groups = query.shape[1] // key.shape[1]
         outputs = []
@@ -209,5 +210,5 @@ class GatheredDotProductAttention(DotProductAttention):
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, dropout_p=dropout, scale=scale,
                                                  is_causal=batch.mask is None)
-            outputs.append((batch.query_index, batch.query_valid, out.transpose(1, 2)))
+            outputs.append(out.transpose(1, 2))
         return outputs
