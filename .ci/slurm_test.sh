@@ -3,7 +3,7 @@
 #
 #   bash .ci/slurm_test.sh            # needs root and Debian's package registry (apt)
 #
-# What it does (see ../shared/notes/slurm-local.md for the measured bring-up it follows):
+# What it does (docs/megatron-notes.md §3 has the measured bring-up it follows):
 #   1. installs Debian's slurmctld slurmd slurm-client munge (--no-install-recommends) when missing;
 #   2. starts munged, slurmctld and slurmd in the foreground, in the background, on 127.0.0.1,
 #      with every state/spool/log/pid path under $NEMO_LPO_SLURM_DIR (default /tmp/nemo-lpo-slurm);

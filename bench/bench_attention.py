@@ -20,7 +20,6 @@ relative difference).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -51,27 +50,23 @@ def saved_activation_bytes(fn) -> int:
 
 def variants_for(model, items, device):
     """The forward+backward callable of each variant, its no-grad log-probs callable, and its batch shape."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.model.attention import dense_attention
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
-    from nemo_lpo.packing.bench_utils import to_device
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from bench_utils import to_device
+
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import PackedLayout, PaddedLayout, SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     batches = {"padded": to_device(ListwiseCollator(PAD)(items), device),
                "packed": to_device(ListwiseCollator(PAD, packed=True)(items), device),
                "shared": to_device(collate_shared_prompt(items, PAD, pad_to_multiple_of=8), device)}
 
-    def logps(layout: str):
-        batch = batches[layout]
-        if layout == "shared":
-            return sequence_logps_shared_prompt(model, batch)
-        return sequence_logps(token_logps(model, batch), batch)
+    layouts = {"padded": PaddedLayout, "packed": PackedLayout, "shared": SharedPromptLayout}
 
     def run(layout: str, dense: bool, grad: bool = True):
         def fn():
-            with torch.enable_grad() if grad else torch.no_grad(), dense_attention() if dense else contextlib.nullcontext():
+            with torch.enable_grad() if grad else torch.no_grad():
                 model.zero_grad(set_to_none=True)
-                out = logps(layout)
+                out = layouts[layout](dense_masks=dense).logps(model, batches[layout])
                 if grad:
                     out.sum().backward()
                 return out.detach()
@@ -97,7 +92,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two small points (smoke run)")
     args = parser.parse_args()
 
-    from nemo_lpo.packing.bench_utils import (
+    from bench_utils import (
         bench_moe_preset,
         build_model,
         init_single_process,

@@ -1,7 +1,7 @@
 """Throughput of ``nemo-lpo pack`` (1 and 2 workers) vs the tokenizer alone on the same texts, in one run.
 
-Data: the real UltraFeedback pairs and AlpacaEval K=8 lists from ../shared/data when present (converted to
-one listwise JSONL), otherwise generated text. Tokenizer: the real Mistral v1 tokenizer (mistral-common).
+Data: the real UltraFeedback pairs and AlpacaEval K=8 lists of the --data folder ($NEMO_LPO_DATA) when given
+(converted to one listwise JSONL), otherwise generated text. Tokenizer: the real Mistral v1 tokenizer (mistral-common).
 Baselines, on the prompt and response texts of every list: the tokenizer one text at a time as mistral-common
 calls it (``encode`` -> list of ints), and the same sentencepiece model doing the best it can: one batched
 ``Encode`` of all the texts to int32 arrays, single-threaded (pack batches too, so this is the fair one), and
@@ -26,19 +26,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_utils import add_data_argument
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-
-def real_lists(limit: int) -> list[dict]:
+def real_lists(data: Path, limit: int) -> list[dict]:
     lists = []
     for name in ("train_clean.jsonl", "eval_clean.jsonl"):
-        for line in open(SHARED / "ultrafeedback_binarized" / name):
+        for line in open(data / "ultrafeedback_binarized" / name):
             r = json.loads(line)
             m = r["metadata"]
             lists.append({"prompt": r["prompt"], "responses": [{"text": r["chosen"], "reward": m["score_chosen"]},
                                                                 {"text": r["rejected"], "reward": m["score_rejected"]}]})
-    for line in open(SHARED / "alpacaeval2" / "alpacaeval2_gpt4turbo_k8_a.jsonl"):
+    for line in open(data / "alpacaeval2" / "alpacaeval2_gpt4turbo_k8_a.jsonl"):
         r = json.loads(line)
         lists.append({"prompt": r["prompt"], "responses": [{"text": x["text"], "reward": x["reward"]}
                                                            for x in r["responses"]]})
@@ -92,6 +91,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2],
                         help="worker counts compared with 1 (scaling is only meaningful below the CPU count: "
                              "the reading process needs a core too)")
+    add_data_argument(parser)
     args = parser.parse_args()
 
     from nemo_lpo.data import chunk_worker
@@ -99,8 +99,9 @@ def main() -> None:
     from nemo_lpo.data.pack import PackConfig, pack
     from nemo_lpo.data.templates import MistralChatTokenizer
 
-    source = "../shared/data (UltraFeedback pairs + AlpacaEval K=8)" if SHARED.is_dir() else "generated text"
-    lists = real_lists(args.limit) if SHARED.is_dir() else generated_lists(args.limit)
+    real = args.data is not None and args.data.is_dir()
+    source = f"{args.data} (UltraFeedback pairs + AlpacaEval K=8)" if real else "generated text"
+    lists = real_lists(args.data, args.limit) if real else generated_lists(args.limit)
     tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))
     src = tmp / "lists.jsonl"
     src.write_text("".join(json.dumps({"id": str(i), **r}) + "\n" for i, r in enumerate(lists)))

@@ -1,4 +1,4 @@
-"""Padded vs packed vs shared-prompt batches on the REAL lengths of ../shared/data: useful tokens and step time.
+"""Padded vs packed vs shared-prompt batches on the REAL lengths of real samples (--data): useful tokens and step time.
 
 Each dataset is packed with the real Mistral tokenizer (``nemo_lpo.data.pack``, max_length 2048, long
 responses truncated) into a temporary directory, then read back through ``ListwiseDataset`` and the
@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from bench_utils import DATA_ENV, add_data_argument  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {  # name: (file, lists per micro-batch in the timed part)
     "alpacaeval2 (K=8)": ("alpacaeval2/alpacaeval2_gpt4turbo_k8_a.jsonl", 1),
     "ultrafeedback_binarized (K=2)": ("ultrafeedback_binarized/train_clean.jsonl", 2),
@@ -58,8 +58,8 @@ def microbatches(ds, micro_batch_size: int, seed: int = 1234):
 
 def accounting(ds, micro_batch_size: int) -> dict[str, float]:
     """Token slots of the three layouts summed over one epoch."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.packing import collate_shared_prompt
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     padded_c, packed_c = ListwiseCollator(ds.pad_id, MULTIPLE), ListwiseCollator(ds.pad_id, MULTIPLE, packed=True)
     totals = dict(real=0, shared_real=0, padded=0, packed=0, shared=0)
@@ -86,10 +86,12 @@ def fold(items: list[dict], vocab: int) -> list[dict]:
 
 def step_times(model, ds, micro_batch_size: int, timed: int, reps: int, vocab: int) -> dict[str, float]:
     """Median CPU seconds of forward+backward over ``timed`` sampled micro-batches, per layout."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
-    from nemo_lpo.packing.bench_utils import interleaved_medians
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from bench_utils import interleaved_medians
+
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import SharedPromptLayout, sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     rng = np.random.default_rng(0)
     chosen = rng.choice(len(ds), size=timed * micro_batch_size, replace=False)
@@ -105,9 +107,9 @@ def step_times(model, ds, micro_batch_size: int, timed: int, reps: int, vocab: i
             for batch in batches[name]:
                 model.zero_grad(set_to_none=True)
                 if name == "shared":
-                    logps = sequence_logps_shared_prompt(model, batch)
+                    logps = SharedPromptLayout().logps(model, batch)
                 else:
-                    logps = sequence_logps(token_logps(model, batch), batch)
+                    logps = sequence_logps(sequence_layout_of(batch).token_logps(model, batch), batch)
                 logps.sum().backward()
         return go
 
@@ -121,19 +123,21 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--timed-batches", type=int, default=2)
     parser.add_argument("--no-timing", action="store_true")
+    add_data_argument(parser)
     args = parser.parse_args()
-    if not SHARED_DATA.is_dir():
-        print(f"SKIP: real data not found at {SHARED_DATA} (only present beside the dev checkout)")
+    if args.data is None or not args.data.is_dir():
+        print(f"SKIP: no folder of real samples (--data DIR or ${DATA_ENV}): {args.data}")
         return 0
 
+    from bench_utils import bench_moe_preset, build_model, init_single_process, print_table
+
     from nemo_lpo.data import ListwiseDataset
-    from nemo_lpo.packing.bench_utils import bench_moe_preset, build_model, init_single_process, print_table
 
     rows, time_rows, datasets = [], [], {}
     with tempfile.TemporaryDirectory(prefix="bench_padding_") as tmp:
         for name, (rel, _) in DATASETS.items():
             prefix = Path(tmp) / rel.split("/")[0] / "data"
-            pack_dataset(SHARED_DATA / rel, prefix)
+            pack_dataset(args.data / rel, prefix)
             datasets[name] = ds = ListwiseDataset(prefix)
             skipped = ds.manifest["counts"]
             for mbs in (1, 4, 8):

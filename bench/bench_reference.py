@@ -5,7 +5,7 @@ Mixtral of conf/tiny_cpu.yaml, four variants measured interleaved in one run (me
 
   online       reference.mode=online: a frozen copy of the policy runs forward on every micro-batch
   precomputed  reference.mode=precomputed: the batch carries ref_logps (computed once, as `nemo-lpo ref-logps` does)
-  (each with the unpacked padded batches and with shared-prompt rows, ``SharedPromptLPOModel``)
+  (each with the unpacked padded batches and with shared-prompt rows, ``SharedPromptLayout``)
 
 Memory: the resident model state (parameters, gradient buffers, optimizer state and the reference copy,
 counted from the tensors) and the step's extra peak over what was resident (CUDA peak allocated on GPU,
@@ -67,17 +67,19 @@ def main() -> int:
     parser.add_argument("--microbatches", type=int, default=2)
     args = parser.parse_args()
 
-    from nemo_lpo.config import load_config
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.model.parallel import initialize_parallel
-    from nemo_lpo.packing import SharedPromptLPOModel, collate_shared_prompt
-    from nemo_lpo.packing.bench_utils import (
+    from bench_utils import (
         interleaved_medians,
         peak_memory_bytes,
         print_table,
         synthetic_items,
         to_device,
     )
+
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import PaddedLayout, SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
+    from nemo_lpo.config import load_config
+    from nemo_lpo.model.parallel import initialize_parallel
     from nemo_lpo.train.lpo_model import LPOModel
     from nemo_lpo.train.optimizer import build_optimizer
     from nemo_lpo.train.step import train_step
@@ -97,7 +99,7 @@ def main() -> int:
     variants, residents, first = {}, {}, None
     for layout, collate in layouts.items():
         for mode, cfg in cfgs.items():
-            lpo = (SharedPromptLPOModel if layout == "shared" else LPOModel)(cfg)
+            lpo = LPOModel(cfg, layout=SharedPromptLayout() if layout == "shared" else PaddedLayout())
             if first is None:
                 first = lpo
             else:
@@ -107,7 +109,7 @@ def main() -> int:
             optimizer, scheduler = build_optimizer(cfg, lpo.model, 1000)
             batches = [to_device(collate(c), device) for c in chunks]
             if mode == "precomputed":  # the reference pass, once (what `nemo-lpo ref-logps` stores)
-                ref = (SharedPromptLPOModel if layout == "shared" else LPOModel)(cfgs["online"])
+                ref = LPOModel(cfgs["online"], layout=SharedPromptLayout() if layout == "shared" else PaddedLayout())
                 ref.reference.load_state_dict(first.module.state_dict())
                 ref.attach_online_reference(batches)
                 del ref

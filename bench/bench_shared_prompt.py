@@ -31,10 +31,12 @@ MAX_PACKED_ROW = 2048
 
 def variants_for(model, items, device):
     """Map each layout name to (callable doing one forward+backward, tokens in the batch, real tokens computed)."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
-    from nemo_lpo.packing.bench_utils import to_device
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from bench_utils import to_device
+
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import SharedPromptLayout, sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     padded = to_device(ListwiseCollator(PAD)(items), device)
     packed = to_device(ListwiseCollator(PAD, packed=True)(items), device)
@@ -42,11 +44,11 @@ def variants_for(model, items, device):
 
     def unpacked_step(batch):
         model.zero_grad(set_to_none=True)
-        sequence_logps(token_logps(model, batch), batch).sum().backward()
+        sequence_logps(sequence_layout_of(batch).token_logps(model, batch), batch).sum().backward()
 
     def shared_step():
         model.zero_grad(set_to_none=True)
-        sequence_logps_shared_prompt(model, shared).sum().backward()
+        SharedPromptLayout().logps(model, shared).sum().backward()
 
     real_unpacked = int(padded["seq_lengths"].sum())
     out = {
@@ -60,21 +62,23 @@ def variants_for(model, items, device):
 
 def check_parity(model, items, device) -> float:
     """Max |shared - padded| sequence log-prob difference, relative to the largest |log-prob| (no grad)."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
-    from nemo_lpo.packing.bench_utils import to_device
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from bench_utils import to_device
+
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import SharedPromptLayout, sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     padded = to_device(ListwiseCollator(PAD)(items), device)
     with torch.no_grad():
-        a = sequence_logps(token_logps(model, padded), padded)
-        b = sequence_logps_shared_prompt(model, to_device(collate_shared_prompt(items, PAD), device))
+        a = sequence_logps(sequence_layout_of(padded).token_logps(model, padded), padded)
+        b = SharedPromptLayout().logps(model, to_device(collate_shared_prompt(items, PAD), device))
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
 def sweep(model, vocab, grid, num_lists, response_len, reps, device, title):
     """Time every (K, prompt length) point of ``grid`` and print one table."""
-    from nemo_lpo.packing.bench_utils import interleaved_medians, print_table, synthetic_items
+    from bench_utils import interleaved_medians, print_table, synthetic_items
 
     rows = []
     for k, prompt_len in grid:
@@ -104,8 +108,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a 2x2 grid (smoke run)")
     args = parser.parse_args()
 
+    from bench_utils import bench_moe_preset, build_model, init_single_process
+
     from nemo_lpo.model.presets import PRESETS
-    from nemo_lpo.packing.bench_utils import bench_moe_preset, build_model, init_single_process
 
     init_single_process()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -2,7 +2,7 @@
 
 - Model: the tiny Mixtral of conf/tiny_cpu.yaml built by megatron; its weights saved as a dist checkpoint and
   exported with ``nemo_lpo.convert.convert_mcore_to_hf`` -> the HF twin (MixtralForCausalLM) that TRL trains.
-- Data: real K=4 lists (AlpacaEval 2 from ../shared/data, best + 3 others via ``nemo-lpo pack --max-k 4``,
+- Data: real K=4 lists (AlpacaEval 2 from the --data folder, best + 3 others via ``nemo-lpo pack --max-k 4``,
   real Mistral tokenizer); the embedded demo lists when the shared data is absent. TRL gets the SAME token
   ids: its text tokenisation step (``_prepare_dataset``) is replaced by the pre-tokenised pairs, everything
   else (collator, forward passes, loss, optimizer) is TRL's own.
@@ -28,21 +28,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from bench_utils import add_data_argument  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ALPACA = REPO.parent / "shared" / "data" / "alpacaeval2" / "alpacaeval2_gpt4turbo_k8_a.jsonl"
+ALPACA = Path("alpacaeval2") / "alpacaeval2_gpt4turbo_k8_a.jsonl"  # under --data
 DEMO = REPO / "nemo_lpo" / "demo" / "data" / "train.jsonl"
 LR, BETA, SEED = 1e-5, 0.1, 1234
 
 
-def load_lists(tmp: Path, n: int, max_length: int) -> tuple[list[dict], str]:
+def load_lists(tmp: Path, n: int, max_length: int, data: Path | None) -> tuple[list[dict], str]:
     """The first ``n`` K=4 lists, packed with the real Mistral tokenizer (real data when present)."""
     from nemo_lpo.data import ListwiseDataset
     from nemo_lpo.data.pack import PackConfig, pack
     from nemo_lpo.data.transforms import LengthLimits
 
-    src, name = (ALPACA, "alpacaeval2 (best + 3 others)") if ALPACA.is_file() else (DEMO, "demo (embedded)")
-    pack(PackConfig(inputs=[str(src)], output_prefix=str(tmp / "data" / "lists"), max_k=4 if src == ALPACA else None,
+    real = data is not None and (data / ALPACA).is_file()
+    src, name = (data / ALPACA, "alpacaeval2 (best + 3 others)") if real else (DEMO, "demo (embedded)")
+    pack(PackConfig(inputs=[str(src)], output_prefix=str(tmp / "data" / "lists"), max_k=4 if real else None,
                     skip_invalid=True, limits=LengthLimits(max_length=max_length, overflow="truncate_response")),
          log=lambda m: None)
     ds = ListwiseDataset(tmp / "data" / "lists")
@@ -105,13 +107,14 @@ class Counter:
 
 def make_lpo_variant(cfg_online, items, shared: bool, init_state):
     """(setup, run, counters) for LPO over ``items``: global batch 4 lists, micro-batch 1 list."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.packing import SharedPromptLPOModel, collate_shared_prompt
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import PaddedLayout, SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.train.lpo_model import LPOModel
     from nemo_lpo.train.optimizer import build_optimizer
     from nemo_lpo.train.step import train_step
 
-    lpo = (SharedPromptLPOModel if shared else LPOModel)(cfg_online)
+    lpo = LPOModel(cfg_online, layout=SharedPromptLayout() if shared else PaddedLayout())
     policy, ref = Counter(), Counter()
     lpo.module.register_forward_pre_hook(policy, with_kwargs=True)
     lpo.reference.register_forward_pre_hook(ref, with_kwargs=True)
@@ -175,6 +178,7 @@ def main() -> int:
     parser.add_argument("--lists", type=int, default=8)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=384)
+    add_data_argument(parser)
     args = parser.parse_args()
     try:
         import trl
@@ -182,11 +186,12 @@ def main() -> int:
         print("SKIP: TRL is not installed (bench extra: pip install trl==1.16.0 accelerate==1.15.0)")
         return 0
 
+    from bench_utils import print_table
+
     from nemo_lpo.config import load_config
     from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
     from nemo_lpo.convert.verify import hf_logits, megatron_logits
     from nemo_lpo.model.parallel import initialize_parallel
-    from nemo_lpo.packing.bench_utils import print_table
     from nemo_lpo.train.checkpoint import save_model_weights
     from nemo_lpo.train.lpo_model import LPOModel
 
@@ -194,7 +199,7 @@ def main() -> int:
     initialize_parallel(seed=SEED)
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp_name:
         tmp = Path(tmp_name)
-        items, data_name = load_lists(tmp, args.lists, args.max_length)
+        items, data_name = load_lists(tmp, args.lists, args.max_length, args.data)
         cfg = load_config(REPO / "conf" / "tiny_cpu.yaml",
                           ["reference.mode=online", f"optim.lr={LR}", "optim.warmup_steps=0", f"loss.beta={BETA}",
                            "loss.type=lpo", "logging.tensorboard=false"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (../shared/DESIGN.md §5): one script, run on a lent GPU machine from the repo root.
+# The prepared GPU check (docs/performance.md §5): one script, run on a lent GPU machine from the repo root.
 #
 # The machine has torch + CUDA but none of megatron-core / omegaconf / datasets / mistral-common: they travel
 # as wheels in .whl/ (see docs/performance.md, "GPU check"), the packed benchmark datasets in .gpu/.
@@ -39,7 +39,7 @@ stage gpu_tests 150 python3 -m pytest tests/test_gpu.py -m gpu -q -rA -p no:cach
 # 2. whole training steps with real Mixtral-8x7B / Mistral-7B layer shapes (cut to 1 / 2 layers), bf16,
 #    padded vs packed vs shared-prompt, on AlpacaEval lists (K=4 of 8, responses cut at 1024 tokens; session 2 ran
 #    these with megatron's dense local attention, where longer packed rows did not fit), made here with:
-#    nemo-lpo pack --input ../shared/data/alpacaeval2/*.jsonl --format listwise --tokenizer mistral \
+#    nemo-lpo pack --input $NEMO_LPO_DATA/alpacaeval2/*.jsonl --format listwise --tokenizer mistral \
 #      --output-prefix .gpu/ae_k4 --max-length 1024 --overflow truncate_response --max-k 4
 TAIL=6 stage train_mixtral 120 python3 bench/bench_train_step.py --prefix .gpu/ae_k4 --preset mixtral-8x7b \
     --num-layers 1 --global-batch 8 --micro-batch 1 --steps 6 --warmup 2

@@ -84,8 +84,10 @@ def test_virtual_pipeline_validation():
     """parallel.vpp: needs pp > 1, layers divisible by pp*vpp, micro-batches per step a multiple of pp."""
     with pytest.raises(ConfigError, match="parallel.vpp=2 needs parallel.pp > 1"):
         load_config(TINY, ["parallel.vpp=2"])
+    from nemo_lpo.model.resolve import resolve_preset
+
     with pytest.raises(ConfigError, match="has 2 layers, not divisible by pp\\*vpp = 2\\*2"):
-        load_config(TINY, ["parallel.pp=2", "parallel.vpp=2"])  # tiny-mixtral has 2 layers
+        resolve_preset(load_config(TINY, ["parallel.pp=2", "parallel.vpp=2"]))  # tiny-mixtral has 2 layers
     with pytest.raises(ConfigError, match="parallel.vpp must be >= 1"):
         load_config(TINY, ["parallel.vpp=0"])
     cfg = load_config(TINY, ["model.preset=mixtral-8x7b", "parallel.pp=2", "parallel.vpp=2", "data.global_batch_size=8",

@@ -112,7 +112,8 @@ def packed(tmp_path_factory):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_loss_runs_on_the_data_its_pack_command_writes(path, packed):
-    from nemo_lpo.data import ListwiseCollator, ListwiseDataset
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.data import ListwiseDataset
     from nemo_lpo.losses import listwise_loss
 
     cfg = load_config(path)

@@ -17,8 +17,9 @@ from nemo_lpo.cli import main as cli_main
 from nemo_lpo.convert.hf_config import ConversionError
 from nemo_lpo.convert.hf_io import HFCheckpointReader
 from nemo_lpo.convert.hf_to_mcore import convert_hf_to_mcore
-from nemo_lpo.convert.mcore_side import SIDECAR_NAME, read_checkpoint_preset
 from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
+from nemo_lpo.io import SIDECAR_NAME
+from nemo_lpo.model.sidecar import read_checkpoint_preset
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)

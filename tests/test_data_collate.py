@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_lpo.data.collate import ListwiseCollator
+from nemo_lpo.batch.collate import ListwiseCollator
 
 PAD = 0
 

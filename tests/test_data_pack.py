@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nemo_lpo.data import ListwiseCollator, ListwiseDataset, write_reference_logps
+from nemo_lpo.batch.collate import ListwiseCollator
+from nemo_lpo.data import ListwiseDataset, write_reference_logps
 from nemo_lpo.data.pack import PackConfig, _Reader, pack
 from nemo_lpo.data.readers import read_listwise
 from nemo_lpo.data.templates import MistralChatTokenizer

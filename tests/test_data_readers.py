@@ -1,4 +1,4 @@
-"""Every reader on the real data in ../shared/data and on the small fixtures, through pack and directly."""
+"""Every reader on the real third-party samples (``shared_data`` fixture) and on the small fixtures, through pack and directly."""
 
 import gzip
 import json

@@ -103,17 +103,3 @@ def test_reward_helpers_hand_worked():
     assert tasks.number_reward(19, 20) == 0.95
     assert tasks.number_reward(7, 8) == 0.9  # small truths are scaled by 10, not by 8
     assert tasks.number_reward(100, 20) == 0.0
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_atomic_write_gives_the_usual_permissions(tmp_path, umask):
-    import os
-    import stat
-
-    old = os.umask(umask)
-    try:
-        tasks.write_jsonl_atomic(tmp_path / "sub" / "out.json", b"{}\n")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "sub" / "out.json").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["out.json"]  # no temp file left

@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from nemo_lpo.io import atomic_write
+
 N_LISTS = 8  # = the demo's global batch: every step sees every list, so step-1 values are dataset means
 
 
@@ -34,8 +36,8 @@ def test_warm_start_trains_sft_then_dpo_and_lpo_abs_from_it(tmp_path):
 
     splits = tasks.generate()
     train, held = tmp_path / "src" / "train_k4.jsonl", tmp_path / "src" / "heldout_k8.jsonl"
-    tasks.write_jsonl_atomic(train, tasks.to_jsonl(tasks.subset_lists(splits["train"], 4)[:N_LISTS]))
-    tasks.write_jsonl_atomic(held, tasks.to_jsonl(tasks.subset_lists(splits["heldout"], 8)[:N_LISTS]))
+    atomic_write(train, tasks.to_jsonl(tasks.subset_lists(splits["train"], 4)[:N_LISTS]))
+    atomic_write(held, tasks.to_jsonl(tasks.subset_lists(splits["heldout"], 8)[:N_LISTS]))
     suite = reproduce.Suite("tiny", {4: (train, None)}, train, held, steps=2, sft_steps=3)
     out, cfg = tmp_path / "out", DemoConfig(out_dir=tmp_path / "out", steps=2)
     pairs = reproduce._pack(train, out / "data" / "train_pairs", suite, pairs="zephyr")

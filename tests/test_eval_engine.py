@@ -36,7 +36,6 @@ def checkpoints(packed, tmp_path_factory):
     from nemo_lpo.evaluate.run import build_model
     from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
     from nemo_lpo.train.checkpoint import save_model_weights
-    from nemo_lpo.train.logprobs import model_inputs
 
     work = tmp_path_factory.mktemp("eval_ckpt")
     ds = ListwiseDataset(packed)
@@ -56,8 +55,8 @@ def checkpoints(packed, tmp_path_factory):
             for response in item["response_ids"]:
                 seq = torch.tensor(np.concatenate([item["prompt_ids"], response]), dtype=torch.long)[None]
                 t = seq.shape[1]
-                batch = {"tokens": seq, "position_ids": torch.arange(t)[None], "seq_lengths": torch.tensor([t])}
-                logits = model(**model_inputs(batch, None, with_labels=False)).float()
+                causal = torch.ones(t, t, dtype=torch.bool).triu(1)[None, None]  # True = masked
+                logits = model(input_ids=seq, position_ids=torch.arange(t)[None], attention_mask=causal).float()
                 logp = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, seq[0, 1:, None])[:, 0]
                 by_hand.append(float(logp[len(item["prompt_ids"]) - 1:].sum()))
     finally:

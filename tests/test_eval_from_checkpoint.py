@@ -58,8 +58,8 @@ def _hf_response_logps(hf_dir, prefix) -> np.ndarray:
 
 
 def test_eval_of_a_from_checkpoint_run_uses_the_checkpoint_architecture(trained):
-    from nemo_lpo.convert.mcore_side import read_checkpoint_preset
     from nemo_lpo.evaluate.run import evaluate_checkpoint
+    from nemo_lpo.model.sidecar import read_checkpoint_preset
 
     converted, hf_dir, prefix, run = trained
     # defaults only: architecture, reference (the run's init checkpoint) and β all come from the run

@@ -18,13 +18,15 @@ def tiny_models(megatron_single):
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-mistral"])
 def test_token_logps_match_log_softmax(tiny_models, name):
-    from nemo_lpo.train.logprobs import model_inputs, token_logps
+    from nemo_lpo.batch.layouts import sequence_layout_of
 
     model = tiny_models[name]
     batch = padded_batch(make_items(seed=1))
     with torch.no_grad():
-        got = token_logps(model, batch)
-        logits = model(**model_inputs(batch, model, with_labels=False))
+        got = sequence_layout_of(batch).token_logps(model, batch)
+        inputs = sequence_layout_of(batch).model_inputs(batch, model)
+        del inputs["labels"]  # without labels the model returns the logits
+        logits = model(**inputs)
     expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch["labels"][..., None])[..., 0]
     assert got.shape == batch["tokens"].shape
     assert (got - expected).abs().max().item() < TOL
@@ -32,14 +34,15 @@ def test_token_logps_match_log_softmax(tiny_models, name):
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-mistral"])
 def test_packed_equals_padded(tiny_models, name):
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from nemo_lpo.batch.layouts import sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
 
     model = tiny_models[name]
     items = make_items(seed=2, ks=(2, 4, 1))
     padded, packed = padded_batch(items, multiple=4), packed_batch(items, multiple=8)
     with torch.no_grad():
-        from_padded = sequence_logps(token_logps(model, padded), padded)
-        from_packed = sequence_logps(token_logps(model, packed), packed)
+        from_padded = sequence_logps(sequence_layout_of(padded).token_logps(model, padded), padded)
+        from_packed = sequence_logps(sequence_layout_of(packed).token_logps(model, packed), packed)
     assert from_padded.shape == (3, 4)
     assert (from_padded[~padded["response_mask"]] == 0).all()
     assert (from_padded[padded["response_mask"]] < 0).all()
@@ -103,9 +106,9 @@ def test_state_dict_is_gptmodels(megatron_single):
 
 
 def test_sliding_window_is_enforced(megatron_single):
+    from nemo_lpo.batch.layouts import PaddedLayout
     from nemo_lpo.model.build import build_gpt_model
     from nemo_lpo.model.presets import PRESETS, transformer_config
-    from nemo_lpo.train.logprobs import token_logps
 
     preset = PRESETS["tiny-mistral"].replace(sliding_window=6)
     model = build_gpt_model(preset, transformer_config(preset)).eval()
@@ -116,17 +119,18 @@ def test_sliding_window_is_enforced(megatron_single):
         return padded_batch([item])
 
     with torch.no_grad():
-        assert token_logps(model, batch(3)).shape == (1, 6)  # positions 0..5 fit the window
+        assert PaddedLayout().token_logps(model, batch(3)).shape == (1, 6)  # positions 0..5 fit the window
         with pytest.raises(ValueError, match="sliding window is 6"):
-            token_logps(model, batch(4))
+            PaddedLayout().token_logps(model, batch(4))
 
 
 def test_moe_models_get_a_padding_mask(tiny_models):
-    from nemo_lpo.train.logprobs import model_inputs
+    from nemo_lpo.batch.layouts import PaddedLayout
+
 
     batch = padded_batch(make_items(seed=5))
-    moe = model_inputs(batch, tiny_models["tiny-mixtral"])
-    dense = model_inputs(batch, tiny_models["tiny-mistral"])
+    moe = PaddedLayout().model_inputs(batch, tiny_models["tiny-mixtral"])
+    dense = PaddedLayout().model_inputs(batch, tiny_models["tiny-mistral"])
     assert "padding_mask" not in dense
     lengths = batch["seq_lengths"]
     expected = torch.arange(batch["tokens"].shape[1])[None] >= lengths[:, None]
@@ -136,8 +140,9 @@ def test_moe_models_get_a_padding_mask(tiny_models):
 @pytest.mark.parametrize("keep_empty_slots", [False, True])
 def test_real_collator_batches(tiny_models, keep_empty_slots):
     """The data part's ListwiseCollator output (padded and packed) goes through unchanged and agrees."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
 
     model = tiny_models["tiny-mixtral"]
     items = make_items(seed=6, ks=(2, 3))
@@ -146,9 +151,9 @@ def test_real_collator_batches(tiny_models, keep_empty_slots):
         for packed in (False, True):
             collate = ListwiseCollator(pad_id=0, pad_to_multiple_of=4, packed=packed, keep_empty_slots=keep_empty_slots)
             batch = collate(items)
-            results.append(sequence_logps(token_logps(model, batch), batch))
+            results.append(sequence_logps(sequence_layout_of(batch).token_logps(model, batch), batch))
         by_hand = padded_batch(items)
-        results.append(sequence_logps(token_logps(model, by_hand), by_hand))
+        results.append(sequence_logps(sequence_layout_of(by_hand).token_logps(model, by_hand), by_hand))
     assert results[0].shape == (2, 3) and results[0][0, 2] == 0
     assert (results[0] - results[1]).abs().max().item() < TOL
     assert (results[0] - results[2]).abs().max().item() < TOL

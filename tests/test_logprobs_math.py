@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from nemo_lpo.model.gpt import causal_padding_mask, packed_causal_mask, rotary_angles
-from nemo_lpo.train.logprobs import sequence_logps
+from nemo_lpo.batch.logps import sequence_logps
+from nemo_lpo.batch.masks import causal_padding_mask, packed_causal_mask
+from nemo_lpo.model.gpt import rotary_angles
 
 
 def _padded_batch():
@@ -87,16 +88,17 @@ def test_model_inputs_refuses_what_the_model_cannot_do():
 
     import pytest
 
-    from nemo_lpo.train.logprobs import model_inputs
+    from nemo_lpo.batch.layouts import sequence_layout_of
 
     batch = {"tokens": torch.zeros(1, 5, dtype=torch.long), "labels": torch.zeros(1, 5, dtype=torch.long),
              "position_ids": torch.arange(5)[None], "cu_seqlens": torch.tensor([0, 2, 5], dtype=torch.int32)}
     te_model = SimpleNamespace(module=SimpleNamespace(config=SimpleNamespace(), uses_transformer_engine=True))
-    with pytest.raises(ValueError, match="packed batches need megatron's local attention"):
-        model_inputs(batch, te_model)
+    with pytest.raises(ValueError, match="batch layout 'packed' cannot run on attention backend 'te'"):
+        sequence_layout_of(batch).model_inputs(batch, te_model)
     sp_model = SimpleNamespace(config=SimpleNamespace(sequence_parallel=True, tensor_model_parallel_size=2))
-    with pytest.raises(ValueError, match="pad_to_multiple_of to a multiple of 2"):
-        model_inputs(batch, sp_model)
-    inputs = model_inputs(batch, SimpleNamespace(config=SimpleNamespace(num_moe_experts=4)))
+    with pytest.raises(ValueError, match="pad_to_multiple_of a multiple of 2"):
+        sequence_layout_of(batch).model_inputs(batch, sp_model)
+    inputs = sequence_layout_of(batch, dense_masks=True).model_inputs(
+        batch, SimpleNamespace(config=SimpleNamespace(num_moe_experts=4)))
     assert torch.equal(inputs["padding_mask"], torch.zeros(1, 5, dtype=torch.bool))
     assert inputs["attention_mask"].shape == (1, 1, 5, 5) and torch.equal(inputs["labels"], batch["labels"])

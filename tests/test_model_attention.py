@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -11,8 +9,8 @@ from tests.test_shared_prompt import PAD, make_items
 
 
 def test_plan_by_hand():
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.model.attention import attention_layout, plan_attention
-    from nemo_lpo.packing import collate_shared_prompt
 
     items = [{"prompt_ids": [5, 6, 7], "response_ids": [[8, 2], [9, 10, 2]], "rewards": [1.0, 0.0], "index": 7},
              {"prompt_ids": [11], "response_ids": [[12]], "rewards": [0.5], "index": 8}]
@@ -85,8 +83,9 @@ def _real_token_outputs_and_grads(module, q, k, v, mask, real: torch.Tensor):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_equals_the_dense_masked_path(attention_modules, packed):
+    from nemo_lpo.batch.masks import shared_prompt_mask
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.model.attention import attention_layout
-    from nemo_lpo.packing import collate_shared_prompt, shared_prompt_mask
 
     dense, gathered = attention_modules
     batch = collate_shared_prompt(make_items(seed=11 + packed), pad_id=PAD, pad_to_multiple_of=8, packed=packed)
@@ -104,8 +103,8 @@ def test_equals_the_dense_masked_path(attention_modules, packed):
 
 def test_packed_sequences_layout_equals_the_block_diagonal_mask(attention_modules):
     """A packed row of independent sequences (every token part 0): causal blocks, as packed_causal_mask."""
+    from nemo_lpo.batch.masks import packed_causal_mask
     from nemo_lpo.model.attention import attention_layout
-    from nemo_lpo.model.gpt import packed_causal_mask
 
     dense, gathered = attention_modules
     cu_seqlens = torch.tensor([0, 5, 6, 13, 21])
@@ -124,7 +123,7 @@ def test_packed_sequences_layout_equals_the_block_diagonal_mask(attention_module
 
 
 def test_a_boolean_mask_takes_megatrons_dense_path(attention_modules):
-    from nemo_lpo.model.gpt import causal_padding_mask
+    from nemo_lpo.batch.masks import causal_padding_mask
 
     dense, gathered = attention_modules
     q, k, v = _qkv(6, 2, seed=7)
@@ -136,34 +135,32 @@ def test_a_boolean_mask_takes_megatrons_dense_path(attention_modules):
 def test_models_take_the_layout_and_match_the_dense_mask(megatron_single, name):
     """Built (local-spec) models get the layout for shared-prompt and packed batches, and the dense results.
 
-    Log-probs and gradients equal those with megatron's dense boolean mask (``dense_attention()``).
+    Log-probs and gradients equal those with megatron's dense boolean mask (layouts with ``dense_masks=True``).
     """
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.model.attention import dense_attention
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import PackedLayout, SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.model.build import build_gpt_model
     from nemo_lpo.model.presets import PRESETS, transformer_config
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
-    from nemo_lpo.packing.logprobs import shared_prompt_model_inputs
-    from nemo_lpo.train.logprobs import model_inputs, sequence_logps, token_logps
 
     preset = PRESETS[name]
     model = build_gpt_model(preset, transformer_config(preset)).eval()
     items = make_items(seed=21, ks=(3, 2, 4))
     shared = collate_shared_prompt(items, PAD, pad_to_multiple_of=8, packed=True)
     packed = ListwiseCollator(PAD, packed=True)(items)
-    assert shared_prompt_model_inputs(shared, model)["attention_mask"].dtype == torch.int64
-    assert model_inputs(packed, model)["attention_mask"].dtype == torch.int64
+    assert SharedPromptLayout(packed=True).model_inputs(shared, model)["attention_mask"].dtype == torch.int64
+    assert PackedLayout().model_inputs(packed, model)["attention_mask"].dtype == torch.int64
+    assert SharedPromptLayout(dense_masks=True).model_inputs(shared, model)["attention_mask"].dtype == torch.bool
     results = {}
     for mode in ("gathered", "dense"):
-        with dense_attention() if mode == "dense" else contextlib.nullcontext():
-            model.zero_grad()
-            logps = sequence_logps_shared_prompt(model, shared)
-            logps[shared["response_mask"]].sum().backward()
-            grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-            with torch.no_grad():
-                packed_logps = sequence_logps(token_logps(model, packed), packed)
-            results[mode] = (logps.detach(), grads, packed_logps)
-    assert shared_prompt_model_inputs(shared, model)["attention_mask"].dtype == torch.int64  # after it again
+        dense = mode == "dense"
+        model.zero_grad()
+        logps = SharedPromptLayout(packed=True, dense_masks=dense).logps(model, shared)
+        logps[shared["response_mask"]].sum().backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        with torch.no_grad():
+            packed_logps = PackedLayout(dense_masks=dense).logps(model, packed)
+        results[mode] = (logps.detach(), grads, packed_logps)
     for got, expected in zip(results["gathered"], results["dense"], strict=True):
         assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
 
@@ -171,9 +168,10 @@ def test_models_take_the_layout_and_match_the_dense_mask(megatron_single, name):
 @pytest.mark.parametrize("recompute", ["selective", "full"])
 def test_recompute_recomputes_the_gathered_attention(megatron_single, recompute):
     """Activation recompute saves the layout tensor and recomputes the parts: same log-probs and gradients."""
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.model.build import build_gpt_model
     from nemo_lpo.model.presets import PRESETS, transformer_config
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
 
     preset = PRESETS["tiny-mistral"]
     batch = collate_shared_prompt(make_items(seed=31, ks=(3, 2)), PAD, pad_to_multiple_of=8)
@@ -181,7 +179,7 @@ def test_recompute_recomputes_the_gathered_attention(megatron_single, recompute)
     for setting in (None, recompute):
         torch.manual_seed(0)
         model = build_gpt_model(preset, transformer_config(preset, recompute=setting)).train()
-        logps = sequence_logps_shared_prompt(model, batch)
+        logps = SharedPromptLayout().logps(model, batch)
         logps[batch["response_mask"]].sum().backward()
         results.append((logps.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
     (plain, plain_grads), (again, again_grads) = results

@@ -25,7 +25,8 @@ def make_items(seed: int, ks=(3, 1, 4, 2), prompt_range=(1, 12), response_range=
 
 
 def test_layout_by_hand():
-    from nemo_lpo.packing import collate_shared_prompt, shared_prompt_mask
+    from nemo_lpo.batch.masks import shared_prompt_mask
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     items = [{"prompt_ids": [5, 6, 7], "response_ids": [[8, 2], [9, 10, 2]], "rewards": [1.0, 0.0], "index": 7},
              {"prompt_ids": [11], "response_ids": [[12]], "rewards": [0.5], "index": 8}]
@@ -53,7 +54,8 @@ def test_layout_by_hand():
 
 
 def test_packed_layout_keeps_lists_apart():
-    from nemo_lpo.packing import collate_shared_prompt, shared_prompt_mask
+    from nemo_lpo.batch.masks import shared_prompt_mask
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     items = make_items(seed=0, ks=(2, 3))
     batch = collate_shared_prompt(items, pad_id=PAD, packed=True)
@@ -70,7 +72,7 @@ def test_packed_layout_keeps_lists_apart():
     ({"rewards": [1.0, 2.0, 3.0]}, "3 rewards for 2 responses"),
 ])
 def test_bad_input_names_the_list(bad, message):
-    from nemo_lpo.packing import collate_shared_prompt
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     good = {"prompt_ids": [5], "response_ids": [[3, 2], [4, 2]], "rewards": [1.0, 0.0], "index": 0}
     with pytest.raises(ValueError, match=message) as info:
@@ -95,24 +97,26 @@ def tiny_models(megatron_single):
 
 def unpacked_logps(model, items, length_average=False):
     """The reference: every (prompt, response) as its own padded sequence, through the model part's API."""
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
 
     batch = ListwiseCollator(PAD)(items)
-    return sequence_logps(token_logps(model, batch), batch, length_average)
+    return sequence_logps(sequence_layout_of(batch).token_logps(model, batch), batch, length_average)
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-mistral"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_logps_equal_unpacked(tiny_models, name, packed):
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     model = tiny_models[name]
     items = make_items(seed=1 + packed)
     batch = collate_shared_prompt(items, PAD, pad_to_multiple_of=8, packed=packed)
     with torch.no_grad():
         expected = unpacked_logps(model, items)
-        got = sequence_logps_shared_prompt(model, batch)
+        got = SharedPromptLayout().logps(model, batch)
     assert got.shape == expected.shape == (4, 4)
     assert (got[~batch["response_mask"]] == 0).all() and (got[batch["response_mask"]] < 0).all()
     diff = (got - expected).abs().max().item()
@@ -121,27 +125,29 @@ def test_logps_equal_unpacked(tiny_models, name, packed):
 
 
 def test_length_average_equal_unpacked(tiny_models):
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     model = tiny_models["tiny-mixtral"]
     items = make_items(seed=5, ks=(2, 5))
     with torch.no_grad():
         expected = unpacked_logps(model, items, length_average=True)
-        got = sequence_logps_shared_prompt(model, collate_shared_prompt(items, PAD), length_average=True)
+        got = SharedPromptLayout().logps(model, collate_shared_prompt(items, PAD), length_average=True)
     assert (got - expected).abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-mistral"])
 def test_gradients_equal_unpacked(tiny_models, name):
     """The backward through the gathered rows gives the unpacked gradients (prompt computed once)."""
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     model = tiny_models[name]
     items = make_items(seed=3, ks=(3, 2))
     weights = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     grads = []
     for compute in (lambda: unpacked_logps(model, items),
-                    lambda: sequence_logps_shared_prompt(model, collate_shared_prompt(items, PAD))):
+                    lambda: SharedPromptLayout().logps(model, collate_shared_prompt(items, PAD))):
         model.zero_grad(set_to_none=True)
         (compute() * weights).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -155,56 +161,35 @@ def test_gradients_equal_unpacked(tiny_models, name):
 
 def test_mask_and_positions_are_what_make_it_exact(tiny_models):
     """Dropping the response-isolation from the mask, or the shared positions, breaks the parity."""
-    from nemo_lpo.packing import collate_shared_prompt
-    from nemo_lpo.packing.logprobs import shared_prompt_logps, shared_prompt_model_inputs
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 
     model = tiny_models["tiny-mistral"]
     items = make_items(seed=4, ks=(3,), prompt_range=(6, 7), response_range=(5, 6))
     batch = collate_shared_prompt(items, PAD)
     with torch.no_grad():
         expected = unpacked_logps(model, items)
-        inputs = shared_prompt_model_inputs(batch, model)
+        layout = SharedPromptLayout(dense_masks=True)
+        inputs = layout.model_inputs(batch, model)
         seq = batch["tokens"].shape[1]
         plain_causal = dict(inputs, attention_mask=~torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None, None])
         row_positions = dict(inputs, position_ids=torch.arange(batch["tokens"].shape[1])[None])
         for broken in (plain_causal, row_positions):
-            got = shared_prompt_logps(model(**broken), batch)
+            got = layout.response_logps(model(**broken), batch)
             assert (got[0, 1:] - expected[0, 1:]).abs().max().item() > 1e-3
 
 
 def test_feeds_listwise_loss(tiny_models):
     """The [B, K] output goes straight into listwise_loss and back-propagates."""
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.losses import listwise_loss
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
 
     model = tiny_models["tiny-mixtral"]
     items = make_items(seed=6, ks=(4, 4))
     batch = collate_shared_prompt(items, PAD)
-    policy = sequence_logps_shared_prompt(model, batch)
+    policy = SharedPromptLayout().logps(model, batch)
     loss, metrics = listwise_loss("dpo_pw", policy, policy.detach(), batch["rewards"], batch["response_mask"], 0.1)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     assert metrics["lists/valid"].item() == 2
     loss.sum().backward()  # differentiable end to end
-
-
-def test_flex_attention_mask_equals_dense():
-    """The FlexAttention mask_mod / BlockMask express the same mask; eager flex_attention matches SDPA with it."""
-    from torch.nn.attention.flex_attention import create_mask, flex_attention
-
-    from nemo_lpo.packing import collate_shared_prompt, shared_prompt_mask
-    from nemo_lpo.packing.flex import block_density, shared_prompt_block_mask, shared_prompt_mask_mod
-
-    batch = collate_shared_prompt(make_items(seed=7, ks=(3, 2)), PAD, pad_to_multiple_of=16)
-    dense_allowed = ~shared_prompt_mask(batch)
-    r, _, s, _ = dense_allowed.shape
-    flex_allowed = create_mask(shared_prompt_mask_mod(batch), r, None, s, s, device="cpu")
-    assert torch.equal(flex_allowed, dense_allowed)
-    q, k, v = (torch.randn(r, 2, s, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_allowed)
-    got = flex_attention(q, k, v, block_mask=shared_prompt_block_mask(batch, block_size=16))
-    assert (got - expected).abs().max().item() < 1e-5
-    # a long shared row: the block-sparse kernel skips the response-response tiles a causal kernel computes
-    long = collate_shared_prompt([{"prompt_ids": list(range(3, 515)), "response_ids": [[5] * 256] * 4,
-                                   "rewards": [0.0, 1.0, 2.0, 3.0]}], PAD)
-    density = block_density(long, block_size=128)
-    assert density["computed"] < 0.75 * density["causal"]

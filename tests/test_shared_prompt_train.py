@@ -6,6 +6,7 @@ This file is also the torchrun worker of the distributed test: ``python -m torch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,13 +64,14 @@ def test_train_step_matches_unpacked(megatron_single):
     prompt is routed once instead of K times, so with the aux loss on the gradients differ slightly (by
     design; docs/performance.md).
     """
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.packing import SharedPromptLPOModel, collate_shared_prompt
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.train.lpo_model import LPOModel
 
     cfg = _cfg("model.moe_aux_loss_coeff=0.0")
     plain = LPOModel(cfg)
-    shared = SharedPromptLPOModel(cfg)
+    shared = LPOModel(cfg, layout=SharedPromptLayout())
     shared.module.load_state_dict(plain.module.state_dict())
     shared.reference.load_state_dict(plain.reference.state_dict())
     chunks = [_items(10, (4, 3)), _items(11, (2, 4))]
@@ -86,12 +88,11 @@ def test_train_step_matches_unpacked(megatron_single):
     assert worst < 1e-5  # the same update
 
 
-def test_use_shared_prompt_switches_a_trainer(megatron_single, tmp_path):
-    """A built Trainer on a packed dataset runs its steps on shared-prompt batches after use_shared_prompt."""
+def test_trainer_runs_shared_prompt_batches(megatron_single, tmp_path):
+    """``data.shared_prompt=true`` makes the Trainer collate and compute shared-prompt rows."""
+    from nemo_lpo.batch.layouts import SharedPromptLayout
+    from nemo_lpo.batch.shared_prompt import SharedPromptCollator
     from nemo_lpo.data.pack import PackConfig, pack
-    from nemo_lpo.packing import SharedPromptLPOModel
-    from nemo_lpo.packing.collate import SharedPromptCollator
-    from nemo_lpo.packing.lpo_model import use_shared_prompt
     from nemo_lpo.train.loop import Trainer
 
     src = tmp_path / "lists.jsonl"
@@ -102,9 +103,9 @@ def test_use_shared_prompt_switches_a_trainer(megatron_single, tmp_path):
                f"logging.run_dir={tmp_path / 'run'}", "data.global_batch_size=4", "data.micro_batch_size=2",
                "data.shuffle=false", "checkpoint.save_at_end=false", "checkpoint.resume=false", "train.max_steps=1")
     plain = Trainer(cfg).run(max_steps=1)
-    trainer = Trainer(cfg)
-    use_shared_prompt(trainer)
-    assert isinstance(trainer.lpo, SharedPromptLPOModel) and isinstance(trainer.feeder.collator, SharedPromptCollator)
+    trainer = Trainer(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shared_prompt=True)))
+    assert isinstance(trainer.lpo.layout, SharedPromptLayout) and trainer.feeder.layout is trainer.lpo.layout
+    assert isinstance(trainer.feeder.collator, SharedPromptCollator)
     shared = trainer.run(max_steps=1)
     # step 1: policy == reference, so the loss is its closed form for these rewards (exactness of the
     # log-probs themselves is test_train_step_matches_unpacked's); this checks batching, counts and reduction
@@ -114,12 +115,13 @@ def test_use_shared_prompt_switches_a_trainer(megatron_single, tmp_path):
 
 def worker() -> None:
     """Run under torchrun: tiny-mixtral and tiny-mistral at TP=2 + SP, shared-prompt vs unpacked log-probs."""
-    from nemo_lpo.data import ListwiseCollator
+    from nemo_lpo.batch.collate import ListwiseCollator
+    from nemo_lpo.batch.layouts import SharedPromptLayout, sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
+    from nemo_lpo.batch.shared_prompt import collate_shared_prompt
     from nemo_lpo.model.build import build_gpt_model
     from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
     from nemo_lpo.model.presets import PRESETS, transformer_config
-    from nemo_lpo.packing import collate_shared_prompt, sequence_logps_shared_prompt
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
 
     initialize_parallel(tp=2, seed=1234)
     result = {}
@@ -132,8 +134,8 @@ def worker() -> None:
         for packed in (False, True):
             batch = collate_shared_prompt(items, PAD, pad_to_multiple_of=2, packed=packed)
             with torch.no_grad():
-                expected = sequence_logps(token_logps(model, padded), padded)
-                got = sequence_logps_shared_prompt(model, batch)
+                expected = sequence_logps(sequence_layout_of(padded).token_logps(model, padded), padded)
+                got = SharedPromptLayout().logps(model, batch)
             diffs["packed" if packed else "rows"] = (got - expected).abs().max().item()
         result[name] = diffs
     if torch.distributed.get_rank() == 0:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from nemo_lpo.cli import main
-from nemo_lpo.train.checkpoint import latest_checkpoint
+from nemo_lpo.io import latest_checkpoint
 from nemo_lpo.train.cli import setup_distributed_env
 from nemo_lpo.train.metrics import MetricsLogger
 from tests.dist.train_common import TINY_CONF

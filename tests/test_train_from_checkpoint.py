@@ -19,7 +19,7 @@ from nemo_lpo.cli import main
 from nemo_lpo.config import ConfigError, load_config
 from nemo_lpo.convert.hf_to_mcore import convert_hf_to_mcore
 from nemo_lpo.model.presets import PRESETS
-from nemo_lpo.train.lpo_model import resolve_preset
+from nemo_lpo.model.resolve import resolve_preset
 from tests.dist.train_common import DEMO_LISTS, REPO, TINY_CONF, metrics_lines, pack_lists
 from tests.torchrun import run_torchrun
 
@@ -81,9 +81,9 @@ def test_from_checkpoint_needs_a_converted_checkpoint(tmp_path):
 
 @pytest.mark.distributed
 def test_reference_pass_and_training_step_from_checkpoint(converted, tmp_path):
-    from nemo_lpo.convert.mcore_side import read_checkpoint_preset
     from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
     from nemo_lpo.data import ListwiseDataset
+    from nemo_lpo.model.sidecar import read_checkpoint_preset
 
     prefix = pack_lists(DEMO_LISTS, tmp_path / "data" / "lists", 4)
     common = [str(TINY_CONF), f"data.train_prefix={prefix}", "model.preset=from_checkpoint",

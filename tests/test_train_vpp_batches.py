@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from nemo_lpo.batch.logps import sequence_logps
 from nemo_lpo.config import CONF_DIR, load_config
-from nemo_lpo.train.logprobs import sequence_logps
-from nemo_lpo.train.step import collate_uniform, make_collator
+from nemo_lpo.train.feeder import collate_uniform, run_pad_multiple
+from nemo_lpo.train.lpo_model import layout_of
 
 PAD = 0
 
@@ -27,8 +28,9 @@ def test_collate_uniform_one_shape_same_logps(overrides):
     # 2 + 2 (4 sequences: the padded layout gets 2 empty rows)
     groups = [[_item(0, 5, [3, 4, 2, 6]), _item(1, 3, [2, 2])], [_item(2, 9, [7, 1, 2]), _item(3, 4, [3, 3, 3])],
               [_item(4, 2, [1, 2]), _item(5, 3, [4, 2])]]
-    plain = [make_collator(cfg, PAD)(items) for items in groups]
-    uniform = collate_uniform(cfg, PAD, groups)
+    layout = layout_of(cfg)
+    plain = [layout.collator(PAD, run_pad_multiple(cfg))(items) for items in groups]
+    uniform = collate_uniform(layout, PAD, run_pad_multiple(cfg), groups)
     assert len({tuple(b["tokens"].shape) for b in uniform}) == 1
     assert len({tuple(b["tokens"].shape) for b in plain}) > 1  # the case really needed padding
     if not (cfg.data.shared_prompt or cfg.data.packed):

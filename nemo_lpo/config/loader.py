@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_lpo.config.schema import Config, ConfigError
+from nemo_lpo.io import atomic_write
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "data", "parallel", "loss")
@@ -195,11 +196,6 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def dump_config(config: Config, path: str | Path) -> None:
     """Write ``config`` as YAML to ``path`` atomically (temp name + rename)."""
-    import os
-
     import yaml
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -35,6 +35,10 @@ class ModelConfig:
         moe_token_dispatcher: MoE token dispatcher: alltoall or allgather.
         init_checkpoint: Megatron dist checkpoint of the starting policy (the SFT model, also the
             reference); None initialises randomly from ``train.seed`` (tests, demo).
+        transformer_impl: Layer implementation, as Megatron-LM's ``--transformer-impl``: auto (Transformer
+            Engine when it imports, else local), transformer_engine, or local (megatron's local spec with the
+            gathered core attention, which serves every batch layout). TE's attention serves padded batches only:
+            packed and shared-prompt batches on it stop at start-up (``nemo_lpo.batch.layouts``).
     """
 
     preset: str = "tiny-mixtral"
@@ -44,6 +48,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float | None = None
     moe_token_dispatcher: str = field(default="alltoall", metadata=_choices("alltoall", "allgather"))
     init_checkpoint: str | None = None
+    transformer_impl: str = field(default="auto", metadata=_choices("auto", "transformer_engine", "local"))
 
 
 @dataclass
@@ -92,7 +97,7 @@ class DataConfig:
         pad_to_multiple_of: Round the padded sequence length up to this (times tp under sequence parallel).
         packed: Pack the sequences of a micro-batch back to back (each attends to itself only: the local
             spec's gathered core attention); with ``shared_prompt``, all lists of a micro-batch in one row.
-        shared_prompt: Shared-prompt packing (``nemo_lpo.packing``): each list is one row
+        shared_prompt: Shared-prompt rows (``nemo_lpo.batch.shared_prompt``): each list is one row
             [prompt, y_1, ..., y_K] and its prompt is computed once (the MoE aux-loss statistics then
             count the prompt's tokens once instead of K times).
     """
@@ -279,10 +284,8 @@ class Config:
         if p.pp < 2:
             raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline), "
                               f"got pp={p.pp}")
-        layers = _preset_layers(self.model.preset)  # None for from_checkpoint: checked when the model is built
-        if layers is not None and layers % (p.pp * p.vpp):
-            raise ConfigError(f"parallel.vpp: model.preset={self.model.preset} has {layers} layers, not divisible "
-                              f"by pp*vpp = {p.pp}*{p.vpp}")
+        # the layer count must divide by pp*vpp: checked with the architecture (nemo_lpo.model.resolve), since a
+        # from_checkpoint preset is only known from its checkpoint and config stays below model in the imports
 
     def to_dict(self) -> dict:
         """Return the config as plain nested dicts (YAML / checkpoint friendly)."""
@@ -314,13 +317,3 @@ class Config:
                 f"({self.data.micro_batch_size}*{dp})) must be a multiple of parallel.pp={self.parallel.pp}"
             )
         return dp
-
-
-def _preset_layers(name: str) -> int | None:
-    """Layer count of the named preset (None when it is not a named preset)."""
-    from nemo_lpo.model.presets import PRESETS
-
-    preset = PRESETS.get(name)
-    return None if preset is None else preset.num_layers
-
-

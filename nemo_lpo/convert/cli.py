@@ -14,13 +14,13 @@ def _positive(text: str) -> int:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> int:
-    from nemo_lpo.convert.hf_config import ConversionError
     from nemo_lpo.convert.hf_to_mcore import convert_hf_to_mcore
+    from nemo_lpo.model.sidecar import ModelDescriptionError
 
     try:
         summary = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                                       seq_length=args.seq_length)
-    except ConversionError as err:
+    except ModelDescriptionError as err:
         print(f"nemo-lpo convert hf-to-mcore: error: {err}", file=sys.stderr)
         return 2
     preset = summary["preset"]
@@ -31,14 +31,14 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> int:
-    from nemo_lpo.convert.hf_config import ConversionError
     from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
+    from nemo_lpo.model.sidecar import ModelDescriptionError
 
     try:
         summary = convert_mcore_to_hf(args.ckpt, args.out, hf_config_from=args.hf_config_from,
                                       tokenizer=args.tokenizer, preset_name=args.preset, dtype=args.dtype,
                                       max_shard_bytes=int(args.max_shard_size_gb * 2**30))
-    except ConversionError as err:
+    except ModelDescriptionError as err:
         print(f"nemo-lpo convert mcore-to-hf: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {summary['out']}: {summary['architecture']}, {len(summary['shards'])} safetensors shard(s), "

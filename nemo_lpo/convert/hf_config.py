@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nemo_lpo.model.sidecar import ModelDescriptionError
+
 SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
 
 
-class ConversionError(ValueError):
+class ConversionError(ModelDescriptionError):
     """Bad input to a converter (missing file, unsupported setting, config that does not match the weights)."""
 
 

@@ -33,8 +33,8 @@ from nemo_lpo.convert.mcore_side import (
     ensure_single_process_parallel,
     make_lazy_save_strategy,
     model_sharded_state_dict,
-    write_sidecar,
 )
+from nemo_lpo.model.sidecar import write_sidecar
 
 # Files copied beside the checkpoint (under hf/) so that the export can restore them.
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",

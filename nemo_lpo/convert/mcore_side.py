@@ -12,7 +12,6 @@ writes it, so ``resolve_data`` reads the HF tensors of that one parameter there.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,6 @@ import torch
 
 from nemo_lpo.convert.hf_config import ConversionError
 
-SIDECAR_NAME = "nemo_lpo_model.json"
-"""Model description written beside the dist checkpoint (preset, architecture, HF config)."""
-SIDECAR_VERSION = 1
 # megatron's sharded_state_dict(metadata=...) variants: the layout a checkpoint was saved with is detected
 # on load by which one's keys it holds; the converter writes megatron's default (the first).
 SHARDED_METADATA_VARIANTS: tuple[dict, ...] = (
@@ -271,46 +267,3 @@ def make_lazy_save_strategy(locations: dict, params: LazyParameters):
             dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
 
     return LazyTorchDistSaveStrategy("torch_dist", 1)
-
-
-def write_sidecar(ckpt_dir: Path, *, preset, architecture: str, hf_config, dtype: str, sharded_metadata: dict,
-                  source: str) -> None:
-    """Write :data:`SIDECAR_NAME`: what model the checkpoint holds, for the trainer and the exporter."""
-    import dataclasses
-
-    payload = {
-        "format": "nemo-lpo-model",
-        "version": SIDECAR_VERSION,
-        "preset": dataclasses.asdict(preset),
-        "architecture": architecture,
-        "params_dtype": dtype,
-        "sharded_metadata": sharded_metadata,
-        "hf_config": hf_config.to_dict() if hf_config is not None else None,
-        "source": source,
-    }
-    (Path(ckpt_dir) / SIDECAR_NAME).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def read_sidecar(ckpt_dir: str | Path) -> dict | None:
-    """The checkpoint's :data:`SIDECAR_NAME` as a dict (``preset`` rebuilt as a ModelPreset), or None."""
-    from nemo_lpo.model.presets import ModelPreset
-
-    path = Path(ckpt_dir) / SIDECAR_NAME
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-        payload["preset"] = ModelPreset(**payload["preset"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ConversionError(f"{path}: unreadable model description ({err})") from err
-    if payload.get("format") != "nemo-lpo-model" or payload.get("version") != SIDECAR_VERSION:
-        raise ConversionError(f"{path}: not a nemo-lpo model description of version {SIDECAR_VERSION}")
-    return payload
-
-
-def read_checkpoint_preset(ckpt_dir: str | Path):
-    """The ModelPreset recorded with a converted checkpoint (for the trainer's ``model.init_checkpoint``)."""
-    payload = read_sidecar(ckpt_dir)
-    if payload is None:
-        raise ConversionError(f"{Path(ckpt_dir) / SIDECAR_NAME}: not found (not a converted checkpoint)")
-    return payload["preset"]

@@ -33,9 +33,10 @@ from nemo_lpo.convert.mcore_side import (
     ensure_single_process_parallel,
     model_sharded_state_dict,
     read_parameters,
-    read_sidecar,
     release_freed_memory,
 )
+from nemo_lpo.io import resolve_checkpoint
+from nemo_lpo.model.sidecar import read_sidecar
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -153,13 +154,10 @@ def convert_mcore_to_hf(
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_dir():
         raise ConversionError(f"{ckpt}: checkpoint directory not found")
-    if (ckpt / "latest").is_file():  # a training run's checkpoint folder: its newest complete checkpoint
-        from nemo_lpo.train.checkpoint import latest_checkpoint
-
-        try:
-            ckpt = latest_checkpoint(ckpt)
-        except FileNotFoundError as err:
-            raise ConversionError(str(err)) from err
+    try:  # a training run's checkpoint folder: its newest complete checkpoint
+        ckpt = resolve_checkpoint(ckpt)
+    except FileNotFoundError as err:
+        raise ConversionError(str(err)) from err
     tensor_md = _checkpoint_tensor_metadata(ckpt)
     ensure_single_process_parallel()
     preset, architecture, base, source = _resolve_model(ckpt, hf_config_from, preset_name)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from nemo_lpo.convert.hf_config import ConversionError
-from nemo_lpo.convert.mcore_side import DTYPES, read_sidecar
+from nemo_lpo.convert.mcore_side import DTYPES
+from nemo_lpo.model.sidecar import read_sidecar
 
 
 def load_megatron_model(ckpt: str | Path, *, params_dtype: torch.dtype | None = None):

@@ -13,7 +13,6 @@ _EXPORTS = {
     "ListwiseDataset": "nemo_lpo.data.dataset",
     "write_reference_logps": "nemo_lpo.data.dataset",
     "ListwiseSampler": "nemo_lpo.data.sampler",
-    "ListwiseCollator": "nemo_lpo.data.collate",
     "PackConfig": "nemo_lpo.data.pack",
     "pack": "nemo_lpo.data.pack",
 }

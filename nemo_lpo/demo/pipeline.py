@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from nemo_lpo.demo import tasks
+from nemo_lpo.io import atomic_write
 
 
 @dataclasses.dataclass
@@ -191,5 +192,5 @@ def run_demo(cfg: DemoConfig) -> dict:
         "paths": {"out": str(out), "metrics": str(run_dir / "metrics.jsonl"), "plots": [str(p) for p in plots],
                   "checkpoint": after["checkpoint"], "hf": str(out / "hf") if exported else None},
     }
-    tasks.write_jsonl_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary

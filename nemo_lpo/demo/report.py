@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 
 from nemo_lpo.demo.plots import plot_lines, read_metrics, series
-from nemo_lpo.demo.tasks import write_jsonl_atomic
+from nemo_lpo.io import atomic_write
 
 
 def _beta(results: dict) -> float:
@@ -200,5 +200,5 @@ def write_report(results: list[dict], path: Path, total_seconds: float, demo_cfg
              "each effect on the real training code, not its size.", ""]
     for res in results:
         lines += _suite_section(res, path.parent)
-    write_jsonl_atomic(path, ("\n".join(lines) + "\n").encode())
+    atomic_write(path, "\n".join(lines) + "\n")
     return path

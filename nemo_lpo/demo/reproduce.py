@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from nemo_lpo.demo import tasks
+from nemo_lpo.io import atomic_write
 
 SHARED_ALPACAEVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpacaeval2" / \
     "alpacaeval2_gpt4turbo_k8_a.jsonl"
@@ -53,9 +54,9 @@ def embedded_suite(src_dir: Path, steps: int, sft_steps: int = 0) -> Suite:
     files = {}
     for k in (2, 4, 8):
         files[k] = src_dir / f"train_k{k}.jsonl"
-        tasks.write_jsonl_atomic(files[k], tasks.to_jsonl(tasks.subset_lists(splits["train"], k)))
+        atomic_write(files[k], tasks.to_jsonl(tasks.subset_lists(splits["train"], k)))
     held = src_dir / "heldout_k8.jsonl"
-    tasks.write_jsonl_atomic(held, tasks.to_jsonl(tasks.subset_lists(splits["heldout"], 8)))
+    atomic_write(held, tasks.to_jsonl(tasks.subset_lists(splits["heldout"], 8)))
     return Suite("embedded", {k: (p, None) for k, p in files.items()}, files[4], held, steps, sft_steps=sft_steps)
 
 
@@ -65,8 +66,8 @@ def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64, sft_steps
         return None
     lines = [line for line in SHARED_ALPACAEVAL.read_text(encoding="utf-8").splitlines() if line.strip()]
     train, held = src_dir / "alpacaeval_train.jsonl", src_dir / "alpacaeval_heldout.jsonl"
-    tasks.write_jsonl_atomic(train, ("\n".join(lines[:-num_heldout]) + "\n").encode())
-    tasks.write_jsonl_atomic(held, ("\n".join(lines[-num_heldout:]) + "\n").encode())
+    atomic_write(train, ("\n".join(lines[:-num_heldout]) + "\n").encode())
+    atomic_write(held, ("\n".join(lines[-num_heldout:]) + "\n").encode())
     return Suite("alpacaeval", {2: (train, 2), 4: (train, 4), 8: (train, None)}, train, held, steps,
                  limits={"max_prompt_length": 64, "max_response_length": 64}, sft_steps=sft_steps)
 
@@ -264,7 +265,7 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
     for suite in suites:
         res = run_suite(suite, out / suite.name, demo_cfg)
         # results first: a failure while drawing leaves them for `--report-only`
-        tasks.write_jsonl_atomic(out / suite.name / "results.json", (json.dumps(res, indent=2) + "\n").encode())
+        atomic_write(out / suite.name / "results.json", (json.dumps(res, indent=2) + "\n").encode())
     names = [name for name in ("embedded", "alpacaeval") if (out / name / "results.json").is_file()]
     return write_outputs(out, names, round(time.perf_counter() - t0, 1), demo_cfg)
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import secrets
 from pathlib import Path
+
+from nemo_lpo.io import atomic_write
 
 SEED = 20261127
 TASKS = ("add", "mul", "reverse", "upper", "sort")
@@ -216,21 +216,6 @@ def to_jsonl(lists: list[dict]) -> bytes:
     return "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in lists).encode("utf-8")
 
 
-def write_jsonl_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (no half-written file on failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with 0666 rather than mkstemp (0600): the file gets the usual mode, 0666 & ~umask
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_files(seed: int = SEED) -> dict[str, bytes]:
     """Return the bytes of every shipped file (:data:`FILES`) for ``seed``."""
     splits = generate(seed)
@@ -241,7 +226,7 @@ def write_files(out_dir: Path, seed: int = SEED) -> list[Path]:
     """Write every shipped file under ``out_dir``; returns their paths."""
     paths = []
     for name, data in render_files(seed).items():
-        write_jsonl_atomic(Path(out_dir) / name, data)
+        atomic_write(Path(out_dir) / name, data)
         paths.append(Path(out_dir) / name)
     return paths
 

@@ -47,9 +47,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         from pathlib import Path
 
-        from nemo_lpo.demo.tasks import write_jsonl_atomic
+        from nemo_lpo.io import atomic_write
 
-        write_jsonl_atomic(Path(args.json), (text + "\n").encode())
+        atomic_write(Path(args.json), text + "\n")
     print(text)
     Console(stderr=False).print(metrics_table({"policy": result}, title=f"{args.data} (β = {result['beta']})"))
     return 0

@@ -1,7 +1,7 @@
 """Run a megatron GPTModel forward over a packed listwise dataset and collect per-response log-probs.
 
-One process, no gradient: the whole dataset goes through ``token_logps`` / ``sequence_logps`` (the same
-code path the trainer uses) in micro-batches of lists. The results are numpy ``[num_lists, K_max]`` arrays
+One process, no gradient: the whole dataset goes through a ``BatchLayout`` (padded by default; the same code
+path the trainer uses) in micro-batches of lists. The results are numpy ``[num_lists, K_max]`` arrays
 with a validity mask, ready for :func:`nemo_lpo.evaluate.metrics.ranking_metrics`.
 """
 
@@ -11,6 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from nemo_lpo.batch.layouts import BatchLayout, PaddedLayout
+from nemo_lpo.evaluate.metrics import ranking_metrics
 
 
 @dataclass
@@ -42,6 +46,7 @@ def dataset_logps(
     micro_batch_size: int = 8,
     pad_to_multiple_of: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    layout: BatchLayout | None = None,
 ) -> ListLogps:
     """Return the policy's log-probs of every response of ``dataset`` (a ``ListwiseDataset``).
 
@@ -51,13 +56,14 @@ def dataset_logps(
         micro_batch_size: lists per forward pass.
         pad_to_multiple_of: passed to the collator.
         progress: called as ``progress(done_lists, total_lists)`` after every micro-batch.
+        layout: the batch layout (default: padded, which every attention backend serves).
+
+    Raises:
+        UnsupportedLayoutError: ``layout`` cannot run on the model's attention backend.
     """
-    import torch
-
-    from nemo_lpo.data import ListwiseCollator
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
-
-    collator = ListwiseCollator(dataset.pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    layout = layout or PaddedLayout()
+    layout.check_backend(layout.backend_of(model))
+    collator = layout.collator(dataset.pad_id, pad_to_multiple_of)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -69,7 +75,7 @@ def dataset_logps(
                 items = [dataset[i] for i in range(start, min(n, start + micro_batch_size))]
                 batch = collator(items)
                 on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                seq = sequence_logps(token_logps(model, on_device), on_device).double().cpu().numpy()
+                seq = layout.logps(model, on_device).double().cpu().numpy()
                 for b, item in enumerate(items):
                     k = len(item["response_ids"])
                     logps.append(seq[b, :k])
@@ -94,10 +100,6 @@ def dataset_logps(
 
 def summarize(policy: ListLogps, reference_logps: np.ndarray, beta: float) -> dict[str, float]:
     """Ranking metrics (:func:`~nemo_lpo.evaluate.metrics.ranking_metrics`) of ``policy`` against a reference."""
-    import torch
-
-    from nemo_lpo.evaluate.metrics import ranking_metrics
-
     if reference_logps.shape != policy.policy_logps.shape:
         raise ValueError(f"reference log-probs {reference_logps.shape} do not match the policy's "
                          f"{policy.policy_logps.shape}")

@@ -19,18 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from nemo_lpo import io
+
 SIDECAR = "sidecar"  # ``reference=SIDECAR``: use the dataset's stored reference log-probs
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """Return the concrete checkpoint folder of ``path`` (follows a training folder's ``latest`` marker)."""
-    from nemo_lpo.train.checkpoint import latest_checkpoint
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    latest = latest_checkpoint(path) if (path / "latest").is_file() else None
-    return latest or path
+    return io.resolve_checkpoint(path)
 
 
 def checkpoint_run_config(path: str | Path) -> dict | None:
@@ -56,7 +55,8 @@ def resolve_model_preset(checkpoint: str | Path, run_config: dict | None = None,
         ValueError: unknown preset name, no description for ``from_checkpoint``, or a disagreement.
     """
     from nemo_lpo.config import Config, ConfigError, ModelConfig, ReferenceConfig
-    from nemo_lpo.train.lpo_model import FROM_CHECKPOINT, checkpoint_sidecar, resolve_preset
+    from nemo_lpo.io import checkpoint_sidecar
+    from nemo_lpo.model.resolve import FROM_CHECKPOINT, resolve_preset
 
     policy = resolve_checkpoint(checkpoint)
     if preset is None:

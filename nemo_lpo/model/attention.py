@@ -20,7 +20,6 @@ module has no parameters).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -53,23 +52,9 @@ def packed_layout(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return attention_layout(segment, torch.zeros_like(segment))
 
 
-_DENSE = {"forced": False}
-
-
-@contextlib.contextmanager
-def dense_attention():
-    """Within it, batches get megatron's dense boolean masks even where the gathered path exists (benchmarks)."""
-    before = _DENSE["forced"]
-    _DENSE["forced"] = True
-    try:
-        yield
-    finally:
-        _DENSE["forced"] = before
-
-
 def takes_attention_layout(model) -> bool:
     """Whether ``model`` (possibly wrapped) has ``GatheredDotProductAttention`` layers to hand a layout to."""
-    if not isinstance(model, torch.nn.Module) or _DENSE["forced"]:
+    if not isinstance(model, torch.nn.Module):
         return False
     found = getattr(model, "_nemo_lpo_gathered_attention", None)
     if found is None:

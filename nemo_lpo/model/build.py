@@ -17,6 +17,40 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def uses_transformer_engine(model) -> bool:
+    """Whether ``model`` (possibly wrapped: DDP, Float16Module, a list of chunks) was built from TE's layer spec.
+
+    ``build_gpt_model`` records the choice on the ``GPTModelWithPositions`` it returns; the batch layouts read it
+    to refuse combinations TE's attention would compute wrongly (``nemo_lpo.batch.layouts``).
+    """
+    if isinstance(model, (list, tuple)):
+        return any(uses_transformer_engine(chunk) for chunk in model)
+    while model is not None:
+        flag = getattr(model, "uses_transformer_engine", None)
+        if flag is not None:
+            return bool(flag)
+        model = getattr(model, "module", None)
+    return False
+
+
+def resolve_use_te(transformer_impl: str = "auto") -> bool:
+    """Whether to build TE's layer spec for ``model.transformer_impl`` (Megatron-LM's ``--transformer-impl``).
+
+    ``auto``: TE when it imports; ``transformer_engine``: TE, an error when it does not import; ``local``:
+    megatron's local spec (with the gathered core attention).
+    """
+    if transformer_impl == "local":
+        return False
+    if transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise RuntimeError("model.transformer_impl=transformer_engine but transformer_engine does not import "
+                               "on this machine (use an NGC PyTorch/NeMo image, or model.transformer_impl=local)")
+        return True
+    if transformer_impl != "auto":
+        raise ValueError(f"transformer_impl must be auto, transformer_engine or local, got {transformer_impl!r}")
+    return transformer_engine_available()
+
+
 def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = None):
     """The decoder block spec for ``config``: TE's when ``use_te`` (default: when TE imports), local otherwise.
 

@@ -1,6 +1,6 @@
 """Run megatron-core 0.19.2 on a machine without CUDA: one small patch per CUDA assumption.
 
-Each ``patch_*`` function below removes one assumption measured in ../shared/notes/megatron-cpu.md;
+Each ``patch_*`` function below removes one assumption measured in docs/megatron-notes.md §1;
 its docstring says where megatron makes it and why the replacement is faithful on CPU.
 ``apply_cpu_compat()`` applies them all, once, and only when CUDA is absent, before megatron builds
 models or process groups. tests/test_cpu_compat.py shows, per patch, the megatron call that fails

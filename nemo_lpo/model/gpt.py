@@ -1,7 +1,7 @@
-"""megatron's GPTModel with per-token RoPE positions, plus the masks of padded and packed batches.
+"""megatron's GPTModel with per-token RoPE positions (the batch layouts' masks are in ``nemo_lpo.batch.masks``).
 
 megatron-core 0.19.2 computes rotary angles from the sequence length only and ignores ``position_ids``
-(see ../shared/notes/megatron-positions-masks.md). Packed batches restart positions at 0 for every
+(docs/megatron-notes.md). Packed batches restart positions at 0 for every
 sequence, so ``GPTModelWithPositions`` rebuilds the angles from the ids it is given. It adds no
 parameters: its state dict and sharded state dict are GPTModel's, key for key.
 """
@@ -82,38 +82,3 @@ class GPTModelWithPositions(GPTModel):
         angles = rotary_angles(position_ids, rope.inv_freq, interleaved=rope.rotary_interleaved,
                                interpolation_factor=rope.seq_len_interpolation_factor)
         return (out[0], angles, *out[2:])
-
-
-def causal_padding_mask(seq_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Causal mask of a right-padded batch, True = masked, [N, 1, T, T].
-
-    Padded query rows keep their causal prefix, so no row is fully masked (no NaN); their outputs are
-    excluded by the loss mask.
-    """
-    positions = torch.arange(seq_len, device=seq_lengths.device)
-    future = positions[None, :] > positions[:, None]  # [T, T]: key after query
-    padded_key = positions[None, :] >= seq_lengths[:, None]  # [N, T]
-    mask = future[None] | (padded_key[:, None, :] & ~padded_key[:, :, None])
-    return mask[:, None]
-
-
-def packed_causal_mask(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Block-diagonal causal mask of a packed row, True = masked, [1, 1, S, S].
-
-    Token i may attend to token j iff both lie in the same sequence ``[cu_seqlens[k], cu_seqlens[k+1])``
-    and j <= i. Tail padding past ``cu_seqlens[-1]`` forms its own causal block (its outputs are unused).
-    """
-    positions = torch.arange(seq_len, device=cu_seqlens.device)
-    segment = torch.bucketize(positions, cu_seqlens[1:].to(positions.dtype), right=True)  # [S]
-    same = segment[:, None] == segment[None, :]
-    causal = positions[None, :] <= positions[:, None]
-    return ~(same & causal)[None, None]
-
-
-def padding_token_mask(batch: dict) -> torch.Tensor:
-    """[N, T] bool, True at padding tokens (for MoE routing statistics), for padded or packed batches."""
-    tokens = batch["tokens"]
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    if "cu_seqlens" in batch:
-        return (positions >= batch["cu_seqlens"][-1].to(tokens.device))[None].expand_as(tokens)
-    return positions[None, :] >= batch["seq_lengths"].to(tokens.device)[:, None]

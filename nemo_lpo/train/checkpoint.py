@@ -20,13 +20,30 @@ restored when the layout is the same (the tiny and real presets have no dropout,
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from nemo_lpo.io import LATEST, atomic_write, resolve_checkpoint
+from nemo_lpo.train.optimizer import (
+    fill_slots,
+    init_optimizer_state,
+    is_distributed,
+    load_optimizer_state,
+    main_params_from_checkpoint,
+    saved_adam_step,
+    set_adam_step,
+    split_sharded,
+)
 
 FORMAT_VERSION = 2
 # megatron-core 0.19 refuses ShardedTensor.flattened_range, so the DistributedOptimizer's
@@ -35,7 +52,6 @@ FORMAT_VERSION = 2
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 # Format 1 wrote a ChainedOptimizer's (EP > 1) tensors under a `chained_N.` prefix: loadable at the same EP only.
 READABLE_FORMATS = {1: {"distrib_optim_sharding_type": "fully_reshardable"}, FORMAT_VERSION: OPTIMIZER_METADATA}
-LATEST = "latest"
 
 
 def step_dir_name(step: int) -> str:
@@ -45,8 +61,6 @@ def step_dir_name(step: int) -> str:
 
 def layout() -> dict:
     """This run's parallel layout (sizes), as stored with each checkpoint (``vpp`` only when interleaving)."""
-    from megatron.core import parallel_state as ps
-
     lay = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
            "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
            "world": torch.distributed.get_world_size()}
@@ -81,19 +95,7 @@ def load_model_state(module, loaded: dict) -> None:
         (module[0] if isinstance(module, list) else module).load_state_dict(loaded)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (from its ``latest`` marker), or None."""
-    marker = Path(root) / LATEST
-    if not marker.is_file():
-        return None
-    path = Path(root) / marker.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
-    return path
-
-
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
 
     state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -103,7 +105,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
 
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
@@ -114,8 +115,6 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _rng_sharded() -> object:
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     return ShardedObject(
         "rng_state", _rng_state(),
@@ -144,12 +143,6 @@ def _barrier() -> None:
 def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feeder, config_dict: dict,
                     keep_last: int = 0) -> Path:
     """Save the training state after ``step`` steps under ``root`` (collective: every rank calls it)."""
-    import time
-
-    from megatron.core import dist_checkpointing
-
-    from nemo_lpo.train.optimizer import is_distributed
-
     start = time.perf_counter()
     root = Path(root)
     final = root / step_dir_name(step)
@@ -181,9 +174,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker_tmp = root / f"{LATEST}.tmp"
-        marker_tmp.write_text(final.name + "\n")
-        os.replace(marker_tmp, root / LATEST)  # the checkpoint is complete before `latest` names it
+        atomic_write(root / LATEST, final.name + "\n")  # the checkpoint is complete before `latest` names it
         if keep_last > 0:
             done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             for old in done[:-keep_last]:
@@ -195,27 +186,12 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
 
 def saved_layout(path: str | Path) -> dict:
     """The parallel layout a training checkpoint was saved under (plus whether it used the DistributedOptimizer)."""
-    from megatron.core import dist_checkpointing
-
     common = dist_checkpointing.load_common_state_dict(str(path))
     return {**common["layout"], "distributed_optimizer": common.get("distributed_optimizer", False)}
 
 
 def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
     """Restore the training state saved at ``path``; returns its step. Works across layouts (see module doc)."""
-    from megatron.core import dist_checkpointing
-
-    from nemo_lpo.train.optimizer import (
-        fill_slots,
-        init_optimizer_state,
-        is_distributed,
-        load_optimizer_state,
-        main_params_from_checkpoint,
-        saved_adam_step,
-        set_adam_step,
-        split_sharded,
-    )
-
     path = Path(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
     version = common.get("format_version")
@@ -272,14 +248,12 @@ def _copy_model_description(sidecar: Path | None, ckpt: Path, config_dict: dict)
     ``nemo-lpo convert mcore-to-hf`` and ``model.preset=from_checkpoint`` then know the architecture of a
     run started from a model that matches no named preset.
     """
-    import json
-
     if sidecar is None:
         return
     payload = json.loads(Path(sidecar).read_text())
     payload["params_dtype"] = config_dict.get("model", {}).get("params_dtype", payload.get("params_dtype"))
     payload["source"] = str(sidecar.parent)
-    (ckpt / sidecar.name).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write(ckpt / sidecar.name, json.dumps(payload, indent=2) + "\n")
 
 
 def load_model_weights(module, path: str | Path) -> None:
@@ -288,11 +262,7 @@ def load_model_weights(module, path: str | Path) -> None:
     ``module`` is a model or its virtual-pipeline chunk list. Keys are megatron-core's own GPTModel sharded
     keys, so any TP/PP/VPP/EP layout can read any other.
     """
-    from megatron.core import dist_checkpointing
-
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = latest_checkpoint(path)
+    path = resolve_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
     request = model_sharded_state_dict(module)
@@ -304,8 +274,6 @@ def load_model_weights(module, path: str | Path) -> None:
 
 def save_model_weights(module, path: str | Path) -> None:
     """Save only the model weights (a model or its chunk list) as a dist checkpoint (e.g. a test run's init)."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)

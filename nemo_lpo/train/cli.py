@@ -54,11 +54,18 @@ def _run(args, body) -> int:
     setup_distributed_env()
     try:
         cfg = _load(args)
-        from nemo_lpo.train.lpo_model import resolve_preset
+        from nemo_lpo.batch.layouts import UnsupportedLayoutError
+        from nemo_lpo.model.build import resolve_use_te
+        from nemo_lpo.model.resolve import resolve_preset
+        from nemo_lpo.train.lpo_model import checked_layout
 
         resolve_preset(cfg)  # model.preset against the converted checkpoints' descriptions, before any launch
+        checked_layout(cfg, resolve_use_te(cfg.model.transformer_impl))  # no layout the attention would get wrong
     except ConfigError as err:
         print(f"nemo-lpo {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except (UnsupportedLayoutError, RuntimeError) as err:
+        print(f"nemo-lpo {args.command}: error: {err}", file=sys.stderr)
         return 2
     body(cfg)
     return 0

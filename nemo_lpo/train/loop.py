@@ -7,8 +7,18 @@ import signal
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state as ps
 
 from nemo_lpo.config import Config, dump_config
+from nemo_lpo.io import latest_checkpoint
+from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+from nemo_lpo.train.checkpoint import describe_layout, layout, load_checkpoint, save_checkpoint, saved_layout
+from nemo_lpo.train.feeder import BatchFeeder
+from nemo_lpo.train.flops import step_flops
+from nemo_lpo.train.lpo_model import LPOModel, layout_of
+from nemo_lpo.train.metrics import MetricsLogger, peak_tflops
+from nemo_lpo.train.optimizer import build_optimizer, total_steps
+from nemo_lpo.train.step import train_step
 
 
 def _device() -> torch.device:
@@ -19,8 +29,6 @@ def _device() -> torch.device:
 
 def init_parallel(cfg: Config) -> None:
     """Initialise torch.distributed and megatron's groups for ``cfg.parallel`` (gloo on CPU)."""
-    from nemo_lpo.model.parallel import initialize_parallel
-
     p = cfg.parallel
     initialize_parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, seed=cfg.train.seed, backend=p.backend,
                        vpp=p.vpp)
@@ -60,22 +68,17 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config) -> None:
-        from megatron.core import parallel_state as ps
-
-        from nemo_lpo.train.lpo_model import build_lpo_model
-        from nemo_lpo.train.metrics import MetricsLogger
-        from nemo_lpo.train.optimizer import build_optimizer, total_steps
-        from nemo_lpo.train.step import BatchFeeder
 
         self.cfg = cfg
         self.rank = torch.distributed.get_rank()
         self.device = _device()
-        self.feeder = BatchFeeder(cfg, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                                  device=self.device)
+        layout = layout_of(cfg)
+        self.feeder = BatchFeeder(cfg, layout, dp_rank=ps.get_data_parallel_rank(),
+                                  dp_size=ps.get_data_parallel_world_size(), device=self.device)
         if cfg.reference.mode == "precomputed" and not self.feeder.dataset.has_ref_logps:
             raise ValueError(f"reference.mode=precomputed but {cfg.data.train_prefix} has no reference log-probs: "
                              "run `nemo-lpo ref-logps` on it first, or set reference.mode=online")
-        self.lpo = build_lpo_model(cfg)
+        self.lpo = LPOModel(cfg, layout=layout)
         self.total_steps = total_steps(cfg, self.feeder.steps_per_epoch)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.lpo.model, self.total_steps)
         self.ckpt_root = cfg.checkpoint_dir()
@@ -87,8 +90,6 @@ class Trainer:
 
     def resume(self) -> int:
         """Load ``<checkpoint dir>/latest`` when resuming is on and it exists; returns the step reached."""
-        from nemo_lpo.train.checkpoint import latest_checkpoint, load_checkpoint
-
         path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.resume else None
         if path is not None:
             self._warn_random_reference(path)
@@ -104,8 +105,6 @@ class Trainer:
         The reference is not in the checkpoint: it is rebuilt from ``model.init_checkpoint`` (layout-free), or,
         without one, from the seeded random init, which differs between pipeline / expert layouts.
         """
-        from nemo_lpo.train.checkpoint import describe_layout, layout, saved_layout
-
         if self.lpo.reference is None or self.cfg.model.init_checkpoint or self.cfg.reference.checkpoint:
             return
         saved, now = saved_layout(path), layout()
@@ -117,15 +116,11 @@ class Trainer:
 
     def save(self) -> Path:
         """Save a checkpoint of the current step (collective)."""
-        from nemo_lpo.train.checkpoint import save_checkpoint
-
         return save_checkpoint(self.ckpt_root, self.step, self.lpo, self.optimizer, self.scheduler, self.feeder,
                                self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
 
     def record(self, result, seq_len: int) -> dict:
         """The metrics line of one step (throughput, and TFLOP/s + MFU on GPU)."""
-        from nemo_lpo.train.metrics import peak_tflops, step_flops
-
         rec = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "tokens": result.tokens,
                "tokens_per_s": result.tokens / max(result.step_time, 1e-9), "step_time": result.step_time}
         rec.update({f"time/{k}": v for k, v in result.timings.items()})
@@ -140,8 +135,6 @@ class Trainer:
 
     def run(self, max_steps: int | None = None) -> dict:
         """Train up to the run's last step (or ``max_steps``, for tests); returns the last metrics line."""
-        from nemo_lpo.train.step import train_step
-
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
@@ -178,8 +171,6 @@ def latest_name(root: Path) -> str | None:
 
 def train(cfg: Config) -> dict:
     """Run training for ``cfg`` in this process (one rank of torchrun / srun, or a single process)."""
-    from nemo_lpo.model.parallel import destroy_parallel
-
     init_parallel(cfg)
     try:
         trainer = Trainer(cfg)

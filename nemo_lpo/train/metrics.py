@@ -10,27 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from nemo_lpo.io import atomic_write
 
 # Dense bf16 peak TFLOP/s per GPU, for MFU (vendor datasheets).
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "GH200": 989.4, "B200": 2250.0}
-
-
-def step_flops(preset, tokens: int, seq_len: int, *, reference_forward: bool, recompute: bool) -> float:
-    """Model FLOPs of one step: 6·active params·tokens plus causal attention (Megatron/PaLM accounting).
-
-    The online reference adds one forward (2·params·tokens); full recompute adds one more policy forward.
-    """
-    h, layers, ffn = preset.hidden_size, preset.num_layers, preset.ffn_hidden_size
-    kv = preset.num_query_groups * (h // preset.num_attention_heads)
-    experts = preset.moe_router_topk if preset.is_moe else 1
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn * experts
-    active = layers * per_layer + 2 * h * preset.vocab_size
-    attention = 2 * layers * h * seq_len  # QK^T and AV, causal half, forward only
-    forward = 2 * active + attention
-    passes = 3 + (1 if recompute else 0) + (1 if reference_forward else 0)
-    return float(tokens) * forward * passes
 
 
 def peak_tflops() -> float | None:
@@ -86,9 +71,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, step: int, record: dict) -> None:
         """Append one step's record (a flat dict of numbers) and update the console / TB / W&B."""

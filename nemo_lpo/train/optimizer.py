@@ -6,9 +6,15 @@ one optimizer vs a ChainedOptimizer (dense + expert parts under EP), plain vs Di
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from nemo_lpo.config import Config
 
@@ -28,9 +34,6 @@ def build_optimizer(cfg: Config, model, num_steps: int):
     Warm-up is linear over steps 1..``optim.warmup_steps``, then ``optim.decay_style`` down to
     ``optim.min_lr`` at ``optim.decay_steps`` (default: the run's last step).
     """
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o, p = cfg.optim, cfg.parallel
     bf16 = cfg.model.params_dtype == "bf16"
     opt_config = OptimizerConfig(
@@ -84,8 +87,6 @@ def sub_optimizers(optimizer) -> list:
 
 def is_distributed(optimizer) -> bool:
     """Whether ``optimizer`` is (or chains) a DistributedOptimizer."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     return any(isinstance(opt, DistributedOptimizer) for opt in sub_optimizers(optimizer))
 
 
@@ -96,8 +97,6 @@ def init_optimizer_state(optimizer) -> None:
     Adam (used without TE / Apex, as on CPU) only creates at the first ``step()``; the loaded values
     overwrite these zeros.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for opt in sub_optimizers(optimizer):
         if not isinstance(opt, DistributedOptimizer) or getattr(opt, "is_stub_optimizer", False):
             continue
@@ -121,8 +120,6 @@ def load_optimizer_state(optimizer, state) -> None:
     parameter gets its own copy back: that ``load_state_dict`` hands ONE tensor to every parameter, which
     torch's Adam then increments in place once per parameter (a wrong bias correction from the next step on).
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     subs = sub_optimizers(optimizer)
     if len(subs) == 1:
         parts = [state]
@@ -156,8 +153,6 @@ def main_params_from_checkpoint(opt_tensors: dict, path: Path) -> dict:
     of the weights themselves are moved out of ``opt_tensors`` and returned: they need a load of their own
     (one load cannot read a shard into two tensors).
     """
-    from megatron.core import dist_checkpointing
-
     wanted = {slot: sh for slot, sh in opt_tensors.items() if sh.key.startswith(MAIN_PARAM_PREFIXES)}
     if not wanted:
         return {}
@@ -191,10 +186,6 @@ def split_sharded(tree, leaves: dict):
     A flat request keeps the loaded values addressable: megatron's loader compacts lists whose items are
     partly non-sharded, so paths into the original structure would shift.
     """
-    import copy
-
-    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
-
     if isinstance(tree, dict):
         return {k: split_sharded(v, leaves) for k, v in tree.items()}
     if isinstance(tree, list):

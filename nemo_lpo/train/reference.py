@@ -12,8 +12,14 @@ import time
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
 
 from nemo_lpo.config import Config
+from nemo_lpo.data import ListwiseDataset, write_reference_logps
+from nemo_lpo.model.resolve import resolve_preset
+from nemo_lpo.train.checkpoint import load_model_weights
+from nemo_lpo.train.feeder import collate_uniform, run_pad_multiple
+from nemo_lpo.train.lpo_model import LPOModel
 
 CHUNK_MICROBATCHES = 64  # micro-batches per schedule call (bounds host memory of the gathered results)
 
@@ -24,20 +30,14 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
     Only the last pipeline stage at tensor-parallel rank 0 returns values; other ranks return {}.
     Needs ``init_parallel(cfg)`` first.
     """
-    from megatron.core import parallel_state as ps
-
-    from nemo_lpo.data import ListwiseDataset
-    from nemo_lpo.train.checkpoint import load_model_weights
-    from nemo_lpo.train.lpo_model import build_lpo_model, run_forward_only
-    from nemo_lpo.train.step import collate_uniform, make_collator
-
-    lpo = build_lpo_model(cfg, train=False)
+    lpo = LPOModel(cfg, train=False)
     if cfg.reference.checkpoint and cfg.reference.checkpoint != cfg.model.init_checkpoint:
         load_model_weights(lpo.module, cfg.reference.checkpoint)
     for module in lpo.modules:
         module.eval()
     dataset = ListwiseDataset(cfg.data.train_prefix)
-    collator = make_collator(cfg, dataset.pad_id)
+    multiple = run_pad_multiple(cfg)
+    collator = lpo.layout.collator(dataset.pad_id, multiple)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mbs = cfg.data.micro_batch_size
     starts = list(range(0, len(dataset), mbs))[dp_rank::dp_size]  # micro-batch j goes to rank j % dp
@@ -51,11 +51,11 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
             # one shape for the interleaved schedule: a short last micro-batch repeats its last list (same
             # list id, same values), then all are padded to the longest (step.collate_uniform)
             groups = [items + [items[-1]] * (mbs - len(items)) for items in groups]
-            collated = collate_uniform(cfg, dataset.pad_id, groups)
+            collated = collate_uniform(lpo.layout, dataset.pad_id, multiple, groups)
         else:
             collated = [collator(items) for items in groups]
         batches = [{k: v.to(device) for k, v in batch.items()} for batch in collated]
-        logps = run_forward_only(lpo.module, lpo.reference_forward_step, batches, cfg.loss.length_average)
+        logps = lpo.task.run_forward_only(lpo.module, batches, cfg.loss.length_average)
         if not keep:
             continue
         for batch, values in zip(batches, logps, strict=True):
@@ -68,9 +68,6 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
 
 def write_reference(cfg: Config) -> int:
     """Run the reference pass on every rank and write the sidecar from rank 0; returns the list count."""
-    from nemo_lpo.data import ListwiseDataset, write_reference_logps
-    from nemo_lpo.train.lpo_model import resolve_preset
-
     start = time.perf_counter()
     local = reference_logps(cfg)
     gathered: list = [None] * torch.distributed.get_world_size()

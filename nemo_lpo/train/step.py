@@ -1,4 +1,4 @@
-"""One optimizer step on megatron's schedules, and the data feeding it.
+"""One optimizer step on megatron's schedules (the data comes from ``feeder.BatchFeeder``).
 
 ``train_step`` counts the valid lists of the global batch (all-reduced over data-parallel ranks BEFORE
 the step, so every micro-batch's loss is divided by the same global count), fills online reference
@@ -10,14 +10,16 @@ learning-rate scheduler, and reduces the loss metrics over micro-batches and dat
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_lpo.config import Config
-from nemo_lpo.train.lpo_model import LPOModel, chunk_iterators, count_valid_lists
+from nemo_lpo.train.lpo_model import LPOModel
+from nemo_lpo.train.task import chunk_iterators, count_valid_lists
 
 
 @dataclass
@@ -32,141 +34,6 @@ class StepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def make_collator(cfg: Config, pad_id: int, multiple: int | None = None):
-    """The batch builder of ``cfg.data``: one sequence per (list, slot), or one row per list (shared prompt).
-
-    ``multiple`` overrides the padded-length multiple (``BatchFeeder.pad_multiple``).
-    """
-    multiple = multiple or BatchFeeder.pad_multiple(cfg)
-    if cfg.data.shared_prompt:
-        from nemo_lpo.packing.collate import SharedPromptCollator
-
-        return SharedPromptCollator(pad_id, pad_to_multiple_of=multiple, packed=cfg.data.packed)
-    from nemo_lpo.data import ListwiseCollator
-
-    return ListwiseCollator(pad_id, pad_to_multiple_of=multiple, packed=cfg.data.packed)
-
-
-class BatchFeeder:
-    """Turns the listwise dataset into this rank's micro-batches of one global batch at a time.
-
-    Every rank of a data-parallel replica (its TP and PP peers) reads the same lists, so no broadcast
-    is needed; the sampler gives each data-parallel rank its contiguous chunk of the global batch.
-    """
-
-    def __init__(self, cfg: Config, *, dp_rank: int, dp_size: int, device: torch.device) -> None:
-        from nemo_lpo.data import ListwiseDataset, ListwiseSampler
-
-        if not cfg.data.train_prefix:
-            raise ValueError("data.train_prefix is not set: give the packed dataset prefix (nemo-lpo pack output)")
-        self.dataset = ListwiseDataset(cfg.data.train_prefix)
-        d = cfg.data
-        self.sampler = ListwiseSampler(len(self.dataset), d.global_batch_size, d.micro_batch_size,
-                                       dp_rank, dp_size, d.seed, shuffle=d.shuffle)
-        self.collator = make_collator(cfg, self.dataset.pad_id)
-        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
-        self.device = device
-        self.drop_ref_logps = cfg.reference.mode == "online"  # the frozen copy supplies them
-        self.cfg = cfg
-        self.uniform = cfg.parallel.vpp > 1  # the interleaved schedule needs one shape per step
-        self._iter = None
-
-    @staticmethod
-    def pad_multiple(cfg: Config) -> int:
-        """Padded length multiple: ``data.pad_to_multiple_of``, and a multiple of tp under sequence parallel."""
-        multiple = cfg.data.pad_to_multiple_of
-        if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
-            multiple = math.lcm(multiple, cfg.parallel.tp)  # SP splits the sequence dimension over TP
-        return multiple
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in one pass over the dataset."""
-        return self.sampler.global_batches_per_epoch
-
-    def next_global_batch(self) -> list[dict]:
-        """This rank's micro-batches of the next global batch (tensors on the device)."""
-        if self._iter is None:
-            self._iter = iter(self.sampler)
-        batches = []
-        for _ in range(self.num_microbatches):
-            try:
-                indices = next(self._iter)
-            except StopIteration:  # the sampler moved to the next epoch; keep going
-                self._iter = iter(self.sampler)
-                indices = next(self._iter)
-            batches.append([self.dataset[i] for i in indices])
-        batches = collate_uniform(self.cfg, self.dataset.pad_id, batches) if self.uniform else \
-            [self.collator(items) for items in batches]
-        out = []
-        for batch in batches:
-            if self.drop_ref_logps:
-                batch.pop("ref_logps", None)
-            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return out
-
-    def state_dict(self) -> dict:
-        """Data position (the sampler's consumed lists and epoch)."""
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at the saved data position."""
-        self.sampler.load_state_dict(state)
-        self._iter = None
-
-
-def collate_uniform(cfg: Config, pad_id: int, groups: list[list[dict]]) -> list[dict]:
-    """Collate each group of dataset items into a micro-batch, all of ONE shape (virtual pipeline).
-
-    Megatron's interleaved schedule sends activations of a fixed shape without exchanging it first (its
-    shape exchange is unusable at pp=2, see ``lpo_model.VIRTUAL_PIPELINE_P2P``), so every micro-batch of a
-    step is padded to the step's longest: the padding costs only this step's spread of lengths, whereas a
-    fixed maximum length would pad every step to the worst case. The collators pad (re-collated with
-    ``pad_to_multiple_of`` = that length, which keeps the sequence-parallel multiple), so every layout's
-    derived keys (shared-prompt gather indices, packed cu_seqlens) stay consistent. The padded layout's
-    sequence count also varies (K sequences per list): missing rows are added as empty sequences
-    (``add_empty_rows``); other layouts have one row per list or per micro-batch.
-    """
-    collator = make_collator(cfg, pad_id)
-    batches = [collator(items) for items in groups]
-    longest = max(batch["tokens"].shape[1] for batch in batches)
-    if any(batch["tokens"].shape[1] != longest for batch in batches):
-        repad = make_collator(cfg, pad_id, multiple=longest)
-        batches = [batch if batch["tokens"].shape[1] == longest else repad(items)
-                   for batch, items in zip(batches, groups, strict=True)]
-    rows = max(batch["tokens"].shape[0] for batch in batches)
-    if any(batch["tokens"].shape[0] != rows for batch in batches):
-        if cfg.data.shared_prompt or cfg.data.packed:
-            raise ValueError(f"parallel.vpp: micro-batches of {sorted({b['tokens'].shape[0] for b in batches})} "
-                             "rows in one step (the interleaved schedule needs one shape)")
-        batches = [add_empty_rows(batch, rows, pad_id) for batch in batches]
-    return batches
-
-
-def add_empty_rows(batch: dict, rows: int, pad_id: int) -> dict:
-    """Append empty sequences to a padded batch up to ``rows`` sequences.
-
-    Each is one pad token (as the collator's empty slots: a zero-length sequence would leave its attention
-    row fully masked), with loss_mask 0, so it adds nothing to any response's log-prob; it is attributed to
-    slot 0 of list 0 with a zero sum. ``empty_rows`` counts them, so the token metric leaves them out.
-    """
-    n, t = batch["tokens"].shape
-    extra = rows - n
-    if extra <= 0:
-        return batch
-    out = dict(batch)
-    pad = torch.full((extra, t), pad_id, dtype=batch["tokens"].dtype)
-    out["tokens"] = torch.cat([batch["tokens"], pad])
-    out["labels"] = torch.cat([batch["labels"], pad.clone()])
-    out["loss_mask"] = torch.cat([batch["loss_mask"], batch["loss_mask"].new_zeros(extra, t)])
-    out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(t).expand(extra, t)])
-    out["seq_lengths"] = torch.cat([batch["seq_lengths"], batch["seq_lengths"].new_ones(extra)])
-    for key in ("list_index", "slot_index"):
-        out[key] = torch.cat([batch[key], batch[key].new_zeros(extra)])
-    out["empty_rows"] = torch.tensor(extra, dtype=torch.int64)
-    return out
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -178,9 +45,7 @@ def reduce_metrics(lpo: LPOModel, outputs: list[dict], device: torch.device) -> 
     Only the last pipeline stage at tensor-parallel rank 0 contributes (one copy per data-parallel
     replica), and the sums are all-reduced over the whole world so that rank 0 can log them.
     """
-    from megatron.core import parallel_state
-
-    names = [*lpo.metric_names, "lists/valid", "tokens"]
+    names = [*lpo.task.metric_names, "lists/valid", "tokens"]
     totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     contributes = lpo.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
     if contributes:
@@ -198,8 +63,6 @@ def reduce_metrics(lpo: LPOModel, outputs: list[dict], device: torch.device) -> 
 
 def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) -> StepResult:
     """One optimizer step over this rank's ``microbatches`` of the global batch."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     _sync()
     start = time.perf_counter()
     device = microbatches[0]["tokens"].device
@@ -218,7 +81,7 @@ def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) ->
     fb_start = time.perf_counter()
     data = chunk_iterators(microbatches, len(lpo.models))
     outputs = get_forward_backward_func()(
-        forward_step_func=lambda it, model: lpo.forward_step(global_valid, len(microbatches), it, model),
+        forward_step_func=partial(lpo.task.forward_step, global_valid, len(microbatches)),
         data_iterator=data, model=lpo.models, num_microbatches=len(microbatches),
         seq_length=first.shape[1], micro_batch_size=first.shape[0], forward_only=False,
     )

@@ -1,4 +1,4 @@
-"""Hand-built batches (docs/CONTRACTS.md "Batch") and a tiny model for the model / log-prob tests."""
+"""Hand-built batches (docs/architecture.md "Batch layouts") and a tiny model for the model / log-prob tests."""
 
 from __future__ import annotations
 

@@ -38,12 +38,13 @@ def _batch():
 
 def scenario_forward():
     """Seed the RNG tracker, build a MoE model (alltoall dispatcher), run a forward with an explicit mask."""
-    from nemo_lpo.train.logprobs import token_logps
+    from nemo_lpo.batch.layouts import sequence_layout_of
 
     _init()
     model = _tiny()
     with torch.no_grad():
-        out = token_logps(model, _batch())
+        batch = _batch()
+        out = sequence_layout_of(batch).token_logps(model, batch)
     assert torch.isfinite(out).all()
 
 
@@ -60,7 +61,7 @@ def _train_step(bf16: bool, distributed: bool, preset: str = "tiny-mixtral"):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from nemo_lpo.train.logprobs import token_logps
+    from nemo_lpo.batch.layouts import sequence_layout_of
 
     _init()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -78,7 +79,7 @@ def _train_step(bf16: bool, distributed: bool, preset: str = "tiny-mixtral"):
     batch = _batch()
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    (-(token_logps(ddp, batch) * batch["loss_mask"]).sum()).backward()
+    (-(sequence_layout_of(batch).token_logps(ddp, batch) * batch["loss_mask"]).sum()).backward()
     finalize_model_grads([ddp])
     ok, grad_norm, _ = opt.step()
     assert ok and grad_norm > 0
@@ -106,12 +107,12 @@ def scenario_bf16_distributed_optimizer():
 
 def scenario_recompute():
     """Full activation recompute: megatron's CheckpointFunction saves and restores the tracked RNG states."""
-    from nemo_lpo.train.logprobs import token_logps
+    from nemo_lpo.batch.layouts import sequence_layout_of
 
     _init()
     model = _tiny(recompute="full").train()
     batch = _batch()
-    (token_logps(model, batch) * batch["loss_mask"]).sum().backward()
+    (sequence_layout_of(batch).token_logps(model, batch) * batch["loss_mask"]).sum().backward()
     assert model.decoder.layers[0].self_attention.linear_qkv.weight.grad.abs().sum() > 0
 
 
@@ -194,7 +195,7 @@ if __name__ == "__main__":
     from megatron.core.optimizer import get_megatron_optimizer  # noqa: F401
 
     import nemo_lpo.model.build  # noqa: F401
-    import nemo_lpo.train.logprobs  # noqa: F401
+    import nemo_lpo.batch.layouts  # noqa: F401
 
     for spec in sys.argv[1:]:
         print(json.dumps(_run(spec)), flush=True)

@@ -35,9 +35,10 @@ def batches() -> dict:
 
 
 def _logps_and_grads(model, batch):
-    from nemo_lpo.train.logprobs import sequence_logps, token_logps
+    from nemo_lpo.batch.logps import sequence_logps
+    from nemo_lpo.batch.layouts import sequence_layout_of
 
-    logps = sequence_logps(token_logps(model, batch), batch)
+    logps = sequence_logps(sequence_layout_of(batch).token_logps(model, batch), batch)
     logps.sum().backward()
     return logps.detach()
 
@@ -62,7 +63,8 @@ def save(out: Path) -> None:
 
 
 def _forward_step(data_iterator, model):
-    from nemo_lpo.train.logprobs import model_inputs, sequence_logps
+    from nemo_lpo.batch.logps import sequence_logps
+    from nemo_lpo.batch.layouts import sequence_layout_of
 
     batch = next(data_iterator)
 
@@ -70,7 +72,7 @@ def _forward_step(data_iterator, model):
         logps = sequence_logps(-output.float(), batch)
         return logps.sum(), {"logps": logps.detach()}
 
-    return model(**model_inputs(batch, model)), loss_func
+    return model(**sequence_layout_of(batch).model_inputs(batch, model)), loss_func
 
 
 def check(out: Path, layout: str) -> None:

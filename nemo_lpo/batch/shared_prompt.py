@@ -2,7 +2,7 @@
 
 The unpacked batch (``nemo_lpo.data.ListwiseCollator``) computes every prompt K times; here it is
 computed once. Three things make the result equal to the unpacked computation
-(../shared/notes/megatron-positions-masks.md, measured):
+(docs/megatron-notes.md, measured):
 
 - positions: the prompt has ``0 .. Lp-1`` and EVERY response continues at ``Lp, Lp+1, ...`` (RoPE must
   honour per-token positions: ``GPTModelWithPositions``);
@@ -25,7 +25,7 @@ Batch keys (R rows, S row length, B lists, K = largest list, N valid responses, 
 | gather_seq | [M] int64 | the response (0..N-1) each gathered token belongs to |
 | list_index, slot_index, seq_lengths | [N] int64 | list, slot and UNPACKED length (prompt + response) |
 | prompt_lengths | [B] int64 | prompt length of each list |
-| rewards, response_mask, response_lengths, list_ids, (ref_logps) | | as docs/CONTRACTS.md "Batch" |
+| rewards, response_mask, response_lengths, list_ids, (ref_logps) | | as docs/architecture.md "Batch layouts" |
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nemo_lpo.data.collate import list_keys
+from nemo_lpo.batch.collate import list_keys
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -161,24 +161,3 @@ class SharedPromptCollator:
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         """Collate ``items`` into a shared-prompt batch."""
         return collate_shared_prompt(items, self.pad_id, self.pad_to_multiple_of, self.packed)
-
-
-def shared_prompt_mask(batch: dict) -> torch.Tensor:
-    """The attention mask of a shared-prompt batch, True = masked, ``[R, 1, S, S]``.
-
-    Query i may attend to key j iff j <= i, both belong to the same list, and j is a prompt token or a
-    token of i's own response. Padding forms one causal block of its own, so no row is fully masked.
-    """
-    segment_ids, part_ids = batch["segment_ids"], batch["part_ids"]
-    s = segment_ids.shape[1]
-    positions = torch.arange(s, device=segment_ids.device)
-    causal = positions[None, :] <= positions[:, None]  # [S, S]: key at or before query
-    same_list = segment_ids[:, :, None] == segment_ids[:, None, :]  # [R, S, S]
-    key_part = part_ids[:, None, :]
-    visible = (key_part == 0) | (key_part == part_ids[:, :, None])
-    return ~(causal[None] & same_list & visible)[:, None]
-
-
-def padding_token_mask(batch: dict) -> torch.Tensor:
-    """[R, S] bool, True at padding tokens (excluded from MoE routing statistics)."""
-    return batch["segment_ids"] < 0

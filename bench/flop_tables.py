@@ -1,23 +1,25 @@
 """FLOP model of one preference-optimisation step per list, for docs/performance.md.
 
-Accounting as Megatron's (and ``nemo_lpo.train.metrics.step_flops``): 2 FLOPs per multiply-add over the
-ACTIVE parameters (for MoE: top-k experts), the output layer once, causal attention as 4·h FLOPs per
-attended (query, key) pair per layer (QK^T and AV), backward = 2 x forward. No recompute.
+The FLOP model is the trainer's (``nemo_lpo.train.flops``): 2 FLOPs per multiply-add over the ACTIVE parameters
+(for MoE: top-k experts), the output layer once, causal attention as 4·h FLOPs per attended (query, key) pair
+per layer (QK^T and AV), backward = 2 x forward. No recompute.
 
 Layouts of a list (prompt of ``Lp`` tokens, K responses of ``Lr``):
   unpacked  K sequences [prompt, y_k]: K·(Lp + Lr) tokens, K causal triangles of (Lp + Lr)
   shared    one row [prompt, y_1..y_K] with a block-sparse kernel: Lp + K·Lr tokens; attended pairs = the
             prompt's triangle + for every response its prompt block and its own triangle
 
-    .venv/bin/python -m nemo_lpo.packing.flops   # prints the tables of docs/performance.md
+    .venv/bin/python bench/flop_tables.py   # prints the tables of docs/performance.md
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nemo_lpo.model.presets import PRESETS
+from nemo_lpo.train.flops import active_linear_flops_per_token, forward_flops
+
 H100_MEGATRON_MIXTRAL_TFLOPS = 468.0  # Megatron-core, Mixtral-8x7B pre-training, BF16, TP1 EP8 PP4 VP8
-H100_DENSE_BF16_PEAK_TFLOPS = 989.0
 
 
 @dataclass(frozen=True)
@@ -29,21 +31,11 @@ class ListShape:
     response_len: int
 
 
-def active_linear_flops_per_token(preset) -> float:
-    """Forward FLOPs of the matmuls one token passes through (attention projections, top-k experts, output layer)."""
-    h, ffn = preset.hidden_size, preset.ffn_hidden_size
-    kv = preset.num_query_groups * preset.head_dim
-    experts = preset.moe_router_topk if preset.is_moe else 1
-    router = h * preset.num_experts if preset.is_moe else 0
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn * experts + router
-    return 2.0 * (preset.num_layers * per_layer + h * preset.vocab_size)
-
-
 def _triangle(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def forward_flops(preset, shape: ListShape, layout: str) -> float:
+def list_forward_flops(preset, shape: ListShape, layout: str) -> float:
     """Forward FLOPs of all K responses of one list under ``layout`` (``unpacked`` or ``shared``)."""
     lp, k, lr = shape.prompt_len, shape.k, shape.response_len
     if layout == "unpacked":
@@ -52,8 +44,7 @@ def forward_flops(preset, shape: ListShape, layout: str) -> float:
         tokens, pairs = lp + k * lr, _triangle(lp) + k * (lr * lp + _triangle(lr))
     else:
         raise ValueError(f"layout must be 'unpacked' or 'shared', got {layout!r}")
-    attention = 4.0 * preset.hidden_size * preset.num_layers * pairs
-    return tokens * active_linear_flops_per_token(preset) + attention
+    return forward_flops(preset, tokens, pairs)
 
 
 def method_flops(preset, shape: ListShape) -> dict[str, float]:
@@ -63,8 +54,8 @@ def method_flops(preset, shape: ListShape) -> dict[str, float]:
     is two unpacked sequences, as in TRL's DPOTrainer.
     """
     pair = ListShape(shape.prompt_len, 2, shape.response_len)
-    f_list = {lay: forward_flops(preset, shape, lay) for lay in ("unpacked", "shared")}
-    f_pair = forward_flops(preset, pair, "unpacked")
+    f_list = {lay: list_forward_flops(preset, shape, lay) for lay in ("unpacked", "shared")}
+    f_pair = list_forward_flops(preset, pair, "unpacked")
     k = shape.k
     return {
         "LPO, precomputed ref, shared-prompt": 3 * f_list["shared"],
@@ -78,8 +69,6 @@ def method_flops(preset, shape: ListShape) -> dict[str, float]:
 
 def main() -> None:
     """Print the Mixtral-8x7B tables used in docs/performance.md."""
-    from nemo_lpo.model.presets import PRESETS
-
     preset = PRESETS["mixtral-8x7b"]
     print(f"mixtral-8x7b: active linear forward FLOPs per token = "
           f"{active_linear_flops_per_token(preset) / 1e9:.2f} GFLOP")

@@ -8,12 +8,27 @@ on a busy machine; with one intra-op thread it is the compute the variant needed
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+
+DATA_ENV = "NEMO_LPO_DATA"
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data DIR``: a folder of real third-party samples (ultrafeedback_binarized/, alpacaeval2/, hh_rlhf/).
+
+    Default: ``$NEMO_LPO_DATA``; benches fall back to generated or embedded data (or skip) without one.
+    """
+    default = os.environ.get(DATA_ENV)
+    parser.add_argument("--data", type=Path, default=Path(default) if default else None,
+                        help=f"folder of real samples (ultrafeedback_binarized/, alpacaeval2/; default ${DATA_ENV})")
 
 
 def interleaved_medians(variants: dict[str, Callable[[], object]], reps: int = 5,

@@ -11,7 +11,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def list_keys(items: list[dict]) -> dict[str, torch.Tensor]:
-    """The per-list batch keys of docs/CONTRACTS.md: rewards, response_mask, response_lengths, list_ids, ref_logps.
+    """The per-list batch keys of docs/architecture.md: rewards, response_mask, response_lengths, list_ids, ref_logps.
 
     ``ref_logps`` is present only when every item has one. Shared by every batch layout (padded, packed,
     nemo_lpo.packing's shared-prompt rows).
@@ -38,7 +38,7 @@ def list_keys(items: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class ListwiseCollator:
-    """Build the batch dict of docs/CONTRACTS.md from a micro-batch of dataset items.
+    """Build the batch dict of docs/architecture.md from a micro-batch of dataset items.
 
     Every (list, slot) becomes one sequence ``prompt + response``; all K sequences of a list stay in the
     batch. ``labels[t] = tokens[t + 1]`` and ``loss_mask[t] = 1`` where that label is a response token

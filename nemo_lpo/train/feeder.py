@@ -1,0 +1,104 @@
+"""The data side of a training step: this rank's micro-batches of one global batch at a time.
+
+Every rank of a data-parallel replica (its TP and PP peers) reads the same lists, so no broadcast is needed; the
+sampler gives each data-parallel rank its contiguous chunk of the global batch, and the run's ``BatchLayout``
+collates them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_lpo.batch.layouts import BatchLayout, pad_multiple
+from nemo_lpo.config import Config
+from nemo_lpo.data.dataset import ListwiseDataset
+from nemo_lpo.data.sampler import ListwiseSampler
+
+
+def run_pad_multiple(cfg: Config) -> int:
+    """Padded length multiple of a run: ``data.pad_to_multiple_of``, times tp under sequence parallelism."""
+    return pad_multiple(cfg.data.pad_to_multiple_of, tp=cfg.parallel.tp, sequence_parallel=cfg.parallel.sequence_parallel)
+
+
+def collate_uniform(layout: BatchLayout, pad_id: int, multiple: int, groups: list[list[dict]]) -> list[dict]:
+    """Collate each group of dataset items into a micro-batch, all of ONE shape (virtual pipeline).
+
+    Megatron's interleaved schedule sends activations of a fixed shape without exchanging it first (its shape
+    exchange is unusable at pp=2, see ``nemo_lpo.model.resolve.VIRTUAL_PIPELINE_P2P``), so every micro-batch of a
+    step is padded to the step's longest: the padding costs only this step's spread of lengths, whereas a fixed
+    maximum length would pad every step to the worst case. The collator pads (groups re-collated with
+    ``pad_to_multiple_of`` = that length, which keeps the sequence-parallel multiple), so every layout's derived
+    keys (shared-prompt gather indices, packed cu_seqlens) stay consistent; row counts are then evened by the
+    layout's ``fill_rows`` (the padded layout's sequence count varies with K).
+    """
+    batches = [layout.collator(pad_id, multiple)(items) for items in groups]
+    longest = max(batch["tokens"].shape[1] for batch in batches)
+    if any(batch["tokens"].shape[1] != longest for batch in batches):
+        repad = layout.collator(pad_id, longest)
+        batches = [batch if batch["tokens"].shape[1] == longest else repad(items)
+                   for batch, items in zip(batches, groups, strict=True)]
+    rows = max(batch["tokens"].shape[0] for batch in batches)
+    return [layout.fill_rows(batch, rows, pad_id) for batch in batches]
+
+
+class BatchFeeder:
+    """Turns the listwise dataset into this rank's micro-batches of one global batch at a time.
+
+    Args:
+        cfg: the run configuration (``data``, ``reference.mode``, ``parallel.vpp``).
+        layout: the run's batch layout.
+        dp_rank: this rank's data-parallel index.
+        dp_size: data-parallel world size.
+        device: where the micro-batches go.
+    """
+
+    def __init__(self, cfg: Config, layout: BatchLayout, *, dp_rank: int, dp_size: int, device: torch.device) -> None:
+        if not cfg.data.train_prefix:
+            raise ValueError("data.train_prefix is not set: give the packed dataset prefix (nemo-lpo pack output)")
+        self.dataset = ListwiseDataset(cfg.data.train_prefix)
+        d = cfg.data
+        self.sampler = ListwiseSampler(len(self.dataset), d.global_batch_size, d.micro_batch_size,
+                                       dp_rank, dp_size, d.seed, shuffle=d.shuffle)
+        self.layout = layout
+        self.multiple = run_pad_multiple(cfg)
+        self.collator = layout.collator(self.dataset.pad_id, self.multiple)
+        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
+        self.device = device
+        self.drop_ref_logps = cfg.reference.mode == "online"  # the frozen copy supplies them
+        self.uniform = cfg.parallel.vpp > 1  # the interleaved schedule needs one shape per step
+        self._iter = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the dataset."""
+        return self.sampler.global_batches_per_epoch
+
+    def next_global_batch(self) -> list[dict]:
+        """This rank's micro-batches of the next global batch (tensors on the device)."""
+        if self._iter is None:
+            self._iter = iter(self.sampler)
+        groups = []
+        for _ in range(self.num_microbatches):
+            try:
+                indices = next(self._iter)
+            except StopIteration:  # the sampler moved to the next epoch; keep going
+                self._iter = iter(self.sampler)
+                indices = next(self._iter)
+            groups.append([self.dataset[i] for i in indices])
+        batches = collate_uniform(self.layout, self.dataset.pad_id, self.multiple, groups) if self.uniform else \
+            [self.collator(items) for items in groups]
+        out = []
+        for batch in batches:
+            if self.drop_ref_logps:
+                batch.pop("ref_logps", None)
+            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return out
+
+    def state_dict(self) -> dict:
+        """Data position (the sampler's consumed lists and epoch)."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved data position."""
+        self.sampler.load_state_dict(state)
+        self._iter = None
