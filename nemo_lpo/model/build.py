@@ -21,7 +21,7 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
     """The decoder block spec for ``config``: TE's when ``use_te`` (default: when TE imports), local otherwise.
 
     MoE configs get megatron's MoE layers (SequentialMLP experts on the local path; TE grouped GEMM when
-    TE is used and ``moe_grouped_gemm`` is set). FP8 without TE is an error.
+    TE is used and ``moe_grouped_gemm`` is set). FP8 or ``moe_grouped_gemm`` without TE is an error.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -33,6 +33,12 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
         raise ValueError(
             f"fp8={config.fp8!r} needs Transformer Engine, which is not available here "
             "(or use_te=False was passed); set fp8=None to run in bf16/fp32"
+        )
+    if getattr(config, "moe_grouped_gemm", False) and not use_te:
+        raise ValueError(
+            "moe_grouped_gemm=True needs Transformer Engine's layer spec (TEGroupedMLP), which is not used here "
+            "(TE does not import, or use_te=False was passed); megatron's local spec would silently run one GEMM "
+            "per expert instead: set model.moe_grouped_gemm=false (or null: auto)"
         )
     if use_te:
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",

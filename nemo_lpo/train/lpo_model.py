@@ -113,9 +113,16 @@ def build_transformer_config(cfg: Config):
             raise ConfigError(f"parallel.vpp: {preset.name} has {preset.num_layers} layers, not divisible by "
                               f"pp*vpp = {p.pp}*{p.vpp}")
         extra.update(virtual_pipeline_model_parallel_size=p.vpp, **VIRTUAL_PIPELINE_P2P)
+    grouped_gemm = m.moe_grouped_gemm
+    if grouped_gemm is None:  # auto: TE's layer spec is used exactly when TE imports (build.layer_spec)
+        from nemo_lpo.model.build import transformer_engine_available
+
+        grouped_gemm = preset.is_moe and transformer_engine_available()
+    if m.fp8_recipe is not None:
+        extra["fp8_recipe"] = m.fp8_recipe
     config = transformer_config(
         preset, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp8=m.fp8,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp8=m.fp8, moe_grouped_gemm=grouped_gemm,
         recompute=None if m.recompute == "none" else m.recompute,
         moe_token_dispatcher_type=m.moe_token_dispatcher, **extra,
     )
