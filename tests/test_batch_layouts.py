@@ -57,8 +57,14 @@ def _te_semantics_logps(model, layout, items) -> torch.Tensor:
 
 
 def test_the_table_is_what_we_claim():
-    """Padded batches run everywhere; packed and shared-prompt rows everywhere but on TE's attention."""
+    """Padded batches run everywhere; packed and shared-prompt rows everywhere but on TE's causal attention.
+
+    With ``te_varlen`` (``model.te_varlen_attention``) TE serves every layout through its varlen attention; those
+    cells are proven on CPU with the reference varlen kernel in TE's place
+    (tests/test_model_varlen.py::test_models_through_megatrons_thd_path_match_the_padded_batch).
+    """
     assert SERVED == {(layout, backend) for layout in LAYOUTS for backend in ("gathered", "dense")} | {("padded", "te")}
+    assert all(not layout_by_name(layout, te_varlen=True).refused for layout in LAYOUTS)
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-mistral"])
@@ -114,6 +120,8 @@ def test_start_up_refuses_before_building(megatron_single, overrides):
     with pytest.raises(UnsupportedLayoutError, match="model.transformer_impl=local"):
         checked_layout(cfg, use_te=True)
     assert checked_layout(cfg, use_te=False).name.startswith(("packed", "shared_prompt"))
+    opted_in = load_config(CONF_DIR / "tiny_cpu.yaml", [*overrides, "model.te_varlen_attention=true"])
+    assert checked_layout(opted_in, use_te=True).te_varlen
     local = load_config(CONF_DIR / "tiny_cpu.yaml", [*overrides, "model.transformer_impl=local"])
     lpo = LPOModel(local, train=False)
     assert lpo.layout.backend_of(lpo.module) == "gathered"

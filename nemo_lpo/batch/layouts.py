@@ -34,11 +34,13 @@ from nemo_lpo.batch.masks import causal_padding_mask, packed_causal_mask, paddin
 from nemo_lpo.batch.shared_prompt import SharedPromptCollator
 from nemo_lpo.model.attention import attention_layout, packed_layout, takes_attention_layout
 from nemo_lpo.model.build import uses_transformer_engine
+from nemo_lpo.model.varlen import packed_model_inputs
 
 BACKENDS = ("gathered", "dense", "te")
 
 _USE_INSTEAD = ("use padded batches (data.packed=false, data.shared_prompt=false), or megatron's local layer spec "
-                "(model.transformer_impl=local), whose gathered core attention serves every layout")
+                "(model.transformer_impl=local), whose gathered core attention serves every layout, or TE's varlen "
+                "attention (model.te_varlen_attention=true; check it first with tools/container_check.sh)")
 
 
 class UnsupportedLayoutError(ValueError):
@@ -61,18 +63,26 @@ class BatchLayout(abc.ABC):
     Args:
         dense_masks: on megatron's local spec, hand the model the layout's dense boolean mask instead of the part
             layout the gathered attention takes (the reference semantics; benchmarks and tests compare the two).
+        te_varlen: on Transformer Engine's spec, run the layout through TE's varlen (THD) attention
+            (``model.te_varlen_attention``); without it TE refuses packed and shared-prompt rows.
     """
 
     name: ClassVar[str]
     """The layout's name in messages (and ``LAYOUTS``)."""
-    refused: ClassVar[dict[str, str]] = {}
-    """Attention backends that cannot compute this layout, with the reason."""
+    te_refusal: ClassVar[str | None] = None
+    """Why TE's causal attention (without ``te_varlen``) computes this layout wrongly; None when it does not."""
 
-    def __init__(self, *, dense_masks: bool = False) -> None:
+    def __init__(self, *, dense_masks: bool = False, te_varlen: bool = False) -> None:
         self.dense_masks = dense_masks
+        self.te_varlen = te_varlen
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(dense_masks={self.dense_masks})"
+        return f"{type(self).__name__}(dense_masks={self.dense_masks}, te_varlen={self.te_varlen})"
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Attention backends that cannot compute this layout, with the reason."""
+        return {"te": self.te_refusal} if self.te_refusal and not self.te_varlen else {}
 
     # ------------------------------------------------------------------ backends
     def backend_of(self, model) -> str:
@@ -117,13 +127,13 @@ class BatchLayout(abc.ABC):
                              f"tokens of shape {tuple(batch['tokens'].shape)}: collate with pad_to_multiple_of "
                              f"a multiple of {tp}")
         inputs = {"input_ids": batch["tokens"], "position_ids": batch["position_ids"],
-                  **self._attention_inputs(batch, backend)}
+                  **self._attention_inputs(batch, backend, model)}
         if getattr(config, "num_moe_experts", None):
             inputs["padding_mask"] = padding_token_mask(batch)
         return inputs
 
     @abc.abstractmethod
-    def _attention_inputs(self, batch: dict, backend: str) -> dict:
+    def _attention_inputs(self, batch: dict, backend: str, model) -> dict:
         """The layout's ``attention_mask`` (and ``labels`` when the model computes the token loss) for ``backend``."""
 
     @abc.abstractmethod
@@ -174,7 +184,7 @@ class PaddedLayout(_SequenceLayout):
     name = "padded"
     packed = False
 
-    def _attention_inputs(self, batch: dict, backend: str) -> dict:
+    def _attention_inputs(self, batch: dict, backend: str, model) -> dict:
         tokens = batch["tokens"]
         return {"attention_mask": causal_padding_mask(batch["seq_lengths"].to(tokens.device), tokens.shape[1]),
                 "labels": batch["labels"]}
@@ -208,13 +218,15 @@ class PackedLayout(_SequenceLayout):
 
     name = "packed"
     packed = True
-    refused = {"te": "TE's causal attention ignores the block-diagonal mask, so each sequence would attend to "
-                     "the sequences packed before it"}
+    te_refusal = ("TE's causal attention ignores the block-diagonal mask, so each sequence would attend to the "
+                  "sequences packed before it")
 
-    def _attention_inputs(self, batch: dict, backend: str) -> dict:
+    def _attention_inputs(self, batch: dict, backend: str, model) -> dict:
         tokens = batch["tokens"]
         if tokens.shape[0] != 1:
             raise ValueError(f"a packed batch has tokens of shape [1, S], got {tuple(tokens.shape)}")
+        if backend == "te":  # megatron's THD path: PackedSeqParams, RoPE restarting at every cu_seqlens boundary
+            return {**packed_model_inputs(batch, model), "labels": batch["labels"]}
         cu_seqlens = batch["cu_seqlens"].to(tokens.device)
         mask = packed_layout(cu_seqlens, tokens.shape[1]) if backend == "gathered" else \
             packed_causal_mask(cu_seqlens, tokens.shape[1])
@@ -229,11 +241,11 @@ class SharedPromptLayout(BatchLayout):
         dense_masks: as ``BatchLayout``.
     """
 
-    refused = {"te": "TE's causal attention ignores the shared-prompt mask, so each response would attend to the "
-                     "responses before it in the row"}
+    te_refusal = ("TE's causal attention ignores the shared-prompt mask, so each response would attend to the "
+                  "responses before it in the row")
 
-    def __init__(self, *, packed: bool = False, dense_masks: bool = False) -> None:
-        super().__init__(dense_masks=dense_masks)
+    def __init__(self, *, packed: bool = False, dense_masks: bool = False, te_varlen: bool = False) -> None:
+        super().__init__(dense_masks=dense_masks, te_varlen=te_varlen)
         self.packed = packed
 
     @property
@@ -242,15 +254,18 @@ class SharedPromptLayout(BatchLayout):
         return "shared_prompt_packed" if self.packed else "shared_prompt"
 
     def __repr__(self) -> str:
-        return f"SharedPromptLayout(packed={self.packed}, dense_masks={self.dense_masks})"
+        return f"SharedPromptLayout(packed={self.packed}, dense_masks={self.dense_masks}, te_varlen={self.te_varlen})"
 
     def collator(self, pad_id: int, pad_to_multiple_of: int = 1) -> SharedPromptCollator:
         """``SharedPromptCollator`` (``nemo_lpo.batch.shared_prompt``)."""
         return SharedPromptCollator(pad_id, pad_to_multiple_of=pad_to_multiple_of, packed=self.packed)
 
-    def _attention_inputs(self, batch: dict, backend: str) -> dict:
+    def _attention_inputs(self, batch: dict, backend: str, model) -> dict:
         # no labels: the model returns the logits, gathered at each response token's predicting position
-        if backend == "gathered":  # part by part, no [R, 1, S, S] mask or S² scores
+        if backend == "te" and not takes_attention_layout(model):
+            raise UnsupportedLayoutError("shared-prompt rows on Transformer Engine need its gathered varlen core "
+                                         "attention: build the model with model.te_varlen_attention=true")
+        if backend in ("gathered", "te"):  # part by part, no [R, 1, S, S] mask or S² scores
             return {"attention_mask": attention_layout(batch["segment_ids"], batch["part_ids"])}
         return {"attention_mask": shared_prompt_mask(batch)}
 
@@ -266,11 +281,13 @@ class SharedPromptLayout(BatchLayout):
 LAYOUTS = ("padded", "packed", "shared_prompt", "shared_prompt_packed")
 
 
-def select_layout(*, shared_prompt: bool = False, packed: bool = False, dense_masks: bool = False) -> BatchLayout:
+def select_layout(*, shared_prompt: bool = False, packed: bool = False, dense_masks: bool = False,
+                  te_varlen: bool = False) -> BatchLayout:
     """The layout of ``data.shared_prompt`` / ``data.packed`` (``layout_of(cfg)`` for a run config)."""
+    options = {"dense_masks": dense_masks, "te_varlen": te_varlen}
     if shared_prompt:
-        return SharedPromptLayout(packed=packed, dense_masks=dense_masks)
-    return PackedLayout(dense_masks=dense_masks) if packed else PaddedLayout(dense_masks=dense_masks)
+        return SharedPromptLayout(packed=packed, **options)
+    return PackedLayout(**options) if packed else PaddedLayout(**options)
 
 
 def sequence_layout_of(batch: dict, *, dense_masks: bool = False) -> BatchLayout:
@@ -278,12 +295,12 @@ def sequence_layout_of(batch: dict, *, dense_masks: bool = False) -> BatchLayout
     return PackedLayout(dense_masks=dense_masks) if "cu_seqlens" in batch else PaddedLayout(dense_masks=dense_masks)
 
 
-def layout_by_name(name: str, *, dense_masks: bool = False) -> BatchLayout:
+def layout_by_name(name: str, *, dense_masks: bool = False, te_varlen: bool = False) -> BatchLayout:
     """The layout called ``name`` (one of ``LAYOUTS``)."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown batch layout {name!r}; one of {LAYOUTS}")
     return select_layout(shared_prompt=name.startswith("shared_prompt"), packed=name.endswith("packed"),
-                         dense_masks=dense_masks)
+                         dense_masks=dense_masks, te_varlen=te_varlen)
 
 
 def pad_multiple(data_multiple: int, *, tp: int, sequence_parallel: bool) -> int:

@@ -19,6 +19,11 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
+# megatron-core 0.19.2 TransformerConfig.fp8_recipe accepts these and "custom" (which needs a quantizer factory
+# module path, not exposed here)
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
 @dataclass
 class ModelConfig:
     """The policy model.
@@ -31,6 +36,14 @@ class ModelConfig:
         params_dtype: Parameter / compute dtype: fp32 or bf16 (bf16 keeps fp32 main grads and weights).
         recompute: Activation recompute: none, full (every layer) or selective (attention core).
         fp8: FP8 format (hybrid or e4m3) with Transformer Engine; None disables FP8.
+        fp8_recipe: Transformer Engine FP8 scaling recipe, megatron-core's ``TransformerConfig.fp8_recipe``:
+            delayed, tensorwise (per-tensor current scaling), blockwise, or mxfp8 (Blackwell only); None
+            means megatron's default (delayed). Needs ``fp8``.
+        moe_grouped_gemm: Run a MoE layer's local experts as one grouped GEMM (Transformer Engine's
+            ``TEGroupedMLP``) instead of one GEMM per expert (``SequentialMLP``); same checkpoint keys. None:
+            true when Transformer Engine imports (its layer spec is then used) and the model is MoE, else
+            false. true without Transformer Engine stops at model build (megatron's local spec has no
+            grouped GEMM).
         moe_aux_loss_coeff: Router load-balancing loss coefficient; None keeps the preset's value.
         moe_token_dispatcher: MoE token dispatcher: alltoall or allgather.
         init_checkpoint: Megatron dist checkpoint of the starting policy (the SFT model, also the
@@ -38,17 +51,26 @@ class ModelConfig:
         transformer_impl: Layer implementation, as Megatron-LM's ``--transformer-impl``: auto (Transformer
             Engine when it imports, else local), transformer_engine, or local (megatron's local spec with the
             gathered core attention, which serves every batch layout). TE's attention serves padded batches only:
-            packed and shared-prompt batches on it stop at start-up (``nemo_lpo.batch.layouts``).
+            packed and shared-prompt batches on it stop at start-up (``nemo_lpo.batch.layouts``) unless
+            ``te_varlen_attention`` is set.
+        te_varlen_attention: Serve packed and shared-prompt batches on Transformer Engine through its varlen (THD)
+            attention: packed rows through megatron's ``PackedSeqParams``, shared-prompt rows through
+            ``TEGatheredDotProductAttention`` (each response's prompt K/V gathered, bottom-right causal). Their index
+            plans are tested on CPU against the dense masks; the TE kernels themselves have not run in this
+            repository's tests: run ``tools/container_check.sh`` in your image before relying on it.
     """
 
     preset: str = "tiny-mixtral"
     params_dtype: str = field(default="fp32", metadata=_choices("fp32", "bf16"))
     recompute: str = field(default="none", metadata=_choices("none", "full", "selective"))
     fp8: str | None = field(default=None, metadata=_choices("hybrid", "e4m3"))
+    fp8_recipe: str | None = field(default=None, metadata=_choices(*FP8_RECIPES))
+    moe_grouped_gemm: bool | None = None
     moe_aux_loss_coeff: float | None = None
     moe_token_dispatcher: str = field(default="alltoall", metadata=_choices("alltoall", "allgather"))
     init_checkpoint: str | None = None
     transformer_impl: str = field(default="auto", metadata=_choices("auto", "transformer_engine", "local"))
+    te_varlen_attention: bool = False
 
 
 @dataclass
@@ -278,6 +300,17 @@ class Config:
             raise ConfigError("model.preset=from_checkpoint needs model.init_checkpoint (a converted checkpoint)")
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
+        self._check_precision_and_experts()
+
+    def _check_precision_and_experts(self) -> None:
+        m = self.model
+        if m.fp8_recipe is not None and m.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"model.fp8_recipe: {m.fp8_recipe!r} is not one of {list(FP8_RECIPES)}")
+        if m.fp8_recipe is not None and m.fp8 is None:
+            raise ConfigError(f"model.fp8_recipe={m.fp8_recipe} needs model.fp8 (hybrid or e4m3); without it the "
+                              "model runs in model.params_dtype and the recipe would be ignored")
+        if m.moe_grouped_gemm is not None and not isinstance(m.moe_grouped_gemm, bool):
+            raise ConfigError(f"model.moe_grouped_gemm must be true, false or null, got {m.moe_grouped_gemm!r}")
 
     def _check_virtual_pipeline(self) -> None:
         p = self.parallel

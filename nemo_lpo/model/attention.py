@@ -53,12 +53,13 @@ def packed_layout(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def takes_attention_layout(model) -> bool:
-    """Whether ``model`` (possibly wrapped) has ``GatheredDotProductAttention`` layers to hand a layout to."""
+    """Whether ``model`` (possibly wrapped) has core attentions that take a layout (``accepts_attention_layout``)."""
     if not isinstance(model, torch.nn.Module):
         return False
     found = getattr(model, "_nemo_lpo_gathered_attention", None)
     if found is None:
-        found = any(isinstance(m, GatheredDotProductAttention) for m in model.modules())
+        # the local GatheredDotProductAttention or TE's TEGatheredDotProductAttention (nemo_lpo/model/te_attention.py)
+        found = any(getattr(m, "accepts_attention_layout", False) for m in model.modules())
         model._nemo_lpo_gathered_attention = found
     return found
 
@@ -153,6 +154,8 @@ class GatheredDotProductAttention(DotProductAttention):
 
     Same constructor, same output ``[S, R, heads * dim / tp]``; a boolean mask goes to megatron's dense path.
     """
+
+    accepts_attention_layout = True
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

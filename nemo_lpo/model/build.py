@@ -51,11 +51,15 @@ def resolve_use_te(transformer_impl: str = "auto") -> bool:
     return transformer_engine_available()
 
 
-def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = None):
+def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = None,
+               te_gathered_attention: bool = False):
     """The decoder block spec for ``config``: TE's when ``use_te`` (default: when TE imports), local otherwise.
 
+    ``te_gathered_attention``: on TE's spec, core attention that takes shared-prompt / packed layouts
+    (``nemo_lpo/model/te_attention.py``, code only where TE is absent); the local spec always has its gathered one.
+
     MoE configs get megatron's MoE layers (SequentialMLP experts on the local path; TE grouped GEMM when
-    TE is used and ``moe_grouped_gemm`` is set). FP8 without TE is an error.
+    TE is used and ``moe_grouped_gemm`` is set). FP8 or ``moe_grouped_gemm`` without TE is an error.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -68,9 +72,20 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
             f"fp8={config.fp8!r} needs Transformer Engine, which is not available here "
             "(or use_te=False was passed); set fp8=None to run in bf16/fp32"
         )
+    if getattr(config, "moe_grouped_gemm", False) and not use_te:
+        raise ValueError(
+            "moe_grouped_gemm=True needs Transformer Engine's layer spec (TEGroupedMLP), which is not used here "
+            "(TE does not import, or use_te=False was passed); megatron's local spec would silently run one GEMM "
+            "per expert instead: set model.moe_grouped_gemm=false (or null: auto)"
+        )
     if use_te:
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
                                           vp_stage=vp_stage)
+        if te_gathered_attention:
+            from nemo_lpo.model.te_attention import with_te_gathered_attention
+
+            spec = with_te_gathered_attention(spec)
+        return spec
     return with_gathered_attention(get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                                               normalization="RMSNorm", vp_stage=vp_stage))
 
@@ -105,6 +120,7 @@ def build_gpt_model(
     post_process: bool | None = None,
     use_te: bool | None = None,
     vp_stage: int | None = None,
+    te_gathered_attention: bool = False,
 ):
     """Build the megatron GPTModel of ``preset`` for this rank's pipeline stage.
 
@@ -119,6 +135,7 @@ def build_gpt_model(
         post_process: this stage holds the output layer (default: last pipeline stage).
         use_te: force the TE (True) or local (False) layer spec; default: TE when it imports.
         vp_stage: virtual pipeline stage, if interleaving.
+        te_gathered_attention: on TE's spec, the core attention that takes layouts (``layer_spec``).
     """
     from megatron.core import parallel_state
 
@@ -134,7 +151,7 @@ def build_gpt_model(
         raise ValueError("no CUDA here: build with transformer_config(..., use_cpu_initialization=True)")
     if use_te is None:
         use_te = transformer_engine_available()
-    spec = layer_spec(config, use_te=use_te, vp_stage=vp_stage)
+    spec = layer_spec(config, use_te=use_te, vp_stage=vp_stage, te_gathered_attention=te_gathered_attention)
     return GPTModelWithPositions(
         config=config,
         transformer_layer_spec=spec,

@@ -129,6 +129,7 @@ def transformer_config(
     bf16: bool = False,
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
+    moe_grouped_gemm: bool = False,
     recompute: str | None = None,
     recompute_num_layers: int | None = None,
     moe_aux_loss_coeff: float = 1e-2,
@@ -152,6 +153,8 @@ def transformer_config(
         bf16: bf16 mixed precision (``params_dtype`` should then be torch.bfloat16).
         fp8: None, ``'hybrid'`` or ``'e4m3'`` (needs Transformer Engine; checked when building the model).
         fp8_recipe: TE FP8 recipe (``delayed``, ``tensorwise``, ``blockwise``, ``mxfp8``).
+        moe_grouped_gemm: MoE experts as one grouped GEMM (TE's ``TEGroupedMLP``; needs the TE layer spec,
+            ``build.layer_spec`` refuses it on the local one); False: one GEMM per expert (``SequentialMLP``).
         recompute: None, ``'selective'`` (core attention) or ``'full'`` (uniform, every layer).
         recompute_num_layers: layers per recompute chunk for ``'full'`` (default 1).
         moe_aux_loss_coeff: weight of the router load-balancing loss (added to the backward by megatron).
@@ -182,6 +185,8 @@ def transformer_config(
         raise ValueError(f"{preset.name}: vocab_size {preset.vocab_size} is not divisible by tp={tp}")
     if preset.num_query_groups % tp:
         raise ValueError(f"{preset.name}: num_query_groups {preset.num_query_groups} is not divisible by tp={tp}")
+    if moe_grouped_gemm and not preset.is_moe:
+        raise ValueError(f"{preset.name} is dense: moe_grouped_gemm=True needs a MoE preset")
     if ep > 1 and not preset.is_moe:
         raise ValueError(f"{preset.name} is dense: expert parallelism ep={ep} needs a MoE preset")
     if preset.is_moe and preset.num_experts % ep:
@@ -236,7 +241,7 @@ def transformer_config(
             moe_router_topk=preset.moe_router_topk,
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=moe_aux_loss_coeff,
-            moe_grouped_gemm=False,
+            moe_grouped_gemm=moe_grouped_gemm,
             moe_permute_fusion=False,
         )
     if fp8 is not None:

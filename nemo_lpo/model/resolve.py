@@ -92,6 +92,8 @@ def resolve_preset(cfg: Config) -> ModelPreset:
         if diff:
             raise ConfigError(f"{source} and {key}={path} (nemo_lpo_model.json) describe different models: "
                               + "; ".join(diff) + f". Set model.preset={FROM_CHECKPOINT} or convert a matching model")
+    if cfg.model.moe_grouped_gemm and not preset.is_moe:
+        raise ConfigError(f"model.moe_grouped_gemm=true but {source} has no experts; set it to null (auto) or false")
     p = cfg.parallel
     if p.vpp > 1 and preset.num_layers % (p.pp * p.vpp):
         raise ConfigError(f"parallel.vpp: {source} has {preset.num_layers} layers, not divisible by "
@@ -107,9 +109,14 @@ def build_transformer_config(cfg: Config):
     extra = {} if m.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": m.moe_aux_loss_coeff}
     if p.vpp > 1:
         extra.update(virtual_pipeline_model_parallel_size=p.vpp, **VIRTUAL_PIPELINE_P2P)
+    grouped_gemm = m.moe_grouped_gemm
+    if grouped_gemm is None:  # auto: with TE's layer spec (the one that has grouped GEMM), for MoE models
+        grouped_gemm = preset.is_moe and resolve_use_te(m.transformer_impl)
+    if m.fp8_recipe is not None:
+        extra["fp8_recipe"] = m.fp8_recipe
     config = transformer_config(
         preset, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp8=m.fp8,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp8=m.fp8, moe_grouped_gemm=grouped_gemm,
         recompute=None if m.recompute == "none" else m.recompute,
         moe_token_dispatcher_type=m.moe_token_dispatcher, **extra,
     )
@@ -124,10 +131,12 @@ def build_model_chunks(cfg: Config, *, use_te: bool | None = None):
     preset, config = build_transformer_config(cfg)
     if use_te is None:
         use_te = resolve_use_te(cfg.model.transformer_impl)
+    # shared-prompt rows on TE take the gathered varlen core attention (model.te_varlen_attention)
+    te_gathered = use_te and cfg.model.te_varlen_attention and cfg.data.shared_prompt
     vpp = cfg.parallel.vpp
     chunks = []
     for vp_stage in range(vpp) if vpp > 1 else [None]:
-        module = build_gpt_model(preset, config, vp_stage=vp_stage, use_te=use_te)
+        module = build_gpt_model(preset, config, vp_stage=vp_stage, use_te=use_te, te_gathered_attention=te_gathered)
         if torch.cuda.is_available():
             module.cuda(torch.cuda.current_device())
         if config.bf16:

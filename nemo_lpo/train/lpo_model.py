@@ -26,7 +26,8 @@ from nemo_lpo.train.task import LPOTask
 
 def layout_of(cfg: Config, *, dense_masks: bool = False) -> BatchLayout:
     """The batch layout of a run config (``data.shared_prompt``, ``data.packed``)."""
-    return select_layout(shared_prompt=cfg.data.shared_prompt, packed=cfg.data.packed, dense_masks=dense_masks)
+    return select_layout(shared_prompt=cfg.data.shared_prompt, packed=cfg.data.packed, dense_masks=dense_masks,
+                         te_varlen=cfg.model.te_varlen_attention)
 
 
 def checked_layout(cfg: Config, use_te: bool) -> BatchLayout:

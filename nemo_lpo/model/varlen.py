@@ -1,0 +1,257 @@
+"""Varlen (THD) plans for Transformer Engine: packed batches as ``PackedSeqParams``, shared-prompt rows as K/V gathers.
+
+Pure index math on the collators' outputs, executed and tested on CPU; ``nemo_lpo/model/te_attention.py`` feeds
+the same plans to TE's ``DotProductAttention`` on a GPU.
+
+Packed batches (``ListwiseCollator(packed=True)``: one row ``[1, S]`` of independent sequences, ``cu_seqlens``,
+tail padding up to ``pad_to_multiple_of``) go through megatron's own padding-free path:
+``GPTModel.forward(..., packed_seq_params=PackedSeqParams(qkv_format="thd", ...))``. What megatron-core 0.19.2
+does with it (read from its source):
+
+- ``transformer/attention.py`` ``Attention.forward`` squeezes the batch dimension of q/k/v (tokens must be
+  ``[1, S]``), applies RoPE with ``cu_seqlens_q/kv`` (the ``_padded`` variants when given), calls the core
+  attention with ``packed_seq_params`` and reshapes its ``[t, heads * dim]`` output back to ``[t, 1, h]``;
+- ``models/common/embeddings/rotary_pos_embedding.py`` ``get_rotary_seq_len`` returns
+  ``max(max_seqlen_q, max_seqlen_kv)``, and ``rope_utils._apply_rotary_pos_emb_thd`` (TE's fused THD RoPE
+  alike) restarts the angles at 0 at every ``cu_seqlens`` boundary: per-sequence RoPE, exactly the packed
+  collator's ``position_ids`` (0..len-1 per sequence; the tail padding 0..pad-1). The model is therefore
+  called WITHOUT ``position_ids`` (``GPTModelWithPositions`` would otherwise replace the angles by per-token
+  ones that a fused THD RoPE would index from 0 again);
+- ``extensions/transformer_engine.py`` ``TEDotProductAttention.forward`` turns ``causal`` into
+  ``padding_causal`` for THD and passes the ``PackedSeqParams`` fields to TE.
+
+The tail padding becomes a sequence of its own (as ``packed_causal_mask`` treats it on the local path), so
+``cu_seqlens[-1] == S`` and no ``*_padded`` variant is needed: megatron's own ``get_padding`` /
+``get_packed_seq_params`` (``models/multimodal/context_parallel.py``) pad the total length to ``tp`` for
+sequence parallelism (and to 16/32 tokens for FP8) and set the padded variants only for context
+parallelism, which needs every sequence padded to ``2 * cp`` between sequences; the packed collator lays
+sequences back to back, so ``cp > 1`` is refused. Keeping the padded variants unset also keeps TE's
+FlashAttention eligible (``attention/dot_product_attention/utils.py`` ``get_attention_backend`` disables
+FlashAttention 2 and the unfused backend when ``pad_between_seqs``) and leaves no uninitialised output rows.
+
+Shared-prompt rows (``attention_layout(segment_ids, part_ids)``) become ONE varlen call with separate query
+and key layouts (docs/performance.md §3): each prompt (or packed sequence) is a segment whose keys are itself;
+each response is a segment whose keys are ``[its prompt | itself]``; with a bottom-right-aligned causal mask
+a response token sees the whole prompt and its own response up to itself, and a prompt attends causally to
+itself once. ``varlen_plan`` gives the gather indices and ``cu_seqlens``; ``gathered_varlen_attention`` runs
+a kernel on them; ``reference_varlen_kernel`` is that kernel in plain PyTorch (SDPA per segment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+
+# megatron's get_padding (models/multimodal/context_parallel.py): FP8 GEMMs need the token count padded to 16
+# (32 for MXFP8)
+FP8_TOKEN_MULTIPLE = {"mxfp8": 32}
+FP8_DEFAULT_TOKEN_MULTIPLE = 16
+
+
+def _checked_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    cu = torch.as_tensor(cu_seqlens).reshape(-1).to(torch.int64)
+    if cu.numel() < 2 or int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and hold at least one sequence, got {cu.tolist()}")
+    if bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequence), got {cu.tolist()}")
+    if int(cu[-1]) > seq_len:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])}, past the row length S={seq_len}")
+    return cu
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, seq_len: int, *, tp: int = 1, sequence_parallel: bool = False,
+                      cp: int = 1, fp8_recipe: str | None = None) -> PackedSeqParams:
+    """The ``PackedSeqParams`` (megatron's THD format) for a packed row ``[1, seq_len]`` with boundaries ``cu_seqlens``.
+
+    Args:
+        cu_seqlens: ``[n + 1]`` sequence boundaries (the packed collator's ``cu_seqlens``).
+        seq_len: the row length S (tail padding included).
+        tp: tensor-parallel size.
+        sequence_parallel: sequence parallelism over ``tp`` (S must then be a multiple of ``tp``).
+        cp: context-parallel size; only 1 is served (see the module docstring).
+        fp8_recipe: the FP8 recipe when FP8 runs (S must then be a multiple of 16, 32 for mxfp8), else None.
+
+    Returns:
+        ``PackedSeqParams(qkv_format="thd")`` with int32 ``cu_seqlens_q == cu_seqlens_kv`` ending at S (tail
+        padding as a last sequence of its own), no padded variants, and Python-int ``max_seqlen_q/kv``.
+
+    Raises:
+        ValueError: malformed ``cu_seqlens``, an S that the parallel layout or FP8 cannot split, or cp > 1.
+    """
+    cu = _checked_cu_seqlens(cu_seqlens, seq_len)
+    if cp > 1:
+        raise ValueError(f"context parallelism (cp={cp}) with packed THD batches needs every sequence padded to a "
+                         f"multiple of 2*cp={2 * cp} and cu_seqlens_q/kv_padded; the packed collator lays sequences "
+                         "back to back: use cp=1, or padded batches")
+    if sequence_parallel and seq_len % tp:
+        raise ValueError(f"sequence parallelism over tp={tp} needs S divisible by {tp}, got S={seq_len}: set the "
+                         f"packed collator's pad_to_multiple_of to a multiple of {tp}")
+    if fp8_recipe is not None:
+        multiple = FP8_TOKEN_MULTIPLE.get(fp8_recipe, FP8_DEFAULT_TOKEN_MULTIPLE)
+        if seq_len % multiple:
+            raise ValueError(f"FP8 ({fp8_recipe}) GEMMs need the token count divisible by {multiple}, got S={seq_len}: "
+                             f"set the packed collator's pad_to_multiple_of to a multiple of {multiple}")
+    if int(cu[-1]) < seq_len:
+        cu = torch.cat([cu, cu.new_tensor([seq_len])])
+    cu = cu.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+def packed_model_inputs(batch: dict, model=None, *, with_labels: bool = True, fp8_recipe: str | None = None) -> dict:
+    """Keyword arguments of ``GPTModel.forward`` for a packed batch on TE's layer spec (THD, no mask).
+
+    Args:
+        batch: the packed collator's batch (``tokens`` ``[1, S]``, ``cu_seqlens``, ``labels``), on the model's
+            device.
+        model: the (wrapped) model: its config gives tp / sequence parallelism / MoE; None: one process, dense.
+        with_labels: pass ``labels`` so that the model returns ``-log p(label)`` per token.
+        fp8_recipe: the FP8 recipe when FP8 runs (default: read from the model's config when ``fp8`` is set).
+
+    ``position_ids`` is left out on purpose: megatron's THD RoPE restarts the angles at every sequence
+    boundary (module docstring), which are the collator's positions.
+    """
+    tokens = batch["tokens"]
+    if "cu_seqlens" not in batch or tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"a packed batch has tokens [1, S] and cu_seqlens, got tokens {tuple(tokens.shape)} and "
+                         f"keys {sorted(batch)}")
+    config = _find_config(model)
+    if fp8_recipe is None and getattr(config, "fp8", None):
+        fp8_recipe = getattr(config, "fp8_recipe", "delayed")
+        fp8_recipe = getattr(fp8_recipe, "value", fp8_recipe)
+    params = packed_seq_params(batch["cu_seqlens"].to(tokens.device), tokens.shape[1],
+                               tp=getattr(config, "tensor_model_parallel_size", 1),
+                               sequence_parallel=getattr(config, "sequence_parallel", False),
+                               cp=getattr(config, "context_parallel_size", 1), fp8_recipe=fp8_recipe)
+    inputs = {"input_ids": tokens, "position_ids": None, "attention_mask": None, "packed_seq_params": params}
+    if with_labels:
+        inputs["labels"] = batch["labels"]
+    if getattr(config, "num_moe_experts", None):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        inputs["padding_mask"] = (positions >= batch["cu_seqlens"][-1].to(tokens.device))[None]
+    return inputs
+
+
+def _find_config(model):
+    while model is not None:
+        config = getattr(model, "config", None)
+        if config is not None:
+            return config
+        model = getattr(model, "module", None)
+    return None
+
+
+@dataclasses.dataclass
+class VarlenPlan:
+    """One varlen attention call over an ``attention_layout``; indices are flat token positions in ``R * S``.
+
+    query_index: [Tq] the real tokens in row order; every (row, segment, part) run is one query segment.
+    key_index: [Tk] each segment's keys: itself for a prompt / packed sequence, ``[prompt | itself]`` for a
+    response. cu_seqlens_q / cu_seqlens_kv: [n + 1] int32 segment boundaries in the gathered tensors.
+    max_seqlen_q / max_seqlen_kv: the longest segment (Python ints: TE takes them without a device sync).
+    """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_kv: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_kv: int
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
+
+
+def varlen_plan(layout: torch.Tensor) -> VarlenPlan:
+    """The varlen plan of an ``attention_layout`` ``[R, 2, S]`` (segment ids, part ids; -1 = padding).
+
+    Raises:
+        ValueError: a response run that does not follow its list's prompt in the same row.
+    """
+    segment, part = layout[:, 0].reshape(-1), layout[:, 1].reshape(-1)
+    row_length = layout.shape[2]
+    positions = torch.arange(segment.numel(), device=layout.device)
+    real = segment >= 0
+    starts_run = real & ((positions % row_length == 0) | (segment != torch.roll(segment, 1))
+                         | (part != torch.roll(part, 1)))
+    starts = positions[starts_run]
+    run_of_token = torch.cumsum(starts_run.to(torch.int64), 0) - 1
+    lengths = torch.bincount(run_of_token[real], minlength=starts.numel())
+    is_prompt = part[starts] == 0
+    run_ids = torch.arange(starts.numel(), device=layout.device)
+    prompt_of_run = torch.cummax(torch.where(is_prompt, run_ids, -1), 0).values
+    responses = ~is_prompt
+    own = prompt_of_run.clamp_min(0)
+    same_row = starts[own] // row_length == starts // row_length
+    if bool((responses & ((prompt_of_run < 0) | (segment[starts[own]] != segment[starts]) | ~same_row)).any()):
+        raise ValueError("attention layout: a response does not follow its list's prompt in the same row")
+    prefix = torch.where(responses, lengths[own], 0)  # the prompt keys gathered in front of a response
+    kv_lengths = lengths + prefix
+    cu_q, cu_kv = _cumulative(lengths), _cumulative(kv_lengths)
+    run_of_key = torch.repeat_interleave(run_ids, kv_lengths)
+    j = torch.arange(int(cu_kv[-1]), device=layout.device) - cu_kv[:-1].to(torch.int64)[run_of_key]
+    in_prompt = j < prefix[run_of_key]
+    key_index = torch.where(in_prompt, starts[own][run_of_key] + j, starts[run_of_key] + j - prefix[run_of_key])
+    return VarlenPlan(query_index=positions[real], key_index=key_index, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
+                      max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(kv_lengths.max()))
+
+
+def cached_varlen_plan(layout: torch.Tensor) -> VarlenPlan:
+    """``varlen_plan(layout)``, computed once per forward: every layer receives the same layout tensor."""
+    plan = getattr(layout, "_nemo_lpo_varlen_plan", None)
+    if plan is None:
+        plan = varlen_plan(layout)
+        layout._nemo_lpo_varlen_plan = plan
+    return plan
+
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, VarlenPlan], torch.Tensor]
+
+
+def gathered_varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: VarlenPlan,
+                              kernel: Kernel) -> torch.Tensor:
+    """Core attention of ``[S, R, heads, dim]`` q/k/v through a THD varlen ``kernel`` on ``plan``.
+
+    The gathers copy each prompt's K/V once per response (their gradients are summed back by the gathers'
+    backward); ``kernel(q [Tq, h, d], k [Tk, g, d], v [Tk, g, d], plan)`` returns ``[Tq, h * d]`` (or
+    ``[Tq, h, d]``). Padding tokens get zero outputs. Returns ``[S, R, heads * dim]``, megatron's layout.
+    """
+    seq, rows = query.shape[:2]
+    flat = [x.transpose(0, 1).reshape(rows * seq, *x.shape[2:]) for x in (query, key, value)]
+    q = flat[0].index_select(0, plan.query_index)
+    k, v = (x.index_select(0, plan.key_index) for x in flat[1:])
+    out = kernel(q, k, v, plan).reshape(q.shape[0], -1)
+    context = out.new_zeros(rows * seq, out.shape[1]).index_copy(0, plan.query_index, out)
+    return context.view(rows, seq, -1).transpose(0, 1).contiguous()
+
+
+def reference_varlen_kernel(scale: float | None = None) -> Kernel:
+    """TE's THD ``padding_causal_bottom_right`` attention in plain PyTorch: one SDPA call per segment.
+
+    Query i of a segment with ``Lq`` queries and ``Lk`` keys attends to keys ``j <= i + Lk - Lq`` (the causal
+    diagonal aligned to the bottom-right corner, TE's definition in ``attention/dot_product_attention/
+    utils.py`` ``get_full_mask``). GQA groups are repeated as megatron's local path does. For tests and CPU
+    checks; a GPU runs TE's fused kernels on the same plan.
+    """
+
+    def kernel(q, k, v, plan: VarlenPlan) -> torch.Tensor:
+        groups = q.shape[1] // k.shape[1]
+        outputs = []
+        bounds_q, bounds_kv = plan.cu_seqlens_q.tolist(), plan.cu_seqlens_kv.tolist()
+        for i in range(len(bounds_q) - 1):
+            (q0, q1), (k0, k1) = bounds_q[i:i + 2], bounds_kv[i:i + 2]
+            qs, ks, vs = (x.transpose(0, 1) for x in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [heads, L, d]
+            if groups > 1:
+                ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
+            lq, lk = q1 - q0, k1 - k0
+            mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + lk - lq
+            outputs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1))
+        return torch.cat(outputs)
+
+    return kernel

@@ -1,0 +1,65 @@
+"""Print the container self-check's table from pytest's JUnit report; exit 1 when a check failed or errored.
+
+    python tools/container_report.py REPORT.xml [--pytest-rc RC]
+
+One row per test: check, status (passed / FAILED / ERROR / skipped), seconds, and its numbers (the ``detail``
+property a test records) or its skip reason / failure message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def rows(report: Path) -> list[tuple[str, str, str, str]]:
+    """(check, status, seconds, detail) of every test case in the JUnit report."""
+    found = []
+    for case in ET.parse(report).getroot().iter("testcase"):
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        detail = " ".join(p.get("value", "") for p in case.iter("property") if p.get("name") == "detail")
+        status = "passed"
+        for tag, name in (("failure", "FAILED"), ("error", "ERROR"), ("skipped", "skipped")):
+            element = case.find(tag)
+            if element is not None:
+                status = name
+                message = (element.get("message") or element.text or "").strip().splitlines()
+                detail = (message[0] if message else "") if tag == "skipped" else (detail + " " + (
+                    message[0] if message else "")).strip()
+                break
+        found.append((f"{module}::{case.get('name')}", status, f"{float(case.get('time', 0)):.1f}", detail))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table; the exit status says whether every check passed or was skipped."""
+    parser = argparse.ArgumentParser(description="container self-check table")
+    parser.add_argument("report", type=Path)
+    parser.add_argument("--pytest-rc", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.report.is_file():
+        print(f"container check: no report at {args.report} (pytest rc {args.pytest_rc}); see the pytest log")
+        return 1
+    table = rows(args.report)
+    if not table:
+        print(f"container check: the report {args.report} holds no test (pytest rc {args.pytest_rc})")
+        return 1
+    widths = [max(len(row[i]) for row in [("check", "status", "s", ""), *table]) for i in range(3)]
+    print(f"{'check':<{widths[0]}}  {'status':<{widths[1]}}  {'s':>{widths[2]}}  numbers / reason")
+    for check, status, seconds, detail in table:
+        print(f"{check:<{widths[0]}}  {status:<{widths[1]}}  {seconds:>{widths[2]}}  {detail}")
+    counts = {status: sum(row[1] == status for row in table) for status in ("passed", "FAILED", "ERROR", "skipped")}
+    print(", ".join(f"{n} {status.lower()}" for status, n in counts.items() if n))
+    bad = counts["FAILED"] + counts["ERROR"]
+    # pytest exits 5 when every test was deselected; 0/1 otherwise here: anything else is a collection problem
+    if bad or args.pytest_rc not in (0, 1):
+        print(f"container check: FAILED ({bad} failing checks, pytest rc {args.pytest_rc})")
+        return 1
+    print("container check: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
