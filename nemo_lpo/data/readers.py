@@ -14,6 +14,8 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
+import datasets
+
 from nemo_lpo.data.examples import (
     INVALID_UTF8,
     MALFORMED_JSON,
@@ -80,8 +82,6 @@ def parse_input(name: str, config: str | None = None, split: str | None = None) 
 
 def _load_named_dataset(spec: InputSpec, name: str):
     """Load a dataset directory or hub dataset with HF ``datasets`` (the same call for both)."""
-    import datasets
-
     try:
         split = spec.split
         if split is None:
@@ -118,8 +118,6 @@ def iter_records(path: str, config: str | None = None, split: str | None = None,
         yield from _iter_jsonl(name, raw)
         return
     if spec.kind == "file":
-        import datasets
-
         kind = "parquet" if name.endswith(".parquet") else "json"
         table = datasets.load_dataset(kind, data_files=name, split="train")
     else:
