@@ -11,7 +11,6 @@ looks complete.
 from __future__ import annotations
 
 import collections
-import gzip
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from nemo_lpo.data import chunk_worker, layout
 from nemo_lpo.data.dataset import indexed_builder
 from nemo_lpo.data.examples import DUPLICATE_ID, TIED_REWARDS, TOO_LONG
 from nemo_lpo.data.pack_config import PackConfig, PackError
-from nemo_lpo.data.readers import get_reader, iter_records, parse_input, sniff_format
+from nemo_lpo.data.readers import get_reader, iter_lines, iter_records, parse_input, sniff_format
 from nemo_lpo.data.workers import ordered_map, start_pool
 
 # PackConfig / PackError are defined in pack_config (the workers read the config too) and exported from here.
@@ -58,8 +57,7 @@ def _scan(path: str, count: bool) -> tuple[str | None, int | None]:
     if not count:
         records = None
     elif name.endswith(".gz") and ".json" in name:
-        with gzip.open(name, "rb") as f:
-            records = sum(1 for _ in f)
+        records = sum(1 for _ in iter_lines(name))  # a truncated stream fails here as it would when read
     elif name.endswith(".parquet"):
         records = pyarrow.parquet.read_metadata(name).num_rows
     elif not jsonl:
