@@ -10,6 +10,7 @@ sets the variable, so processes the command starts see it too.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import re
@@ -28,12 +29,14 @@ class Harmless:
         message: regex matched at the start of the message.
         why: why it can be hidden.
         category: the warning class for a Python warning; None for a log record.
+        cpu_only: harmless only without a GPU (a performance hint that matters on one): shown when a GPU is seen.
     """
 
     source: str
     message: str
     why: str
     category: type[Warning] | None = UserWarning
+    cpu_only: bool = False
 
 
 HARMLESS = (
@@ -58,6 +61,12 @@ HARMLESS = (
     Harmless(r"torch\.distributed\.", r"Please use DTensor instead and we are deprecating ShardedTensor",
              "torch's deprecation of the ShardedTensor type megatron's torch_dist checkpoint format is built on",
              category=FutureWarning),
+    Harmless(r"torch\.distributed\.c10d_logger", r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
+             r"is deprecated", "torch's renaming of two collectives megatron-core 0.19.2 calls; they still work",
+             category=FutureWarning),
+    Harmless(r"megatron\.core\.tensor_parallel\.layers", r"When using sequence parallelism it is recommended to set "
+             r"the environment variable CUDA_DEVICE_MAX_CONNECTIONS", "a CUDA stream setting (the GPU recipes set it); "
+             "nothing to tune on CPU", cpu_only=True),
     Harmless("torch.utils.cpp_extension", r"No CUDA runtime is found",
              "a CPU machine has no CUDA runtime; no CUDA extension is built", category=None),
     Harmless("megatron.core.models.gpt.gpt_model", r"GPTModel IS DEPRECATED",
@@ -81,6 +90,11 @@ class _HideHarmless(logging.Filter):
         return not any(p.match(message) for p in self.patterns)
 
 
+def _gpu_visible() -> bool:
+    """Whether this process can see an NVIDIA GPU (its device files; without importing torch)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def verbose_requested() -> bool:
     """Whether ``NEMO_LPO_VERBOSE`` asks for every warning (any value but empty / 0 / false / no)."""
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -96,7 +110,10 @@ def install(verbose: bool = False) -> bool:
     if verbose_requested():
         return False
     by_logger: dict[str, list[re.Pattern]] = {}
+    gpu = _gpu_visible()
     for item in HARMLESS:
+        if item.cpu_only and gpu:
+            continue
         if item.category is None:
             by_logger.setdefault(item.source, []).append(re.compile(item.message))
         else:
