@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nemo_lpo.data import chunk_worker
-    from nemo_lpo.data.dataset import _indexed_builder
+    from nemo_lpo.data.dataset import indexed_builder
     from nemo_lpo.data.pack import PackConfig, pack
     from nemo_lpo.data.templates import MistralChatTokenizer
 
@@ -105,7 +105,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))
     src = tmp / "lists.jsonl"
     src.write_text("".join(json.dumps({"id": str(i), **r}) + "\n" for i, r in enumerate(lists)))
-    _indexed_builder(str(tmp / "warm.bin"), np.int32)  # import megatron (torch) before timing
+    indexed_builder(str(tmp / "warm.bin"), np.int32)  # import megatron (torch) before timing
 
     tok = MistralChatTokenizer()
     raw = tok._raw

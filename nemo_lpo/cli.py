@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from nemo_lpo import quiet
+
 # Modules that contribute commands; a module that does not exist yet is skipped.
 COMMAND_MODULES = (
     "nemo_lpo.data.cli",  # pack, inspect
@@ -31,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Listwise preference optimisation (LPO) on megatron-core.",
     )
     parser.add_argument("--version", action="version", version=f"nemo-lpo {__version__}")
+    parser.add_argument("--verbose", dest="show_all_warnings", action="store_true",
+                        help=f"also show the known-harmless warnings of megatron / torch / TE / Apex that are "
+                             f"hidden by default (nemo_lpo/quiet.py; or set {quiet.VERBOSE_ENV}=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    # before any command imports megatron / torch; every rank of a torchrun / srun launch passes here
+    quiet.install(verbose=args.show_all_warnings or getattr(args, "verbose", False))
     result = args.func(args)
     return int(result or 0)
 

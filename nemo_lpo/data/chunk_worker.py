@@ -7,26 +7,21 @@ writes; everything per record runs here, in the worker processes and in the main
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from nemo_lpo.data.examples import TOKENIZER_ERROR, TOO_LONG, InvalidRecord
+from nemo_lpo.data.examples import TIED_REWARDS, TOKENIZER_ERROR, TOO_LONG, InvalidRecord
+from nemo_lpo.data.pack_config import PackConfig
 from nemo_lpo.data.readers import get_reader, parse_line
+from nemo_lpo.data.templates import load_tokenizer
 from nemo_lpo.data.transforms import keep_indices, list_rng, pair_indices
-
-if TYPE_CHECKING:
-    from nemo_lpo.data.pack import PackConfig
 
 _STATE = {}
 
 
 def init(config: PackConfig) -> None:
     """Load the tokenizer for ``config``: before the pool forks, so that its processes inherit it."""
-    from nemo_lpo.data.templates import load_tokenizer
-
     _STATE["config"] = config
-    _STATE["tokenizer"] = load_tokenizer(config.tokenizer)
+    _STATE["tokenizer"] = load_tokenizer(config.tokenizer, config.chat_template)
     _STATE["readers"] = {}
 
 
@@ -46,7 +41,16 @@ def _read(fmt: str, source: str, raw) -> tuple:
         readers[fmt] = get_reader(fmt, config.ultrafeedback_score)
     example = readers[fmt](record, source)  # the source is the id when the record has none
     example.source = source
-    return example, example.validate(config.skip_invalid)
+    dropped = example.validate(config.skip_invalid)
+    if config.drop_tied and _all_tied(example.rewards):
+        raise InvalidRecord(TIED_REWARDS, f"all {len(example.rewards)} rewards are {example.rewards[0]:g} "
+                                          f"(no ordered pair; --drop-tied)", dropped)
+    return example, dropped
+
+
+def _all_tied(rewards: list[float]) -> bool:
+    """No strictly ordered pair: every reward equal (the validated rewards, before any conversion)."""
+    return len(set(rewards)) == 1
 
 
 def _selections(config: PackConfig, example, ordinal: int) -> tuple[list[list[int]], int]:
@@ -89,7 +93,7 @@ def process_chunk(chunk: list) -> list:
     """Read and tokenise a chunk of ``(format, source, position, raw record)``, in order.
 
     Returns, per record, ``(kind, source, id, responses dropped, payload)``: kind "ok" with payload
-    (encoded lists, tied pairs left out), or "error" with payload (reason, message); id is None when the
+    (encoded lists, tied pairs left out, whether all its rewards tie), or "error" with payload (reason, message); id is None when the
     record failed before it had one. The responses a list's pairs / max-K selection use are tokenised once,
     with its prompt, and all the chunk's texts in one batched tokenizer call; the tokenizer's own chat
     encoding re-checks the chunk's first prompt. Random choices are seeded by (seed, the record's position).
@@ -131,5 +135,5 @@ def process_chunk(chunk: list) -> list:
         except ValueError as err:  # the chat template or tokenizer refused the list
             out.append(("error", example.source, example.id, dropped, (TOKENIZER_ERROR, str(err))))
             continue
-        out.append(("ok", example.source, example.id, dropped, (encoded, tied)))
+        out.append(("ok", example.source, example.id, dropped, (encoded, tied, _all_tied(example.rewards))))
     return out

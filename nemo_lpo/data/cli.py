@@ -17,6 +17,9 @@ def register(subparsers) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSONL(.gz) / JSON / parquet files")
     p.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="input format (auto: detect per file)")
     p.add_argument("--tokenizer", default="mistral", help="'mistral' (mistral-common v1) or a local HF tokenizer dir")
+    p.add_argument("--chat-template", metavar="NAME|FILE.jinja",
+                   help="for an HF tokenizer without a chat template (or to replace its own): a built-in "
+                        "(plain, chatml, zephyr, llama2, mistral) or a Jinja template file; recorded in the manifest")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
     p.add_argument("--max-length", type=int, help="longest prompt + response sequence, in tokens")
     p.add_argument("--max-prompt-length", type=int, help="longest prompt, in tokens")
@@ -36,6 +39,9 @@ def register(subparsers) -> None:
                             "truthfulness"), help="which raw UltraFeedback rating is the reward")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip bad records (counted per reason) instead of stopping at the first one")
+    p.add_argument("--drop-tied", action="store_true",
+                   help="drop lists whose rewards all tie (no ordered pair; counted as skipped 'tied_rewards'); "
+                        "by default they are kept (LPO-abs learns from them) and counted")
     p.add_argument("--seed", type=int, default=1234, help="seed of --pairs zephyr and --max-k choices")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_pack)
@@ -54,13 +60,14 @@ def run_pack(args: argparse.Namespace) -> int:
 
     try:
         config = PackConfig(
-            inputs=list(args.input), output_prefix=args.output_prefix, tokenizer=args.tokenizer, format=args.format,
+            inputs=list(args.input), output_prefix=args.output_prefix, tokenizer=args.tokenizer,
+            chat_template=args.chat_template, format=args.format,
             ultrafeedback_score=args.ultrafeedback_score,
             reward_transform=RewardTransform(args.reward_transform, args.reward_scale, args.reward_shift,
                                              args.logodds_eps),
             pairs=args.pairs, max_k=args.max_k,
             limits=LengthLimits(args.max_prompt_length, args.max_response_length, args.max_length, args.overflow),
-            skip_invalid=args.skip_invalid, seed=args.seed, workers=args.workers, progress=not args.no_progress)
+            skip_invalid=args.skip_invalid, drop_tied=args.drop_tied, seed=args.seed, workers=args.workers, progress=not args.no_progress)
         pack(config)
     except (PackError, ValueError, FileNotFoundError) as err:
         print(f"nemo-lpo pack: error: {err}", file=sys.stderr)

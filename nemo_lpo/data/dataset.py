@@ -7,19 +7,17 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from nemo_lpo.data import layout
 
 
 def _indexed_dataset(part_prefix: str):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     return IndexedDataset(part_prefix, mmap=True)
 
 
-def _indexed_builder(bin_path: str, dtype):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+def indexed_builder(bin_path: str, dtype) -> IndexedDatasetBuilder:
+    """A megatron IndexedDatasetBuilder writing ``bin_path`` (its ``.idx`` is named at ``finalize``)."""
     return IndexedDatasetBuilder(bin_path, dtype=dtype)
 
 
@@ -100,7 +98,7 @@ class ListwiseDataset:
 def write_float_rows(part_prefix: str, rows: Iterable[np.ndarray]) -> int:
     """Write one float32 document (a single sequence) per row to ``part_prefix``.bin/.idx; returns the row count."""
     bin_path, idx_path = layout.indexed_files(part_prefix)
-    builder = _indexed_builder(bin_path, np.float32)
+    builder = indexed_builder(bin_path, np.float32)
     count = 0
     for row in rows:
         row = np.asarray(row, dtype=np.float32).reshape(-1)

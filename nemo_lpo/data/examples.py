@@ -15,6 +15,7 @@ TOO_FEW_RESPONSES = "too_few_responses"
 DUPLICATE_ID = "duplicate_id"
 TOKENIZER_ERROR = "tokenizer_error"
 TOO_LONG = "too_long"
+TIED_REWARDS = "tied_rewards"  # every reward of the list is equal: skipped only under ``--drop-tied``
 
 
 class InvalidRecord(ValueError):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from nemo_lpo.data.dataset import ListwiseDataset
+from nemo_lpo.data.templates import load_tokenizer
 
 
 def histogram(values: np.ndarray, width: int = 40) -> list[str]:
@@ -27,8 +28,6 @@ def histogram(values: np.ndarray, width: int = 40) -> list[str]:
 
 
 def _decoder(tokenizer: dict):
-    from nemo_lpo.data.templates import load_tokenizer
-
     name = tokenizer.get("name", "")
     if name != "mistral" and not os.path.isdir(name):
         return None

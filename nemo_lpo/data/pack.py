@@ -11,8 +11,6 @@ looks complete.
 from __future__ import annotations
 
 import collections
-import dataclasses
-import gzip
 import hashlib
 import json
 import os
@@ -20,63 +18,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet
+from tqdm import tqdm
 
 from nemo_lpo.data import chunk_worker, layout
-from nemo_lpo.data.examples import DUPLICATE_ID, TOO_LONG
-from nemo_lpo.data.readers import FORMATS, get_reader, iter_records, parse_input, sniff_format
-from nemo_lpo.data.transforms import LengthLimits, RewardTransform
+from nemo_lpo.data.dataset import indexed_builder
+from nemo_lpo.data.examples import DUPLICATE_ID, TIED_REWARDS, TOO_LONG
+from nemo_lpo.data.pack_config import PackConfig, PackError
+from nemo_lpo.data.readers import get_reader, iter_lines, iter_records, parse_input, sniff_format
 from nemo_lpo.data.workers import ordered_map, start_pool
 
+# PackConfig / PackError are defined in pack_config (the workers read the config too) and exported from here.
+__all__ = ["PackConfig", "PackError", "pack"]
+
 CHUNK_LISTS = 32
-
-
-class PackError(RuntimeError):
-    """Packing stopped on bad input (``file:line: reason``) or bad options."""
-
-
-@dataclasses.dataclass
-class PackConfig:
-    """Options of one ``pack`` run (every field is recorded in the manifest).
-
-    Attributes:
-        inputs: JSONL(.gz) / JSON / parquet files (or hub dataset names when online).
-        output_prefix: prefix ``P`` of the packed dataset.
-        tokenizer: ``mistral`` or a local Hugging Face tokenizer directory.
-        format: one of ``readers.FORMATS`` or ``auto`` (detected per file, reported).
-        ultrafeedback_score: which raw UltraFeedback score is the reward.
-        reward_transform: applied to each list's rewards after the pair / max-K conversion.
-        pairs: ``zephyr`` / ``1vs0`` / ``all`` to convert lists into pairs, or None.
-        max_k: keep the best and max_k - 1 random other responses, or None.
-        limits: token length limits and overflow policy.
-        skip_invalid: skip bad records (counted per reason) instead of stopping at the first.
-        seed: seed of every random choice (per list: seed + the list's input position).
-        workers: tokenising processes, the main process one of them (1 = the main process alone).
-        progress: show a tqdm progress bar.
-    """
-
-    inputs: list[str]
-    output_prefix: str
-    tokenizer: str = "mistral"
-    format: str = "auto"
-    ultrafeedback_score: str = "overall"
-    reward_transform: RewardTransform = dataclasses.field(default_factory=RewardTransform)
-    pairs: str | None = None
-    max_k: int | None = None
-    limits: LengthLimits = dataclasses.field(default_factory=LengthLimits)
-    skip_invalid: bool = False
-    seed: int = 1234
-    workers: int = 1
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.format not in (*FORMATS, "auto"):
-            raise PackError(f"--format {self.format!r} not in {('auto', *FORMATS)}")
-        if self.pairs is not None and self.max_k is not None:
-            raise PackError("--pairs and --max-k are exclusive")
-        if self.max_k is not None and self.max_k < 2:
-            raise PackError(f"--max-k must be >= 2, got {self.max_k}")
-        if self.workers < 1:
-            raise PackError(f"--workers must be >= 1, got {self.workers}")
 
 
 def _scan(path: str, count: bool) -> tuple[str | None, int | None]:
@@ -102,11 +57,8 @@ def _scan(path: str, count: bool) -> tuple[str | None, int | None]:
     if not count:
         records = None
     elif name.endswith(".gz") and ".json" in name:
-        with gzip.open(name, "rb") as f:
-            records = sum(1 for _ in f)
+        records = sum(1 for _ in iter_lines(name))  # a truncated stream fails here as it would when read
     elif name.endswith(".parquet"):
-        import pyarrow.parquet
-
         records = pyarrow.parquet.read_metadata(name).num_rows
     elif not jsonl:
         records = None
@@ -163,8 +115,6 @@ def pack(config: PackConfig, log=None) -> dict:
             left at the output prefix in that case.
     """
     if log is None:  # tqdm.write keeps a running progress bar below the message
-        from tqdm import tqdm
-
         log = (lambda message: tqdm.write(message, file=sys.stderr)) if config.progress else (
             lambda message: print(message, file=sys.stderr))
     for path in config.inputs:  # fail before any work; hub names and NAME:SPLIT selections pass
@@ -186,10 +136,8 @@ def pack(config: PackConfig, log=None) -> dict:
         chunk_worker.init(config)  # before the fork: the pool's processes inherit the loaded tokenizer
         pool = start_pool(config.workers)
         results = ordered_map(chunk_worker.process_chunk, reader.chunks(), pool, config.workers)
-        from nemo_lpo.data.dataset import _indexed_builder
-
-        tokens = _indexed_builder(layout.indexed_files(parts[layout.TOKENS])[0], np.int32)
-        rewards = _indexed_builder(layout.indexed_files(parts[layout.REWARDS])[0], np.float32)
+        tokens = indexed_builder(layout.indexed_files(parts[layout.TOKENS])[0], np.int32)
+        rewards = indexed_builder(layout.indexed_files(parts[layout.REWARDS])[0], np.float32)
         progress = _progress(config.progress, reader.total() if config.progress else None)
         for chunk in results:
             progress.update(len(chunk))
@@ -203,13 +151,14 @@ def pack(config: PackConfig, log=None) -> dict:
                         seen_ids[list_id] = source
                 if kind == "error":
                     reason, message = payload
-                    if not config.skip_invalid and reason != TOO_LONG:  # too_long follows --overflow
+                    if not config.skip_invalid and reason not in (TOO_LONG, TIED_REWARDS):  # options' drops
                         raise PackError(f"{source}: {reason}: {message}")
                     skipped[reason] += 1
                     continue
-                encoded, tied = payload
+                encoded, tied, tied_list = payload
                 counts["lists_kept"] += 1
                 counts["tied_pairs_left_out"] += tied
+                counts["tied_lists"] += tied_list
                 for ids, lengths, reward_row, prompt_cut, response_cuts in encoded:
                     tokens.add_document(ids, lengths)
                     rewards.add_document(reward_row, [len(reward_row)])
@@ -244,13 +193,14 @@ def pack(config: PackConfig, log=None) -> dict:
     if skipped or responses_skipped:
         log(f"skipped lists by reason: {dict(sorted(skipped.items()))}; "
             f"skipped responses by reason: {dict(sorted(responses_skipped.items()))}")
+    if counts["tied_lists"]:
+        log(f"kept {counts['tied_lists']} lists whose rewards all tie (no ordered pair: LPO-abs learns from them, "
+            f"pairwise losses get nothing; --drop-tied drops them)")
     log(f"wrote {counts['lists_written']} lists ({counts['lists_kept']} of {reader.read} read) to {prefix}")
     return manifest
 
 
 def _progress(enabled: bool, total: int | None):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit=" lists", disable=not enabled, mininterval=0.5)
 
 
@@ -276,12 +226,13 @@ def _manifest(config: PackConfig, reader: _Reader, tokenizer: dict, counts, skip
         "options": {
             "ultrafeedback_score": config.ultrafeedback_score, "reward_transform": config.reward_transform.describe(),
             "pairs": config.pairs, "max_k": config.max_k, "limits": config.limits.describe(),
-            "skip_invalid": config.skip_invalid, "seed": config.seed,
+            "skip_invalid": config.skip_invalid, "drop_tied": config.drop_tied, "seed": config.seed,
         },
         "counts": {
             "lists_read": reader.read, "lists_kept": kept, "lists_skipped": sum(skipped.values()),
             "skipped": dict(sorted(skipped.items())), "responses_skipped": dict(sorted(responses_skipped.items())),
             "lists_written": counts["lists_written"], "tied_pairs_left_out": counts["tied_pairs_left_out"],
+            "tied_lists": counts["tied_lists"],
             "prompts_truncated": counts["prompts_truncated"], "responses_truncated": counts["responses_truncated"],
         },
         "stats": {

@@ -7,12 +7,16 @@ dataset names go through HF ``datasets`` (their rows are reported as ``input:N``
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
+
+import datasets
 
 from nemo_lpo.data.examples import (
     INVALID_UTF8,
@@ -26,6 +30,10 @@ MISMATCHED_PROMPT = "mismatched_prompt"
 # What a hub dataset id looks like ("name" or "owner/name"); anything else that does not exist is a missing file.
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _DATA_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".gz")
+
+
+class InputError(ValueError):
+    """An input file that cannot be read to its end (a truncated or corrupt gzip stream); not skippable."""
 
 
 class DatasetLoadError(ValueError):
@@ -80,8 +88,6 @@ def parse_input(name: str, config: str | None = None, split: str | None = None) 
 
 def _load_named_dataset(spec: InputSpec, name: str):
     """Load a dataset directory or hub dataset with HF ``datasets`` (the same call for both)."""
-    import datasets
-
     try:
         split = spec.split
         if split is None:
@@ -118,8 +124,6 @@ def iter_records(path: str, config: str | None = None, split: str | None = None,
         yield from _iter_jsonl(name, raw)
         return
     if spec.kind == "file":
-        import datasets
-
         kind = "parquet" if name.endswith(".parquet") else "json"
         table = datasets.load_dataset(kind, data_files=name, split="train")
     else:
@@ -127,12 +131,32 @@ def iter_records(path: str, config: str | None = None, split: str | None = None,
     yield from enumerate(table, start=1)
 
 
-def _iter_jsonl(name: str, raw: bool) -> Iterator[tuple[int, dict | InvalidRecord | bytes]]:
+def iter_lines(name: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line)`` of a JSONL file, ``.gz`` decompressed, a UTF-8 BOM before line 1 removed.
+
+    CRLF line ends need nothing: CR is JSON whitespace, and a line of CR LF is blank.
+
+    Raises:
+        InputError: a ``.gz`` that ends before its end-of-stream marker or is corrupt, naming the last line read.
+    """
     opener = gzip.open if name.endswith(".gz") else open
-    with opener(name, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():  # blank lines are not records
-                yield number, line if raw else parse_line(line)
+    number = 0
+    try:
+        with opener(name, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if number == 1 and line.startswith(codecs.BOM_UTF8):  # editors on Windows write one
+                    line = line[len(codecs.BOM_UTF8):]
+                yield number, line
+    except EOFError:  # gzip: "Compressed file ended before the end-of-stream marker was reached"
+        raise InputError(f"{name}: truncated gzip stream after line {number}") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise InputError(f"{name}: corrupt gzip stream after line {number}: {err}") from None
+
+
+def _iter_jsonl(name: str, raw: bool) -> Iterator[tuple[int, dict | InvalidRecord | bytes]]:
+    for number, line in iter_lines(name):
+        if line.strip():  # blank lines are not records
+            yield number, line if raw else parse_line(line)
 
 
 def parse_line(line: bytes) -> dict | InvalidRecord:

@@ -5,11 +5,8 @@ instruct format. The prompt is mistral-common's encoding of the chat-completion 
 a response is ``encode(text) + [EOS]``, which is exactly how mistral-common encodes a final assistant turn, so
 ``prompt_ids + response_ids`` equals the tokenisation of the whole conversation (tested).
 
-``--tokenizer PATH``: a local Hugging Face tokenizer with its own ``chat_template``. The prompt is the template
-rendered with ``add_generation_prompt=True``; the response is the rest of the template rendered with the
-assistant turn appended, cut after its EOS (text the template puts after EOS, e.g. a newline, is not
-trained on), with EOS appended when the template has none. Prompt and response text are tokenised
-separately so that one prompt tokenisation serves all K responses.
+``--tokenizer PATH``: a local Hugging Face tokenizer with its own ``chat_template`` or the one given by
+``--chat-template`` (``hf_tokenizer.HFChatTokenizer``).
 """
 
 from __future__ import annotations
@@ -17,25 +14,29 @@ from __future__ import annotations
 import functools
 import os
 
+import mistral_common
 import numpy as np
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from sentencepiece import SentencePieceProcessor
 
+from nemo_lpo.data.chat_templates import TemplateError
 from nemo_lpo.data.examples import response_turns
+from nemo_lpo.data.hf_tokenizer import HFChatTokenizer
+
+__all__ = ["HFChatTokenizer", "MistralChatTokenizer", "TemplateError", "load_tokenizer"]
 
 MISTRAL = "mistral"
 _ENCODED = object()  # marks a list of ``encode_lists`` already encoded on its own
-
-
-class TemplateError(ValueError):
-    """The chat template cannot split a conversation into prompt and response."""
 
 
 class MistralChatTokenizer:
     """The Mistral v1 tokenizer (sentencepiece, 32000 pieces) with the Mistral instruct format."""
 
     def __init__(self) -> None:
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-        from sentencepiece import SentencePieceProcessor
-
         self._mistral = MistralTokenizer.v1()
         self._raw = self._mistral.instruct_tokenizer.tokenizer
         # The same model file, for sentencepiece's batched encode straight to int32 arrays (one call per chunk
@@ -49,16 +50,12 @@ class MistralChatTokenizer:
 
     def identity(self) -> dict:
         """Describe the tokenizer for the manifest."""
-        import mistral_common
-
         return {"name": MISTRAL, "kind": "mistral-common", "version": mistral_common.__version__,
                 "model": "tokenizer.model.v1", "template": "mistral-instruct-v1", "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "pad_token": "<unk>"}
 
     @staticmethod
     def _messages(messages: list[dict]):
-        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-
         classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
         try:
             return [classes[m["role"]](content=m["content"]) for m in messages]
@@ -67,9 +64,6 @@ class MistralChatTokenizer:
 
     def encode_prompt_library(self, messages: list[dict]) -> list[int]:
         """Token ids of the prompt from mistral-common's own request validation + encoding (the reference)."""
-        from mistral_common.exceptions import MistralCommonException
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
         try:
             request = ChatCompletionRequest(messages=self._messages(messages))
             return list(self._mistral.encode_chat_completion(request).tokens)
@@ -198,10 +192,6 @@ class MistralChatTokenizer:
 
     def encode_conversation(self, messages: list[dict], response: str | list[dict]) -> list[int]:
         """Token ids of the whole conversation as mistral-common encodes it for fine-tuning (for checks)."""
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
-        from mistral_common.protocol.instruct.validator import ValidationMode
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
         tokenizer = MistralTokenizer.v1()
         tokenizer._chat_completion_request_validator._mode = ValidationMode.finetuning
         request = ChatCompletionRequest(messages=self._messages([*messages, *response_turns(response)]))
@@ -243,115 +233,27 @@ class MistralChatTokenizer:
         return text
 
 
-class HFChatTokenizer:
-    """A local Hugging Face tokenizer directory with a ``chat_template``."""
-
-    def __init__(self, path: str) -> None:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoTokenizer
-
-        self.path = os.fspath(path)
-        self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        if not getattr(self._tok, "chat_template", None):
-            raise TemplateError(f"{self.path}: tokenizer has no chat_template")
-        if self._tok.eos_token_id is None:
-            raise TemplateError(f"{self.path}: tokenizer has no eos token")
-        self.vocab_size = len(self._tok)
-        self.eos_id = int(self._tok.eos_token_id)
-        self.bos_id = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
-        pad = self._tok.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.eos_id)
-
-    def identity(self) -> dict:
-        """Describe the tokenizer for the manifest."""
-        import transformers
-
-        return {"name": self.path, "kind": "huggingface", "class": type(self._tok).__name__,
-                "transformers_version": transformers.__version__, "template": self._tok.chat_template,
-                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "pad_token": self._tok.convert_ids_to_tokens(self.pad_id)}
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def _ids(self, texts: list[str]) -> list[list[int]]:
-        return [list(ids) for ids in self._tok(texts, add_special_tokens=False)["input_ids"]]
-
-    def _response_texts(self, messages: list[dict], responses: list[str]) -> tuple[str, list[str]]:
-        prompt_text = self._render(messages, add_generation_prompt=True)
-        suffixes = []
-        for response in responses:
-            full = self._render([*messages, *response_turns(response)], add_generation_prompt=False)
-            if not full.startswith(prompt_text):
-                raise TemplateError("the chat template does not render the prompt as a prefix of the conversation")
-            suffix = full[len(prompt_text):]
-            eos = self._tok.eos_token
-            cut = suffix.rfind(eos)
-            suffixes.append(suffix[:cut + len(eos)] if cut >= 0 else suffix + eos)
-        return prompt_text, suffixes
-
-    def encode_list(self, messages: list[dict], responses: list[str],
-                    verify: bool = False) -> tuple[list[int], list[list[int]]]:
-        """Return the prompt ids (with generation prompt) and each reply's ids as rendered after it, up to EOS.
-
-        ``verify`` is accepted for symmetry with the Mistral tokenizer (the template is always the HF one).
-        """
-        prompt_text, suffixes = self._response_texts(messages, responses)
-        ids = self._ids([prompt_text, *suffixes])
-        for response_ids in ids[1:]:
-            if not response_ids or response_ids[-1] != self.eos_id:
-                raise TemplateError("the response does not tokenise to a sequence ending with EOS")
-        return ids[0], ids[1:]
-
-    def encode_lists(self, lists: list[tuple[list[dict], list[str]]], verify_first: bool = False) -> list:
-        """``encode_list`` of many lists at once, as int32 arrays: one tokenizer call for all their texts.
-
-        Returns:
-            Per list, (prompt ids, [reply ids]) as int32 arrays, or the ValueError ``encode_list`` raises for it.
-        """
-        texts, plans = [], []
-        for messages, responses in lists:
-            try:
-                prompt_text, suffixes = self._response_texts(messages, responses)
-            except ValueError as err:
-                plans.append(err)
-                continue
-            plans.append(len(texts))
-            texts += [prompt_text, *suffixes]
-        ids = self._tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        out = []
-        for plan, (_, responses) in zip(plans, lists, strict=True):
-            if isinstance(plan, ValueError):
-                out.append(plan)
-                continue
-            prompt, *replies = ids[plan:plan + 1 + len(responses)]
-            if any(not r or r[-1] != self.eos_id for r in replies):
-                out.append(TemplateError("the response does not tokenise to a sequence ending with EOS"))
-                continue
-            out.append((np.asarray(prompt, dtype=np.int32), [np.asarray(r, dtype=np.int32) for r in replies]))
-        return out
-
-    def decode(self, ids) -> str:
-        """Text of ``ids`` with special tokens kept."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def templated_text(self, messages: list[dict], response: str) -> str:
-        """The templated conversation up to the response's EOS (for round-trip checks)."""
-        prompt_text, suffixes = self._response_texts(messages, [response])
-        return prompt_text + suffixes[0]
-
-
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, chat_template: str | None = None):
     """Return the chat tokenizer named by ``--tokenizer``: ``mistral`` or a local HF tokenizer directory.
 
     Cached per process (the tokenizers are only read), so repeated packs do not reload them.
 
+    Args:
+        spec: ``mistral`` or a local HF tokenizer directory.
+        chat_template: ``--chat-template`` (a built-in name or a Jinja file) for an HF tokenizer; None: its own.
+
     Raises:
         FileNotFoundError: ``spec`` is neither ``mistral`` nor an existing directory.
+        TemplateError: a chat template given with ``mistral`` (its instruct format is mistral-common's), an
+            unknown template, or an HF tokenizer with neither its own template nor one given.
     """
     if spec == MISTRAL:
+        if chat_template is not None:
+            raise TemplateError("--chat-template applies to a Hugging Face tokenizer directory; --tokenizer mistral "
+                                "uses mistral-common's instruct format (the built-in 'mistral' template renders it "
+                                "for other tokenizers)")
         return MistralChatTokenizer()
     if not os.path.isdir(spec):
         raise FileNotFoundError(f"--tokenizer {spec!r}: not 'mistral' and not a local tokenizer directory")
-    return HFChatTokenizer(spec)
+    return HFChatTokenizer(spec, chat_template)

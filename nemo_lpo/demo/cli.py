@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--train-file", type=Path, default=d.train_file, help="listwise JSONL to train on")
     p.add_argument("--heldout-file", type=Path, default=d.heldout_file, help="listwise JSONL to evaluate on")
     p.add_argument("--no-export", action="store_true", help="skip the HF export")
-    p.add_argument("--verbose", action="store_true", help="show megatron's / torch's warnings too")
+    p.add_argument("--verbose", action="store_true", help="show the known-harmless megatron / torch warnings too "
+                                                         "(as nemo-lpo --verbose)")
     p.set_defaults(func=run_demo_command)
 
     r = subparsers.add_parser(
@@ -45,29 +46,13 @@ def register(subparsers) -> None:
     r.add_argument("--skip-real", action="store_true", help="only the embedded default, not ../shared/data")
     r.add_argument("--only-real", action="store_true", help="only the real K = 8 lists (e.g. to add them later)")
     r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")
-    r.add_argument("--verbose", action="store_true", help="show megatron's / torch's warnings too")
+    r.add_argument("--verbose", action="store_true", help="show the known-harmless megatron / torch warnings too "
+                                                         "(as nemo-lpo --verbose)")
     r.set_defaults(func=run_reproduce_command)
-
-
-def quiet_third_party(verbose: bool) -> None:
-    """Hide the library warnings a CPU run triggers on every model build (deprecations, Apex, TE, single process).
-
-    Only Python warnings from megatron / torch and megatron's logger below ERROR are hidden; errors and
-    the pipeline's own output are not.
-    """
-    if verbose:
-        return
-    import logging
-    import warnings
-
-    for module in ("megatron", "torch", "transformers"):  # regexes on the warning's module name
-        warnings.filterwarnings("ignore", module=module)
-    logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """Run ``nemo-lpo demo`` and print the summary."""
-    quiet_third_party(args.verbose)
     from nemo_lpo.demo.pipeline import DemoConfig, run_demo
     from nemo_lpo.demo.summary import print_summary
 
@@ -86,7 +71,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def run_reproduce_command(args: argparse.Namespace) -> int:
     """Run ``nemo-lpo reproduce``."""
-    quiet_third_party(args.verbose)
     from nemo_lpo.demo.reproduce import report_only, run_reproduce
 
     if args.report_only:
