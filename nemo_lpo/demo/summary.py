@@ -21,15 +21,19 @@ SUMMARY_ROWS = (
 )
 
 
-def summary_table(before: dict, after: dict):
-    """A rich Table of the held-out metrics before and after training, with the change."""
+def summary_table(before: dict, after: dict, title: str = "held-out lists: before vs after training",
+                  columns: tuple[str, str] = ("before", "after"), prefix: str = ""):
+    """A rich Table of the held-out metrics before and after training, with the change.
+
+    ``prefix`` is put before each key (``val/`` for a training run's validation records).
+    """
     from rich.table import Table
 
-    table = Table(title="held-out lists: before vs after training")
-    for name, justify in (("metric", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
+    table = Table(title=title)
+    for name, justify in (("metric", "left"), (columns[0], "right"), (columns[1], "right"), ("change", "right")):
         table.add_column(name, justify=justify)
     for key, label in SUMMARY_ROWS:
-        b, a = before.get(key), after.get(key)
+        b, a = before.get(prefix + key), after.get(prefix + key)
         change = None if b is None or a is None else a - b
         table.add_row(label, _fmt(b), _fmt(a), _fmt(change, signed=True))
     return table
