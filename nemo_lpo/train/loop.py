@@ -161,6 +161,7 @@ class Trainer:
             result = train_step(self.lpo, self.optimizer, self.scheduler, microbatches)
             self.step += 1
             record = self.record(result, microbatches[0]["tokens"].shape[1])
+            record.update(self.feeder.source_counts)
             self.validation.after_step(self.step, last_step, record)
             self.logger.log(self.step, record)
             if ck.save_interval and self.step % ck.save_interval == 0 and self.step < self.total_steps:
