@@ -106,7 +106,7 @@ def run(work: Path, prefix: str, name: str) -> None:
     init = work / ("init8" if TINY8 in preset else "init4" if TINY4 in preset else "init")
     overrides = [*COMMON, f"data.train_prefix={prefix}", f"logging.run_dir={work / name}",
                  f"model.init_checkpoint={init}", *SCENARIOS[name]]
-    if name.endswith("val"):
+    if name in ("val", "pp2_val"):
         overrides.append(f"data.valid_prefix={prefix}")
     if name.endswith("precomputed"):
         sidecar_prefix = work / name / "data" / Path(prefix).name
