@@ -25,8 +25,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert before["logps/best"] != after["logps/best"]
 
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert all("logps/chosen" in m and "rewards/accuracies" in m for m in metrics)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]  # step 0: the validation of the starting weights
+    assert all("logps/chosen" in m and "rewards/accuracies" in m for m in metrics[1:])
+    assert [m["step"] for m in metrics if "val/loss" in m] == [0, 4] and metrics[-1]["val/lists"] == 16
     for name in ("loss.png", "rewards_accuracies.png", "logps.png"):
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 

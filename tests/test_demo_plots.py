@@ -45,3 +45,16 @@ def test_bad_input_names_file_and_line(tmp_path):
     empty = _write(tmp_path / "empty.jsonl", [{"note": "no steps"}])
     with pytest.raises(ValueError, match="no training records"):
         plots.plot_training(empty, tmp_path)
+
+
+def test_validation_curve_is_drawn_beside_the_training_curve(tmp_path):
+    train = [{"step": s, "loss": 1.0 / s, "rewards/accuracies": 0.5} for s in range(1, 9)]
+    with_val = [{"step": 0, "val/loss": 1.2}] + [dict(r, **({"val/loss": 1.1 - 0.01 * r["step"]}
+                                                          if r["step"] % 4 == 0 else {})) for r in train]
+    records, _ = plots.read_metrics(_write(tmp_path / "val.jsonl", with_val))
+    assert plots.series(records, "val/loss") == ([0, 4, 8], [1.2, 1.06, 1.02])
+    assert plots.series(records, "loss")[0] == list(range(1, 9))  # the step-0 line has no training loss
+    drawn = plots.plot_training(tmp_path / "val.jsonl", tmp_path / "with")
+    plain = plots.plot_training(_write(tmp_path / "train.jsonl", train), tmp_path / "without")
+    assert [p.name for p in drawn] == [p.name for p in plain] == ["loss.png", "rewards_accuracies.png"]
+    assert (tmp_path / "with" / "loss.png").read_bytes() != (tmp_path / "without" / "loss.png").read_bytes()

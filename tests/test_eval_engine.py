@@ -85,7 +85,7 @@ def test_policy_against_itself_is_chance(checkpoints, packed):
 
 def test_cli_eval_writes_json_and_table(checkpoints, packed, capsys):
     from nemo_lpo.cli import main
-    from nemo_lpo.evaluate.metrics import ranking_metrics
+    from nemo_lpo.metrics import ranking_metrics
 
     work, engine, _ = checkpoints
     out_json = work / "eval.json"

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from nemo_lpo.evaluate import metrics as M
+from nemo_lpo import metrics as M
 
 # one list: scores rank 0 > 2 > 1, rewards rank 0 > 1 > 2; pairs (0,1) and (0,2) right, (1,2) wrong
 SCORES = torch.tensor([[3.0, 1.0, 2.0]])

@@ -37,7 +37,7 @@ def work(tmp_path_factory) -> tuple[Path, Path]:
 def single(work) -> dict:
     root, prefix = work
     out = run_torchrun(WORKER, 1, str(root), str(prefix), "base", "base_noaux", "mb4_noaux", "precomputed",
-                       "recompute", "shared_noaux", "bf16", "base4", "base8")
+                       "recompute", "shared_noaux", "bf16", "base4", "base8", "val")
     return results(out)
 
 
@@ -46,7 +46,7 @@ def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
     return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "pp2_shared_noaux", "pp2_vpp2",
-                                "pp2_vpp2_precomputed", "pp2_vpp2_resume", "pp2_from_vpp2"))
+                                "pp2_vpp2_precomputed", "pp2_vpp2_resume", "pp2_from_vpp2", "pp2_val"))
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,18 @@ def test_step1_loss_is_closed_form(work, single):
     step1 = lines_of(single, "base")[0]
     assert step1["loss"] == pytest.approx(float(np.mean(per_list)), abs=1e-6)
     assert step1["rewards/margins"] == 0.0 and step1["rewards/chosen"] == 0.0
+
+
+def test_validation_under_pp2_equals_single_process(layouts, single):
+    """PP2 validation (last stage's log-probs, all-reduced) gives the 1-process val/ metrics at steps 0, 2, 3."""
+    got, want = lines_of(layouts, "pp2_val"), lines_of(single, "val")
+    validated = [line["step"] for line in want if "val/loss" in line]
+    assert validated == [0, 2, 3] and [line["step"] for line in got if "val/loss" in line] == validated
+    for g, w in zip(got, want, strict=True):
+        keys = sorted(k for k in w if k.startswith("val/"))
+        assert keys == sorted(k for k in g if k.startswith("val/"))
+        for key in keys:
+            if w[key] is None:  # NaN (undefined on these lists) in both
+                assert g[key] is None, key
+            else:
+                assert abs(g[key] - w[key]) < 1e-4 * max(1.0, abs(w[key])), (g["step"], key, g[key], w[key])

@@ -43,13 +43,19 @@ def _convert(value: Any, tp: Any, where: str, meta: typing.Mapping) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(value, args[0], where, meta)
+        for arg in args[:-1]:  # ``str | list``: the first type that fits
+            try:
+                return _convert(value, arg, where, meta)
+            except ConfigError:
+                continue
+        return _convert(value, args[-1], where, meta)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, int | float) and not isinstance(value, bool),
         str: isinstance(value, str),
         dict: isinstance(value, dict),
+        list: isinstance(value, list),
     }.get(tp, True)
     if not ok:
         raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")

@@ -10,9 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names its source and the key."""
+from nemo_lpo.config.errors import ConfigError
+from nemo_lpo.config.sources import parse_blend, valid_prefixes
 
 
 def _choices(*values: str) -> dict:
@@ -111,7 +110,11 @@ class DataConfig:
 
     Attributes:
         train_prefix: Prefix of the packed dataset (``nemo-lpo pack`` output); relative paths are
-            resolved against the current directory.
+            resolved against the current directory. A blend of several is Megatron's notation
+            ``[w1, prefix1, w2, prefix2, ...]``: each global batch draws lists from the sources in proportion
+            to the weights (``nemo_lpo.data.blend``; docs/training.md).
+        valid_prefix: Validation dataset prefix, or a list of them; None disables validation (see
+            ``train.eval_interval``). Lists are taken in order (no shuffle), capped by ``train.eval_lists``.
         global_batch_size: Lists per optimizer step, over all data-parallel ranks.
         micro_batch_size: Lists per forward/backward micro-batch on one rank.
         shuffle: Shuffle lists every epoch (seeded by ``seed``).
@@ -124,7 +127,8 @@ class DataConfig:
             count the prompt's tokens once instead of K times).
     """
 
-    train_prefix: str | None = None
+    train_prefix: str | list | None = None
+    valid_prefix: str | list | None = None
     global_batch_size: int = 4
     micro_batch_size: int = 1
     shuffle: bool = True
@@ -204,11 +208,17 @@ class TrainConfig:
         max_steps: Optimizer steps; None means ``epochs`` passes over the dataset.
         epochs: Passes over the data when ``max_steps`` is None.
         seed: Seed of initialisation and dropout.
+        eval_interval: Validate every N steps (needs ``data.valid_prefix``; validation always runs before the
+            first step of a fresh run and after the last step); None: only then.
+        eval_lists: Validate on at most this many lists (the first ones of ``data.valid_prefix``, in order);
+            None: all of them.
     """
 
     max_steps: int | None = None
     epochs: int = 1
     seed: int = 1234
+    eval_interval: int | None = None
+    eval_lists: int | None = None
 
 
 @dataclass
@@ -221,6 +231,10 @@ class CheckpointConfig:
         save_at_end: Save after the last step.
         keep_last: Keep the newest N checkpoints (0 keeps all).
         resume: Continue from ``<dir>/latest`` when it exists.
+        keep_best: A validation metric (``val/loss``, ``val/implicit/accuracy``, ...): a validation that
+            improves it saves a checkpoint (if that step has none) that ``keep_last`` never deletes, named
+            in ``<dir>/best.json``; None disables it. Needs ``data.valid_prefix``.
+        keep_best_mode: min or max: whether a lower or a higher ``keep_best`` value is better.
     """
 
     dir: str | None = None
@@ -228,6 +242,8 @@ class CheckpointConfig:
     save_at_end: bool = True
     keep_last: int = 2
     resume: bool = True
+    keep_best: str | None = None
+    keep_best_mode: str = field(default="min", metadata=_choices("min", "max"))
 
 
 @dataclass
@@ -301,6 +317,7 @@ class Config:
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
         self._check_precision_and_experts()
+        self._check_data_sources()
 
     def _check_precision_and_experts(self) -> None:
         m = self.model
@@ -311,6 +328,26 @@ class Config:
                               "model runs in model.params_dtype and the recipe would be ignored")
         if m.moe_grouped_gemm is not None and not isinstance(m.moe_grouped_gemm, bool):
             raise ConfigError(f"model.moe_grouped_gemm must be true, false or null, got {m.moe_grouped_gemm!r}")
+
+    def _check_data_sources(self) -> None:
+        """Blend notation of ``data.train_prefix``, the validation prefixes and the fields that need them."""
+        d, t = self.data, self.train
+        if d.train_prefix is not None:
+            parse_blend(d.train_prefix, "data.train_prefix")  # raises ConfigError on a malformed blend
+        valid = valid_prefixes(d.valid_prefix)
+        for name in ("eval_interval", "eval_lists"):
+            value = getattr(t, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name} must be >= 1 (or null), got {value}")
+        if not valid and t.eval_interval is not None:
+            raise ConfigError("train.eval_interval is set but data.valid_prefix is not: give the validation dataset")
+        best = self.checkpoint.keep_best
+        if best is not None:
+            if not valid:
+                raise ConfigError("checkpoint.keep_best needs data.valid_prefix (the best is a validation metric)")
+            if not best.startswith("val/"):
+                raise ConfigError(f"checkpoint.keep_best: {best!r} is not a validation metric (val/loss, "
+                                  "val/implicit/accuracy, ...)")
 
     def _check_virtual_pipeline(self) -> None:
         p = self.parallel

@@ -40,6 +40,8 @@ class DemoConfig:
         train_file: listwise JSONL to train on (default: the embedded train split).
         heldout_file: listwise JSONL to evaluate on (default: the embedded held-out split).
         export: export the trained model to HF format.
+        eval_interval: validate during training every N steps (its first ``eval_lists`` held-out lists).
+        eval_lists: lists of the held-out split the trainer validates on (the plots' validation curves).
     """
 
     out_dir: Path = Path("outputs/demo")
@@ -53,6 +55,8 @@ class DemoConfig:
     train_file: Path = tasks.DATA_DIR / "train.jsonl"
     heldout_file: Path = tasks.DATA_DIR / "heldout.jsonl"
     export: bool = True
+    eval_interval: int = 50
+    eval_lists: int = 16
 
 
 def _say(message: str) -> None:
@@ -70,8 +74,12 @@ def pack_split(src: Path, prefix: Path) -> dict:
 
 
 def train_config(cfg: DemoConfig, train_prefix: Path, start: Path, run_dir: Path, steps: int | None = None,
-                 loss: str | None = None, extra: tuple[str, ...] = ()):
-    """The trainer's Config for one run of the demo (built from overrides only: no conf/ files needed)."""
+                 loss: str | None = None, extra: tuple[str, ...] = (), valid_prefix: Path | None = None):
+    """The trainer's Config for one run of the demo (built from overrides only: no conf/ files needed).
+
+    With ``valid_prefix`` the run validates on its first ``cfg.eval_lists`` lists every ``cfg.eval_interval``
+    steps (and the reference pass of this config covers them).
+    """
     from nemo_lpo.config import load_config
 
     overrides = [
@@ -85,6 +93,10 @@ def train_config(cfg: DemoConfig, train_prefix: Path, start: Path, run_dir: Path
         "checkpoint.resume=false", f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.log_interval=1",
         *extra,
     ]
+    if valid_prefix is not None:
+        interval = max(1, min(cfg.eval_interval, steps or cfg.steps))
+        overrides += [f"data.valid_prefix={valid_prefix}", f"train.eval_interval={interval}",
+                      f"train.eval_lists={cfg.eval_lists}"]
     return load_config(None, overrides)
 
 
@@ -103,13 +115,13 @@ def save_start_weights(path: Path, seed: int) -> None:
         destroy_parallel()
 
 
-def write_sidecar(cfg: DemoConfig, prefix: Path, start: Path, run_dir: Path) -> None:
-    """Store the starting model's log-probs beside ``prefix`` with the trainer's reference pass."""
+def write_sidecar(cfg: DemoConfig, prefix: Path, start: Path, run_dir: Path, valid_prefix: Path | None = None) -> None:
+    """Store the starting model's log-probs beside ``prefix`` (and ``valid_prefix``) with the reference pass."""
     from nemo_lpo.model.parallel import destroy_parallel
     from nemo_lpo.train.loop import init_parallel
     from nemo_lpo.train.reference import write_reference
 
-    rcfg = train_config(cfg, prefix, start, run_dir)
+    rcfg = train_config(cfg, prefix, start, run_dir, valid_prefix=valid_prefix)
     init_parallel(rcfg)
     try:
         write_reference(rcfg)
@@ -163,8 +175,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     _say(f"initialising a tiny Mixtral (2 layers, 4 experts top-2, vocab 32000; seed {cfg.seed}) -> {start}")
     timed("init", save_start_weights, start, cfg.seed)
-    _say("reference pass: the starting model's log-probs of every train response")
-    timed("reference", write_sidecar, cfg, train_prefix, start, run_dir)
+    _say("reference pass: the starting model's log-probs of every train and held-out response")
+    timed("reference", write_sidecar, cfg, train_prefix, start, run_dir, held_prefix)
 
     _say("evaluating the starting model on the held-out lists")
     before = timed("eval_before", evaluate_checkpoint, start, held_prefix, reference=start, beta=cfg.beta,
@@ -173,7 +185,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     _say(f"training with {cfg.loss} for {cfg.steps} steps ({cfg.global_batch_size} lists per step)")
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    timed("train", train, train_config(cfg, train_prefix, start, run_dir))
+    timed("train", train, train_config(cfg, train_prefix, start, run_dir, valid_prefix=held_prefix))
 
     _say("evaluating the trained model on the held-out lists")
     after = timed("eval_after", evaluate_checkpoint, run_dir / "checkpoints", held_prefix, reference=start,

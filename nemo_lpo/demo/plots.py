@@ -13,13 +13,15 @@ from pathlib import Path
 
 from nemo_lpo.io import atomic_path
 
-# (file stem, title, [(metric key, legend label)])
+# (file stem, title, y label, [(metric key, legend label)]): a training run's curve and, when the run
+# validated (data.valid_prefix), its validation curve of the same metric (the loss module's definitions)
 TRAINING_PLOTS = (
-    ("loss", "Training loss", [("loss", "loss")]),
-    ("rewards_accuracies", "Ranking accuracy of the implicit reward (train batches)",
-     [("rewards/accuracies", "rewards/accuracies")]),
-    ("logps", "Log-likelihood of chosen (best) and rejected responses",
-     [("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]),
+    ("loss", "Loss", "loss", [("loss", "train"), ("val/loss", "validation")]),
+    ("rewards_accuracies", "Ranking accuracy of the implicit reward", "rewards/accuracies",
+     [("rewards/accuracies", "train"), ("val/rewards/accuracies", "validation")]),
+    ("logps", "Log-likelihood of chosen (best) and rejected responses", "log-likelihood (sum over response tokens)",
+     [("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected"),
+      ("val/logps/chosen", "validation logps/chosen"), ("val/logps/rejected", "validation logps/rejected")]),
 )
 
 
@@ -97,6 +99,7 @@ def plot_lines(lines: dict[str, tuple[list, list]], path: str | Path, title: str
 def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Write ``loss.png``, ``rewards_accuracies.png`` and ``logps.png`` for one run; returns the written paths.
 
+    Each shows the training curve and, when the run validated, the validation curve (``val/`` keys) beside it.
     A plot whose metrics are absent from the file is not written.
 
     Raises:
@@ -106,11 +109,10 @@ def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     if not records:
         raise ValueError(f"{metrics_path}: no training records (lines with a 'step' and metric values)")
     written = []
-    for stem, title, keys in TRAINING_PLOTS:
+    for stem, title, ylabel, keys in TRAINING_PLOTS:
         lines = {label: series(records, key) for key, label in keys}
         lines = {k: v for k, v in lines.items() if v[0]}
         if lines:
-            ylabel = keys[0][0] if len(keys) == 1 else "log-likelihood (sum over response tokens)"
             hline = 0.5 if stem == "rewards_accuracies" else None
             written.append(plot_lines(lines, Path(out_dir) / f"{stem}.png", title, ylabel, hline=hline))
     return written

@@ -178,7 +178,7 @@ def length_baseline(prefix: Path) -> float:
     import torch
 
     from nemo_lpo.data import ListwiseDataset
-    from nemo_lpo.evaluate.metrics import pairwise_accuracy
+    from nemo_lpo.metrics import pairwise_accuracy
 
     ds = ListwiseDataset(prefix)
     k_max = int(ds.num_responses().max())

@@ -2,37 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-
-def _fmt(value, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:+.4f}" if signed else f"{value:.4f}"
-
-
-SUMMARY_ROWS = (
-    ("implicit/accuracy", "held-out ranking accuracy (implicit reward β·(log π − log μ))"),
-    ("implicit/kendall_tau", "held-out Kendall τ (implicit reward)"),
-    ("implicit/ndcg", "held-out NDCG@K (implicit reward)"),
-    ("likelihood/accuracy", "held-out ranking accuracy (log π per token)"),
-    ("logps/best", "log-likelihood of the best response"),
-    ("logps/worst", "log-likelihood of the worst response"),
-)
-
-
-def summary_table(before: dict, after: dict):
-    """A rich Table of the held-out metrics before and after training, with the change."""
-    from rich.table import Table
-
-    table = Table(title="held-out lists: before vs after training")
-    for name, justify in (("metric", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
-        table.add_column(name, justify=justify)
-    for key, label in SUMMARY_ROWS:
-        b, a = before.get(key), after.get(key)
-        change = None if b is None or a is None else a - b
-        table.add_row(label, _fmt(b), _fmt(a), _fmt(change, signed=True))
-    return table
+from nemo_lpo.train.summary import summary_table
 
 
 def print_summary(summary: dict) -> None:

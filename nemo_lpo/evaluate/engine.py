@@ -2,7 +2,7 @@
 
 One process, no gradient: the whole dataset goes through a ``BatchLayout`` (padded by default; the same code
 path the trainer uses) in micro-batches of lists. The results are numpy ``[num_lists, K_max]`` arrays
-with a validity mask, ready for :func:`nemo_lpo.evaluate.metrics.ranking_metrics`.
+with a validity mask, ready for :func:`nemo_lpo.metrics.ranking_metrics`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from nemo_lpo.batch.layouts import BatchLayout, PaddedLayout
-from nemo_lpo.evaluate.metrics import ranking_metrics
+from nemo_lpo.metrics import heldout_metrics
 
 
 @dataclass
@@ -98,16 +98,23 @@ def dataset_logps(
     )
 
 
-def summarize(policy: ListLogps, reference_logps: np.ndarray, beta: float) -> dict[str, float]:
-    """Ranking metrics (:func:`~nemo_lpo.evaluate.metrics.ranking_metrics`) of ``policy`` against a reference."""
+def summarize(policy: ListLogps, reference_logps: np.ndarray, beta: float, *, ndcg_k: int | None = None,
+              loss_type: str | None = None, loss_options: dict | None = None) -> dict[str, float]:
+    """Held-out metrics of ``policy`` against a reference (:func:`~nemo_lpo.metrics.heldout_metrics`).
+
+    The trainer's validation uses the same function; the loss terms come only when ``loss_type`` is given.
+    """
     if reference_logps.shape != policy.policy_logps.shape:
         raise ValueError(f"reference log-probs {reference_logps.shape} do not match the policy's "
                          f"{policy.policy_logps.shape}")
-    return ranking_metrics(
+    return heldout_metrics(
         torch.from_numpy(policy.policy_logps),
         torch.from_numpy(np.asarray(reference_logps, dtype=np.float64)),
         torch.from_numpy(policy.rewards.astype(np.float64)),
         torch.from_numpy(policy.mask),
         beta=beta,
         response_lengths=torch.from_numpy(policy.lengths),
+        ndcg_k=ndcg_k,
+        loss_type=loss_type,
+        loss_options=loss_options,
     )

@@ -150,7 +150,7 @@ def evaluate_checkpoint(
         ValueError: no reference can be found, or its log-probs do not fit the dataset.
     """
     from nemo_lpo.data import ListwiseDataset
-    from nemo_lpo.evaluate.engine import dataset_logps, summarize
+    from nemo_lpo.evaluate.engine import dataset_logps
     from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
 
     dataset = ListwiseDataset(data_prefix)
@@ -184,11 +184,31 @@ def evaluate_checkpoint(
             ref_name = str(ref_path)
     finally:
         destroy_parallel()
-    result = summarize(policy, ref_logps, beta)
+    result = _summarize_with_loss(policy, ref_logps, beta, ndcg_k, run_config)
     result["_policy_logps"] = policy.policy_logps
     result.update(checkpoint=str(resolve_checkpoint(checkpoint)), data=str(data_prefix), reference=ref_name,
                   beta=beta, preset=model_preset.name)
     return result
+
+
+def _summarize_with_loss(policy, ref_logps, beta: float, ndcg_k: int | None, run_config: dict | None) -> dict:
+    """``engine.summarize`` with the run's loss (``loss.type`` / ``options`` of a training checkpoint).
+
+    The loss terms are left out, with ``loss_error`` saying why, when the run's loss does not take these lists
+    (a ``dpo`` run evaluated on K > 2 lists); the ranking metrics do not depend on the loss.
+    """
+    from nemo_lpo.evaluate.engine import summarize
+
+    loss = (run_config or {}).get("loss") or {}
+    if not loss.get("type"):
+        return summarize(policy, ref_logps, beta, ndcg_k=ndcg_k)
+    try:
+        return summarize(policy, ref_logps, beta, ndcg_k=ndcg_k, loss_type=loss["type"],
+                         loss_options=loss.get("options"))
+    except ValueError as err:
+        result = summarize(policy, ref_logps, beta, ndcg_k=ndcg_k)
+        result["loss_error"] = f"loss.type={loss['type']}: {err}"
+        return result
 
 
 def format_value(value) -> str:
@@ -213,6 +233,9 @@ def metrics_table(results: dict[str, dict], title: str = "held-out ranking"):
         ("logps/worst", "log-likelihood of the worst response"),
         ("logps_per_token/best", "… per token, best"),
         ("logps_per_token/worst", "… per token, worst"),
+        ("loss", "loss (the run's loss.type, whole set)"),
+        ("rewards/accuracies", "rewards/accuracies (loss module: a tie is wrong)"),
+        ("rewards/margins", "rewards/margins"),
         ("lists", "lists"),
         ("pairs", "ordered pairs (r_i > r_j)"),
     ]

@@ -140,9 +140,22 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def prune_checkpoints(root: str | Path, keep_last: int, protect: tuple[str, ...] = ()) -> None:
+    """Delete complete checkpoints under ``root`` but the newest ``keep_last`` and those named in ``protect``."""
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in Path(root).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feeder, config_dict: dict,
-                    keep_last: int = 0) -> Path:
-    """Save the training state after ``step`` steps under ``root`` (collective: every rank calls it)."""
+                    keep_last: int = 0, protect: tuple[str, ...] = ()) -> Path:
+    """Save the training state after ``step`` steps under ``root`` (collective: every rank calls it).
+
+    Keeps the newest ``keep_last`` checkpoints (0: all) and the ones named in ``protect`` (the best).
+    """
     start = time.perf_counter()
     root = Path(root)
     final = root / step_dir_name(step)
@@ -175,10 +188,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write(root / LATEST, final.name + "\n")  # the checkpoint is complete before `latest` names it
-        if keep_last > 0:
-            done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep_last, protect)
         print(f"saved checkpoint {final} in {time.perf_counter() - start:.1f} s", flush=True)
     _barrier()
     return final

@@ -41,8 +41,6 @@ def _load(args):
     from nemo_lpo.config import load_config
 
     overrides = list(args.overrides)
-    if getattr(args, "prefix", None):
-        overrides.append(f"data.train_prefix={args.prefix}")
     if getattr(args, "checkpoint", None):
         overrides.append(f"reference.checkpoint={args.checkpoint}")
     return load_config(args.config, overrides)
@@ -88,7 +86,7 @@ def _ref_logps(args) -> int:
 
         init_parallel(cfg)
         try:
-            write_reference(cfg)
+            write_reference(cfg, [args.prefix] if args.prefix else None)
         finally:
             destroy_parallel()
 
@@ -109,11 +107,13 @@ def register(subparsers) -> None:
 
     ref = subparsers.add_parser(
         "ref-logps", help="store the reference model's log-probs of every response beside a packed dataset",
-        description="Run the frozen reference (model.init_checkpoint, or --checkpoint) over the dataset with the "
-                    "config's parallel layout and write the sidecar read by reference.mode=precomputed.",
+        description="Run the frozen reference (model.init_checkpoint, or --checkpoint) over the run's datasets (the "
+                    "train prefix or every source of a blend, and the validation prefixes) with the config's "
+                    "parallel layout and write the sidecars read by reference.mode=precomputed.",
     )
     ref.add_argument("config", help="YAML config (the training config of the run)")
     ref.add_argument("overrides", nargs="*", help="key=value overrides")
-    ref.add_argument("--prefix", help="packed dataset prefix (default: data.train_prefix)")
+    ref.add_argument("--prefix", help="only this packed dataset prefix (default: every source of data.train_prefix, "
+                                      "then data.valid_prefix)")
     ref.add_argument("--checkpoint", help="reference dist checkpoint (default: model.init_checkpoint)")
     ref.set_defaults(func=_ref_logps)

@@ -8,9 +8,12 @@ collates them.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 
 from nemo_lpo.batch.layouts import BatchLayout, pad_multiple
 from nemo_lpo.config import Config
+from nemo_lpo.config.sources import parse_blend
+from nemo_lpo.data.blend import BlendedLists
 from nemo_lpo.data.dataset import ListwiseDataset
 from nemo_lpo.data.sampler import ListwiseSampler
 
@@ -55,10 +58,16 @@ class BatchFeeder:
     def __init__(self, cfg: Config, layout: BatchLayout, *, dp_rank: int, dp_size: int, device: torch.device) -> None:
         if not cfg.data.train_prefix:
             raise ValueError("data.train_prefix is not set: give the packed dataset prefix (nemo-lpo pack output)")
-        self.dataset = ListwiseDataset(cfg.data.train_prefix)
         d = cfg.data
+        pairs = parse_blend(d.train_prefix)
+        # a blend is read in stream order: its sources are shuffled per pass inside (data/blend.py), and each
+        # global batch, a contiguous run of the stream, then holds every source in its weight's share
+        self.blend = BlendedLists(pairs, d.seed, shuffle=d.shuffle) if len(pairs) > 1 else None
+        self.dataset = self.blend or ListwiseDataset(pairs[0][1])
         self.sampler = ListwiseSampler(len(self.dataset), d.global_batch_size, d.micro_batch_size,
-                                       dp_rank, dp_size, d.seed, shuffle=d.shuffle)
+                                       dp_rank, dp_size, d.seed, shuffle=d.shuffle and self.blend is None)
+        self.source_counts: dict[str, float] = {}  # lists/source/NAME of the last global batch (blends)
+        self.train_prefix = d.train_prefix
         self.layout = layout
         self.multiple = run_pad_multiple(cfg)
         self.collator = layout.collator(self.dataset.pad_id, self.multiple)
@@ -84,7 +93,9 @@ class BatchFeeder:
             except StopIteration:  # the sampler moved to the next epoch; keep going
                 self._iter = iter(self.sampler)
                 indices = next(self._iter)
-            groups.append([self.dataset[i] for i in indices])
+            groups.append(self.blend.items(self.sampler.epoch, indices) if self.blend is not None
+                          else [self.dataset[i] for i in indices])
+        self.source_counts = self._count_sources(groups)
         batches = collate_uniform(self.layout, self.dataset.pad_id, self.multiple, groups) if self.uniform else \
             [self.collator(items) for items in groups]
         out = []
@@ -94,11 +105,35 @@ class BatchFeeder:
             out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return out
 
+    def _count_sources(self, groups: list[list[dict]]) -> dict[str, float]:
+        """``lists/source/NAME`` of a blend's global batch: this rank's counts summed over data-parallel ranks."""
+        if self.blend is None:
+            return {}
+        counts = torch.zeros(len(self.blend.names), dtype=torch.float64, device=self.device)
+        for items in groups:
+            for item in items:
+                counts[item["source"]] += 1
+        # TP/PP peers read the same lists: the sum over data-parallel replicas is the global batch's
+        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        return {f"lists/source/{name}": float(c) for name, c in zip(self.blend.names, counts.tolist(), strict=True)}
+
     def state_dict(self) -> dict:
-        """Data position (the sampler's consumed lists and epoch)."""
-        return self.sampler.state_dict()
+        """Data position (the sampler's consumed lists and epoch; a blend's sources, checked on resume)."""
+        state = self.sampler.state_dict()
+        if self.blend is not None:
+            state["blend"] = self.blend.describe()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at the saved data position."""
+        """Resume at the saved data position.
+
+        Raises:
+            ValueError: the checkpoint was written for another blend (sources, weights or sizes).
+        """
+        saved = state.get("blend")
+        now = self.blend.describe() if self.blend is not None else None
+        if saved != now:
+            raise ValueError(f"data.train_prefix: the checkpoint's data position is for the blend {saved}, this run "
+                             f"reads {now or self.train_prefix}; resume with the same data")
         self.sampler.load_state_dict(state)
         self._iter = None

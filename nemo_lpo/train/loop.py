@@ -10,7 +10,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from nemo_lpo.config import Config, dump_config
-from nemo_lpo.io import latest_checkpoint
+from nemo_lpo.io import latest_checkpoint, latest_name
 from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
 from nemo_lpo.train.checkpoint import describe_layout, layout, load_checkpoint, save_checkpoint, saved_layout
 from nemo_lpo.train.feeder import BatchFeeder
@@ -19,6 +19,7 @@ from nemo_lpo.train.lpo_model import LPOModel, layout_of
 from nemo_lpo.train.metrics import MetricsLogger, peak_tflops
 from nemo_lpo.train.optimizer import build_optimizer, total_steps
 from nemo_lpo.train.step import train_step
+from nemo_lpo.train.validation import ValidationSchedule
 
 
 def _device() -> torch.device:
@@ -87,6 +88,7 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, self.total_steps, self.rank, tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project, wandb_name=cfg.logging.wandb_name,
                                     config=cfg.to_dict(), log_interval=cfg.logging.log_interval)
+        self.validation = ValidationSchedule(self)  # validation, keep_best, the end-of-run summary
 
     def resume(self) -> int:
         """Load ``<checkpoint dir>/latest`` when resuming is on and it exists; returns the step reached."""
@@ -97,6 +99,7 @@ class Trainer:
             if self.rank == 0:
                 print(f"resumed from {path} at step {self.step}", flush=True)
         self.logger.truncate_after(self.step)
+        self.validation.resumed(self.step)
         return self.step
 
     def _warn_random_reference(self, path: Path) -> None:
@@ -114,10 +117,11 @@ class Trainer:
                   "init, not the saved run's; set model.init_checkpoint for a layout-independent reference",
                   flush=True)
 
-    def save(self) -> Path:
-        """Save a checkpoint of the current step (collective)."""
+    def save(self, protect: tuple[str, ...] | None = None) -> Path:
+        """Save a checkpoint of the current step (collective); ``protect``: folders keep-last-N keeps (the best)."""
         return save_checkpoint(self.ckpt_root, self.step, self.lpo, self.optimizer, self.scheduler, self.feeder,
-                               self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+                               self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
+                               protect=self.validation.protect() if protect is None else protect)
 
     def record(self, result, seq_len: int) -> dict:
         """The metrics line of one step (throughput, and TFLOP/s + MFU on GPU)."""
@@ -142,14 +146,20 @@ class Trainer:
         ck = self.cfg.checkpoint
         record: dict = {}
         stop = StopRequest()
+        start_metrics = self.validation.at_start(self.step)
+        if start_metrics is not None:
+            self.logger.log(self.step, start_metrics)
         while self.step < last_step:
             microbatches = self.feeder.next_global_batch()
             result = train_step(self.lpo, self.optimizer, self.scheduler, microbatches)
             self.step += 1
             record = self.record(result, microbatches[0]["tokens"].shape[1])
+            record.update(self.feeder.source_counts)
+            self.validation.after_step(self.step, last_step, record)
             self.logger.log(self.step, record)
             if ck.save_interval and self.step % ck.save_interval == 0 and self.step < self.total_steps:
                 self.save()
+            self.validation.keep_best(self.step, record)
             if stop.requested(self.device):
                 if self.rank == 0:
                     print(f"stop requested: checkpointing step {self.step} and exiting", flush=True)
@@ -160,13 +170,8 @@ class Trainer:
                 and latest_name(self.ckpt_root) != f"step_{self.step:07d}":
             self.save()
         self.logger.close()
+        self.validation.finish(self.step)
         return record
-
-
-def latest_name(root: Path) -> str | None:
-    """Name in ``root/latest``, if any."""
-    marker = Path(root) / "latest"
-    return marker.read_text().strip() if marker.is_file() else None
 
 
 def train(cfg: Config) -> dict:

@@ -88,11 +88,15 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
-        if step % self.log_interval == 0 or step == self.total_steps:
+        validated = any(key.startswith("val/") for key in record)
+        if step % self.log_interval == 0 or step == self.total_steps or validated:
             print(self.progress_line(step, record), flush=True)
 
     def progress_line(self, step: int, r: dict) -> str:
-        """The console line: step, loss, accuracy, margins, grad norm, lr, throughput."""
+        """The console line: step, loss, accuracy, margins, grad norm, lr, throughput; then the validation's."""
+        val = self.validation_line(r)
+        if "loss" not in r:  # a validation-only line (before the first step)
+            return f"step {step}/{self.total_steps} | {val}"
         parts = [f"step {step}/{self.total_steps}", f"loss {r['loss']:.4f}"]
         for key, label in (("rewards/accuracies", "acc"), ("rewards/margins", "margin")):
             if key in r:
@@ -101,7 +105,18 @@ class MetricsLogger:
                   f"{r['step_time'] * 1000:.0f} ms"]
         if "mfu" in r:
             parts.append(f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU mfu {r['mfu']:.1%}")
+        if val:
+            parts.append(val)
         return " | ".join(parts)
+
+    @staticmethod
+    def validation_line(r: dict) -> str:
+        """``val loss .. acc .. tau .. ndcg ..`` of a record's validation metrics ('' when it has none)."""
+        shown = (("val/loss", "val loss"), ("val/rewards/accuracies", "acc"), ("val/rewards/margins", "margin"),
+                 ("val/implicit/kendall_tau", "tau"), ("val/implicit/ndcg", "ndcg"))
+        parts = [f"{label} {r[key]:.4f}" for key, label in shown
+                 if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+        return " ".join(parts)
 
     def close(self) -> None:
         """Flush and close TensorBoard / W&B."""

@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from nemo_lpo.config import Config
+from nemo_lpo.config.sources import train_prefixes, valid_prefixes
 from nemo_lpo.data import ListwiseDataset, write_reference_logps
 from nemo_lpo.model.resolve import resolve_preset
 from nemo_lpo.train.checkpoint import load_model_weights
@@ -24,18 +25,25 @@ from nemo_lpo.train.lpo_model import LPOModel
 CHUNK_MICROBATCHES = 64  # micro-batches per schedule call (bounds host memory of the gathered results)
 
 
-def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
-    """Compute μ's log-probs of every list on this rank's share; returns {list index: float32[K_i]}.
-
-    Only the last pipeline stage at tensor-parallel rank 0 returns values; other ranks return {}.
-    Needs ``init_parallel(cfg)`` first.
-    """
+def build_reference(cfg: Config) -> LPOModel:
+    """The frozen reference μ as an ``LPOModel(train=False)``: ``reference.checkpoint`` or ``model.init_checkpoint``."""
     lpo = LPOModel(cfg, train=False)
     if cfg.reference.checkpoint and cfg.reference.checkpoint != cfg.model.init_checkpoint:
         load_model_weights(lpo.module, cfg.reference.checkpoint)
     for module in lpo.modules:
         module.eval()
-    dataset = ListwiseDataset(cfg.data.train_prefix)
+    return lpo
+
+
+def reference_logps(cfg: Config, prefix: str | None = None, lpo: LPOModel | None = None) -> dict[int, np.ndarray]:
+    """Compute μ's log-probs of every list of ``prefix`` on this rank's share; returns {list index: float32[K_i]}.
+
+    ``prefix`` defaults to ``data.train_prefix`` (a single prefix), ``lpo`` to :func:`build_reference`.
+    Only the last pipeline stage at tensor-parallel rank 0 returns values; other ranks return {}.
+    Needs ``init_parallel(cfg)`` first.
+    """
+    lpo = lpo or build_reference(cfg)
+    dataset = ListwiseDataset(prefix or cfg.data.train_prefix)
     multiple = run_pad_multiple(cfg)
     collator = lpo.layout.collator(dataset.pad_id, multiple)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -66,16 +74,33 @@ def reference_logps(cfg: Config) -> dict[int, np.ndarray]:
     return results
 
 
-def write_reference(cfg: Config) -> int:
-    """Run the reference pass on every rank and write the sidecar from rank 0; returns the list count."""
+def reference_prefixes(cfg: Config) -> list[str]:
+    """The datasets a run reads: every source of ``data.train_prefix`` (a blend's too), then ``data.valid_prefix``."""
+    prefixes = train_prefixes(cfg.data.train_prefix) + valid_prefixes(cfg.data.valid_prefix)
+    if not prefixes:
+        raise ValueError("data.train_prefix is not set: give the packed dataset prefix (nemo-lpo pack output)")
+    return list(dict.fromkeys(prefixes))
+
+
+def write_reference(cfg: Config, prefixes: list[str] | None = None) -> int:
+    """Write the reference sidecar of each of ``prefixes`` (default: :func:`reference_prefixes`); returns the lists.
+
+    One reference model serves every dataset; each sidecar is written by rank 0 as soon as its pass is done.
+    """
+    lpo = build_reference(cfg)
+    return sum(_write_one(cfg, prefix, lpo) for prefix in prefixes or reference_prefixes(cfg))
+
+
+def _write_one(cfg: Config, prefix: str, lpo) -> int:
+    """The reference pass over one dataset on every rank, its sidecar written from rank 0; returns the list count."""
     start = time.perf_counter()
-    local = reference_logps(cfg)
+    local = reference_logps(cfg, prefix, lpo)
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, local)
     merged: dict[int, np.ndarray] = {}
     for part in gathered:
         merged.update(part)
-    num_lists = len(ListwiseDataset(cfg.data.train_prefix))
+    num_lists = len(ListwiseDataset(prefix))
     missing = sorted(set(range(num_lists)) - merged.keys())
     if missing:
         raise RuntimeError(f"reference pass produced no log-probs for lists {missing[:10]} ...")
@@ -86,8 +111,8 @@ def write_reference(cfg: Config) -> int:
                 "length_average": cfg.loss.length_average,
                 "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
                            "world": torch.distributed.get_world_size()}}
-        write_reference_logps(cfg.data.train_prefix, (merged[i] for i in range(num_lists)), meta)
-        print(f"wrote reference log-probs of {num_lists} lists beside {cfg.data.train_prefix} "
+        write_reference_logps(prefix, (merged[i] for i in range(num_lists)), meta)
+        print(f"wrote reference log-probs of {num_lists} lists beside {prefix} "
               f"in {time.perf_counter() - start:.1f} s", flush=True)
     torch.distributed.barrier()
     return num_lists

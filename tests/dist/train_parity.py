@@ -15,7 +15,8 @@ training on the sidecar, vs base4), pp2_vpp2_resume (base4's step-3 checkpoint
 resumed at PP2 x VPP2, vs base4's steps 4-6; it saves step 5), pp2_from_vpp2 (that step-5 checkpoint resumed at
 PP2 without VPP, vs base4's step 6); 4 processes: tp2_pp2 (TP2+SP x PP2, vs base), tp2_pp2_vpp2 (TP2+SP x PP2 x VPP2) and dp2_pp2_vpp2 (DP2 +
 distributed optimizer x PP2 x VPP2), vs base4's first 3 steps; base8 (an 8-layer variant, 1 process) and
-pp4_vpp2 (PP4 x VPP2 on it, 4 processes). ``init`` only writes WORK_DIR/init (for other tests' runs).
+pp4_vpp2 (PP4 x VPP2 on it, 4 processes); val / pp2_val (validation every 2 steps on the
+first 6 lists, 1 process / PP2). ``init`` only writes WORK_DIR/init (for other tests' runs).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ SCENARIOS = {
     "dp2": ["parallel.distributed_optimizer=true"],
     "pp2_shared_noaux": ["parallel.pp=2", "model.moe_aux_loss_coeff=0.0", "data.shared_prompt=true"],
     "init": [],
+    # validation during training (the training lists as validation set, the first 6, online reference), and
+    # the same under PP2: only the last stage computes log-probs, every rank must log the same val/ numbers
+    "val": ["train.eval_interval=2", "train.eval_lists=6"],
+    "pp2_val": ["parallel.pp=2", "train.eval_interval=2", "train.eval_lists=6"],
     # virtual pipeline: a 4-layer variant of the tiny preset (PP2 x VPP2 = one layer per chunk), its own init
     # weights; the lr schedule is fixed at 6 steps so that the 3-step and the 6-step runs share it; unrounded
     # lengths, so that micro-batches differ in length (the VPP runs pad them to the step's longest)
@@ -101,6 +106,8 @@ def run(work: Path, prefix: str, name: str) -> None:
     init = work / ("init8" if TINY8 in preset else "init4" if TINY4 in preset else "init")
     overrides = [*COMMON, f"data.train_prefix={prefix}", f"logging.run_dir={work / name}",
                  f"model.init_checkpoint={init}", *SCENARIOS[name]]
+    if name in ("val", "pp2_val"):
+        overrides.append(f"data.valid_prefix={prefix}")
     if name.endswith("precomputed"):
         sidecar_prefix = work / name / "data" / Path(prefix).name
         if torch.distributed.get_rank() == 0:

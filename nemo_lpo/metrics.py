@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from nemo_lpo.losses import listwise_loss
+
 
 def implicit_rewards(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """Return the implicit reward ``beta * (log pi - log mu)`` per response, ``[B, K]``."""
@@ -160,4 +162,60 @@ def ranking_metrics(
         per_token = policy_logps / response_lengths.clamp_min(1)
         best_t, worst_t = best_worst_logps(per_token, rewards, mask)
         out["logps_per_token/best"], out["logps_per_token/worst"] = _nanmean(best_t), _nanmean(worst_t)
+    return out
+
+
+def loss_metrics(
+    loss_type: str,
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    response_lengths: torch.Tensor | None = None,
+    loss_options: dict | None = None,
+) -> dict[str, float]:
+    """The training loss and its metrics (``rewards/*``, ``logps/chosen`` ...) on a whole set of lists as ONE batch.
+
+    ``loss`` is the sum of the per-list losses over the valid lists (>= 2 valid responses) divided by their
+    number, as a training step reduces it; the other keys are the loss module's means over the valid lists
+    (``rewards/accuracies`` counts a tied implicit reward as wrong, where ``implicit/accuracy`` counts 1/2).
+    A loss that uses batch statistics (``kto``'s reference point) sees the whole set here.
+
+    Raises:
+        ValueError: the loss does not accept these lists (e.g. ``dpo`` with K != 2).
+    """
+    options = dict(loss_options or {})
+    if response_lengths is not None and (options.get("sft_weight", 0) or loss_type == "sft"):
+        options["response_lengths"] = response_lengths
+    per_list, metrics = listwise_loss(loss_type, policy_logps.double(), reference_logps.double(), rewards.double(),
+                                      mask.bool(), beta, **options)
+    valid = float(metrics.pop("lists/valid"))
+    out = {"loss": float(per_list.sum()) / max(valid, 1.0)}
+    out.update({name: float(value) for name, value in sorted(metrics.items())})
+    out["lists/valid"] = int(valid)
+    return out
+
+
+def heldout_metrics(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    response_lengths: torch.Tensor | None = None,
+    ndcg_k: int | None = None,
+    loss_type: str | None = None,
+    loss_options: dict | None = None,
+) -> dict[str, float]:
+    """What ``nemo-lpo eval`` and the trainer's validation report: ranking plus (with ``loss_type``) loss metrics.
+
+    :func:`ranking_metrics` and :func:`loss_metrics`; both callers go through this one function, so their
+    numbers agree.
+    """
+    out = ranking_metrics(policy_logps, reference_logps, rewards, mask, beta=beta,
+                          response_lengths=response_lengths, ndcg_k=ndcg_k)
+    if loss_type is not None:
+        out.update(loss_metrics(loss_type, policy_logps, reference_logps, rewards, mask, beta,
+                                response_lengths=response_lengths, loss_options=loss_options))
     return out
