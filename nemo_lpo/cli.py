@@ -1,6 +1,6 @@
 """The single entry point ``nemo-lpo <command>``.
 
-Thin on purpose: each command lives in the module that owns it, which exposes
+Thin on purpose: each command lives in its subpackage's ``cli`` module, which exposes
 ``register(subparsers)`` adding its sub-parsers with ``set_defaults(func=...)``.
 Command modules must stay cheap to import (import megatron/torch inside ``func``),
 so that ``nemo-lpo --help`` and ``nemo-lpo pack`` do not pay for megatron's import.
@@ -14,7 +14,7 @@ import sys
 
 from nemo_lpo import quiet
 
-# Modules that contribute commands; a module that does not exist yet is skipped.
+# Modules that contribute commands (each has ``register(subparsers)``).
 COMMAND_MODULES = (
     "nemo_lpo.data.cli",  # pack, inspect
     "nemo_lpo.train.cli",  # train, ref-logps
@@ -38,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"hidden by default (nemo_lpo/quiet.py; or set {quiet.VERBOSE_ENV}=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and module_name.startswith(err.name):
-                continue  # the command's module has not been written yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 
