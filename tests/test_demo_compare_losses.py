@@ -39,6 +39,14 @@ def test_plan_covers_every_listwise_loss_and_sets_kpo_k():
         compare.comparison_plan(["listmle", "dpo"])
 
 
+def test_bad_loss_name_fails_before_any_run(tmp_path, capsys):
+    from nemo_lpo.demo.reproduce import run_reproduce
+
+    assert run_reproduce(tmp_path / "out", steps=1, include_real=False, compare_losses=["listmle", "sft"]) == 2
+    assert "--compare-losses: cannot compare ['sft']" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 def test_rows_and_report_section_from_run_entries():
     start = {"implicit/accuracy": 0.5, "implicit/kendall_tau": 0.0, "implicit/ndcg": 0.71, "logps/best": -40.0}
     runs = {"lpo": {"heldout": {"implicit/accuracy": 0.61, "implicit/kendall_tau": 0.2, "implicit/ndcg": 0.8,

@@ -280,6 +280,14 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
     from nemo_lpo.demo.pipeline import DemoConfig
 
     out = Path(out).resolve()
+    if compare_losses is not None:
+        from nemo_lpo.demo.compare import comparison_plan
+
+        try:  # a name that is no listwise loss fails now, not after the suite's other runs
+            comparison_plan(compare_losses or None)
+        except ValueError as err:
+            print(f"nemo-lpo reproduce: --compare-losses: {err}")
+            return 2
     t0 = time.perf_counter()
     steps = steps or 40
     sft_steps = steps if sft_steps is None else sft_steps
