@@ -90,6 +90,18 @@ def test_kpo_k1_is_softmax_dpo():
     assert run("kpo", [1.0, 2.0, 3.0, 4.0], [1.0, 4.0, 2.0, 3.0]).item() == pytest.approx(1.6094379124, abs=1e-9)
 
 
+def test_step_one_closed_forms():
+    """Policy == reference: every factor is 1 / (responses left), so with K = 5 distinct rewards.
+
+    listmle = ln 5 + ln 4 + ln 3 + ln 2 + ln 1 = ln 120 = 4.7874917428; kpo (k = 2) = ln 5 + ln 4 = ln 20 = 2.9957322736.
+    """
+    policy = torch.full((1, 5), -7.0, dtype=torch.float64)
+    rewards, mask = torch.tensor([[0.3, 0.9, 0.1, 0.5, 0.7]], dtype=torch.float64), torch.ones(1, 5, dtype=torch.bool)
+    assert listwise_loss("listmle", policy, policy, rewards, mask, 0.1)[0].item() == pytest.approx(4.7874917428, abs=1e-9)
+    assert listwise_loss("kpo", policy, policy, rewards, mask, 0.1, k=2)[0].item() == pytest.approx(2.9957322736,
+                                                                                                   abs=1e-9)
+
+
 def test_ties_share_a_position_with_no_term_between_them():
     """Tied responses share a position; neither enters the other's denominator.
 
