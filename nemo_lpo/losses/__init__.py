@@ -3,7 +3,7 @@
 Pure tensor math: no process groups, no ``.item()`` or other host syncs, no Python loops over lists or
 pairs. Every loss builds [B, K, K] pair tensors. Formulas, options and metric definitions: docs/losses.md.
 :data:`LOSS_SPECS` is the registry: each loss's function and the options it reads (the config validates
-``loss.options`` against it); the Plackett-Luce family's math lives in ``nemo_lpo.plackett_luce``.
+``loss.options`` against it); the Plackett-Luce family's math lives in ``nemo_lpo.losses.plackett_luce``.
 
 Inputs, all [B, K] (B lists, K slots; lists may be ragged and the valid slots may be anywhere in a row):
 ``policy_logps`` / ``reference_logps`` are SUMMED response log-probs, ``rewards`` are annotated scalars
@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from nemo_lpo.plackett_luce import plackett_luce_nll
+from nemo_lpo.losses.plackett_luce import plackett_luce_nll
 
 # LiPO gains 2^r - 1 saturate at r = 100 (2^100 ~ 1.3e30) so that the pair weights stay finite in float32;
 # only rewards above 100 are affected, and for them 2^r would overflow float32 (2^128) anyway.
