@@ -21,7 +21,8 @@ def test_layers_merge_in_order():
 
 
 def test_overrides_and_group_selection():
-    cfg = load_config(TINY, ["parallel=tp2", "optim.lr=3e-4", "loss.options.alpha=0.5", "train.max_steps=7"])
+    cfg = load_config(TINY, ["parallel=tp2", "optim.lr=3e-4", "loss.type=nca", "loss.options.alpha=0.5",
+                             "train.max_steps=7"])
     assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel is True
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.loss.options == {"alpha": 0.5}

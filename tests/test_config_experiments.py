@@ -23,9 +23,10 @@ LAYOUTS = {"mistral-7b": ((2, 1, 1), 8), "mixtral-8x7b": ((1, 4, 8), 64)}
 BASELINES = {
     "uf_lpo_abs": ("uf_lpo", "lpo_abs"), "uf_dpo": ("uf_lpo", "dpo"), "uf_dpo_1vs0": ("uf_lpo", "dpo_1vs0"),
     "uf_dpo_pw": ("uf_lpo", "dpo_pw"), "uf_ipo": ("uf_lpo", "ipo"), "uf_kto": ("uf_lpo", "kto"),
-    "ui_dpo": ("ui_lpo_abs", "dpo"),
+    "ui_dpo": ("ui_lpo_abs", "dpo"), "uf_listmle": ("uf_lpo", "listmle"), "uf_kpo": ("uf_lpo", "kpo"),
 }
 ALLOWED_DIFF = {"name", "logging.run_dir", "loss.type", "data.train_prefix"}
+OPTION_DIFF = {"uf_kpo": {"k": 2}}  # baselines whose loss takes options: exactly these
 
 
 FIXTURES = CONF_DIR.parent / "tests" / "fixtures" / "data"
@@ -136,6 +137,8 @@ def test_baseline_differs_from_lpo_only_in_loss_and_data(baseline):
     other = _flat(load_config(CONF_DIR / "experiments" / f"{baseline}.yaml").to_dict())
     assert base.keys() == other.keys()
     differ = {key for key in base if base[key] != other[key]}
+    assert other["loss.options"] == OPTION_DIFF.get(baseline, base["loss.options"])
+    differ.discard("loss.options")
     assert differ <= ALLOWED_DIFF, f"{baseline} also changes {sorted(differ - ALLOWED_DIFF)}"
     assert {"name", "logging.run_dir", "loss.type"} <= differ  # own name, own run folder, own loss
     assert other["loss.type"] == loss_type

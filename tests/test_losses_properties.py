@@ -1,5 +1,6 @@
 """Structural properties of nemo_lpo.losses: equalities, invariances, closed forms, reduction, hypothesis."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nemo_lpo.losses import LOSSES, listwise_loss
+from nemo_lpo.losses import COMMON_OPTIONS, LOSS_SPECS, LOSSES, LossOptions, listwise_loss
 
 PAIR_ONLY = {"dpo", "ipo"}
 LIST_LOSSES = sorted(set(LOSSES) - PAIR_ONLY)
@@ -51,9 +52,13 @@ def options_for(loss_type, lengths):
 def test_registry_names():
     """Every loss named in the issue is registered (CLI choices come from LOSSES)."""
     required = {"lpo", "lpo_abs", "lpo_abs_table1", "dpo", "dpo_1vs0", "dpo_pw", "ipo", "kto", "nca", "infonca",
-                "lipo_lambda"}
+                "lipo_lambda", "listmle", "kpo"}
     assert required <= set(LOSSES)
     assert all(callable(fn) for fn in LOSSES.values())
+    # LOSSES is the function view of LOSS_SPECS, whose option names are LossOptions fields
+    assert LOSSES == {name: spec.fn for name, spec in LOSS_SPECS.items()}
+    fields = {f.name for f in dataclasses.fields(LossOptions)}
+    assert set(COMMON_OPTIONS) <= fields and all(set(spec.options) <= fields for spec in LOSS_SPECS.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

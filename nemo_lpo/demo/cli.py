@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     r.add_argument("--skip-real", action="store_true", help="only the embedded default, not ../shared/data")
     r.add_argument("--only-real", action="store_true", help="only the real K = 8 lists (e.g. to add them later)")
     r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")
+    r.add_argument("--compare-losses", nargs="*", default=None, metavar="LOSS",
+                   help="also train every listwise loss (lpo, lpo_abs, listmle, kpo, ...) on the embedded K = 4 lists "
+                        "at the same steps and tabulate held-out accuracy, Kendall τ, NDCG and best-response "
+                        "log-likelihood; naming losses compares only those (off by default)")
     r.add_argument("--verbose", action="store_true", help="show the known-harmless megatron / torch warnings too "
                                                          "(as nemo-lpo --verbose)")
     r.set_defaults(func=run_reproduce_command)
@@ -77,4 +81,4 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
         return report_only(args.out)
     return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps,
                          include_embedded=not args.only_real, sft_steps=args.sft_steps,
-                         real_sft_steps=args.real_sft_steps)
+                         real_sft_steps=args.real_sft_steps, compare_losses=args.compare_losses)

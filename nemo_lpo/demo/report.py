@@ -6,6 +6,7 @@ import os
 import platform
 from pathlib import Path
 
+from nemo_lpo.demo.compare import comparison_section
 from nemo_lpo.demo.plots import plot_lines, read_metrics, series
 from nemo_lpo.io import atomic_write
 
@@ -179,6 +180,8 @@ def _suite_section(res: dict, report_dir: Path) -> list[str]:
               f"| per-list losses, random inputs | {lf['lists'] - lf['differing_bits_lists']} | {lf['lists']} |", ""]
     same = t["steps_identical"] == t["steps"] and t["tensors_identical"] == t["tensors"] and not lf["differing_bits_lists"]
     lines += [f"**{'Equal to the last bit.' if same else 'NOT bit-identical (see the counts above).'}**", ""]
+    if res.get("loss_comparison"):
+        lines += comparison_section(res["loss_comparison"])
     return lines
 
 

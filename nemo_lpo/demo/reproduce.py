@@ -11,6 +11,8 @@ seeded tiny Mixtral start, one reference pass per training set, then these runs 
   accuracy of the implicit reward on the K = 8 held-out lists.
 - Table 1: ``lpo`` with ``preference=true`` (m ≡ 1) on the same pairs as ``dpo``: the per-step losses and the
   final weights compared bit for bit, plus the loss functions on random inputs.
+- Optionally (``--compare-losses``, embedded default only): every listwise loss (listmle, kpo, ... beside lpo and
+  lpo_abs) on the K = 4 lists at the same steps, a table of held-out ranking metrics (``nemo_lpo.demo.compare``).
 
 Everything is written under the output folder; ``report.md`` holds the figures, the numbers and plain
 statements of where the miniature shows the paper's effect and where it does not.
@@ -42,13 +44,14 @@ class Suite:
     steps: int
     limits: dict = dataclasses.field(default_factory=dict)
     sft_steps: int = 0  # steps of the SFT warm start before Figure 1's runs (0: no warm start)
+    compare_losses: list[str] | None = None  # listwise losses to compare on the K = 4 lists ([] = all; None: none)
 
 
 def _say(message: str) -> None:
     print(f"[reproduce] {message}", flush=True)
 
 
-def embedded_suite(src_dir: Path, steps: int, sft_steps: int = 0) -> Suite:
+def embedded_suite(src_dir: Path, steps: int, sft_steps: int = 0, compare_losses: list[str] | None = None) -> Suite:
     """Write the nested K = 2 / 4 / 8 training files and the K = 8 held-out file of the embedded default."""
     splits = tasks.generate()
     files = {}
@@ -57,7 +60,8 @@ def embedded_suite(src_dir: Path, steps: int, sft_steps: int = 0) -> Suite:
         atomic_write(files[k], tasks.to_jsonl(tasks.subset_lists(splits["train"], k)))
     held = src_dir / "heldout_k8.jsonl"
     atomic_write(held, tasks.to_jsonl(tasks.subset_lists(splits["heldout"], 8)))
-    return Suite("embedded", {k: (p, None) for k, p in files.items()}, files[4], held, steps, sft_steps=sft_steps)
+    return Suite("embedded", {k: (p, None) for k, p in files.items()}, files[4], held, steps, sft_steps=sft_steps,
+                 compare_losses=compare_losses)
 
 
 def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64, sft_steps: int = 0) -> Suite | None:
@@ -137,6 +141,8 @@ def run_suite(suite: Suite, out: Path, demo_cfg) -> dict:
     results["table1"] = table1(results["runs"]["dpo_pairs"], results["runs"]["lpo_pref_pairs"])
     if suite.sft_steps:
         results["warm_start"] = warm_start(suite, out, held, ref_logps, demo_cfg)
+    if suite.compare_losses is not None:
+        results["loss_comparison"] = loss_comparison(suite, out, held, ref_logps, demo_cfg, results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     return results
 
@@ -170,6 +176,30 @@ def warm_start(suite: Suite, out: Path, held: Path, start_logps, demo_cfg) -> di
         entry, _ = _train_and_evaluate(cfg, held, sft_ckpt, sft_logps, demo_cfg.beta)
         runs[run] = {"data": data_name, **entry}
     return {"sft_steps": suite.sft_steps, "sft": sft, "runs": runs}
+
+
+def loss_comparison(suite: Suite, out: Path, held: Path, start_logps, demo_cfg, results: dict) -> dict:
+    """Train each listwise loss of ``suite.compare_losses`` ([] = all) on the K = 4 lists, evaluate, tabulate.
+
+    Same start, reference, data, steps and optimiser settings as Figure 2's runs; the ``lpo`` and ``lpo_abs``
+    runs on the K = 4 lists that Figure 2 already trained are reused, not trained again.
+    """
+    from nemo_lpo.demo.compare import COMPARE_K, comparison_plan, comparison_rows
+    from nemo_lpo.demo.pipeline import train_config
+
+    data_name = f"k{COMPARE_K}"
+    runs = {}
+    for loss, extra in comparison_plan(suite.compare_losses or None).items():
+        done = results["runs"].get(f"{loss}_{data_name}")
+        if done is not None and not extra:
+            runs[loss] = done
+            continue
+        _say(f"{suite.name}: training compare_{loss} ({loss} on {data_name}, {suite.steps} steps)")
+        cfg = train_config(demo_cfg, out / "data" / f"train_{data_name}", out / "start", out / "runs" / f"compare_{loss}",
+                           steps=suite.steps, loss=loss, extra=extra)
+        entry, _ = _train_and_evaluate(cfg, held, out / "start", start_logps, demo_cfg.beta)
+        runs[loss] = {"data": data_name, "extra": list(extra), **entry}
+    return {"k": COMPARE_K, "steps": suite.steps, "runs": runs, "rows": comparison_rows(runs, results["start"])}
 
 
 def length_baseline(prefix: Path) -> float:
@@ -241,16 +271,29 @@ def table1(dpo: dict, lpo: dict) -> dict:
 
 
 def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None,
-                  include_embedded: bool = True, sft_steps: int | None = None, real_sft_steps: int | None = None) -> int:
-    """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code."""
+                  include_embedded: bool = True, sft_steps: int | None = None, real_sft_steps: int | None = None,
+                  compare_losses: list[str] | None = None) -> int:
+    """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code.
+
+    ``compare_losses``: listwise losses to compare on the embedded default ([] = all of them; None = no comparison).
+    """
     from nemo_lpo.demo.pipeline import DemoConfig
 
     out = Path(out).resolve()
+    if compare_losses is not None:
+        from nemo_lpo.demo.compare import comparison_plan
+
+        try:  # a name that is no listwise loss fails now, not after the suite's other runs
+            comparison_plan(compare_losses or None)
+        except ValueError as err:
+            print(f"nemo-lpo reproduce: --compare-losses: {err}")
+            return 2
     t0 = time.perf_counter()
     steps = steps or 40
     sft_steps = steps if sft_steps is None else sft_steps
     demo_cfg = DemoConfig(out_dir=out, steps=steps)
-    suites = [embedded_suite(out / "embedded" / "src", steps, sft_steps=sft_steps)] if include_embedded else []
+    suites = [embedded_suite(out / "embedded" / "src", steps, sft_steps=sft_steps, compare_losses=compare_losses)] \
+        if include_embedded else []
     if include_real:
         real_steps = real_steps or max(8, steps // 5)
         real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps,

@@ -2,6 +2,8 @@
 
 Pure tensor math: no process groups, no ``.item()`` or other host syncs, no Python loops over lists or
 pairs. Every loss builds [B, K, K] pair tensors. Formulas, options and metric definitions: docs/losses.md.
+:data:`LOSS_SPECS` is the registry: each loss's function and the options it reads (the config validates
+``loss.options`` against it); the Plackett-Luce family's math lives in ``nemo_lpo.losses.plackett_luce``.
 
 Inputs, all [B, K] (B lists, K slots; lists may be ragged and the valid slots may be anywhere in a row):
 ``policy_logps`` / ``reference_logps`` are SUMMED response log-probs, ``rewards`` are annotated scalars
@@ -31,9 +33,19 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from nemo_lpo.losses.plackett_luce import plackett_luce_nll
+
 # LiPO gains 2^r - 1 saturate at r = 100 (2^100 ~ 1.3e30) so that the pair weights stay finite in float32;
 # only rewards above 100 are affected, and for them 2^r would overflow float32 (2^128) anyway.
 LIPO_MAX_GAIN_EXPONENT = 100.0
+
+
+class OptionError(ValueError):
+    """A bad value of one :class:`LossOptions` field; ``option`` names it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,7 @@ class LossOptions:
             global-batch estimate computed by the caller; detached either way.
         desirable_weight: KTO lambda_D, weight of the desirable (best) response's term.
         undesirable_weight: KTO lambda_U, weight of each undesirable response's term.
+        k: ``kpo``'s top positions of the annotated order that are modelled, an int >= 1 (1: softmax-DPO).
     """
 
     preference: bool = False
@@ -59,6 +72,14 @@ class LossOptions:
     kto_z: float | torch.Tensor | None = None
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        """Check the values that do not depend on the batch (the config checks them the same way)."""
+        if not self.alpha > 0:
+            raise OptionError("alpha", f"option alpha (reward temperature) must be > 0, got {self.alpha}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise OptionError("k", f"option k (kpo's top positions) must be an int >= 1, got {self.k!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +192,6 @@ def _kto(lists: ListBatch, opts: LossOptions) -> torch.Tensor:
 
 
 def _soft_labels(lists: ListBatch, opts: LossOptions) -> torch.Tensor:
-    if not opts.alpha > 0:
-        raise ValueError(f"option alpha (reward temperature) must be > 0, got {opts.alpha}")
     labels = torch.softmax(_fill_invalid(lists.rewards / opts.alpha, lists.mask), dim=-1)
     return torch.where(lists.mask, labels, torch.zeros_like(labels))
 
@@ -215,20 +234,46 @@ def _sft(lists: ListBatch, opts: LossOptions) -> torch.Tensor:
     return _best_nll_per_token(lists, opts, "loss_type='sft'")
 
 
-LOSSES: dict[str, LossFn] = {
-    "lpo": _lpo,
-    "lpo_abs": _lpo_abs,
-    "lpo_abs_table1": _lpo_abs_table1,
-    "dpo": _dpo,
-    "dpo_1vs0": _dpo_1vs0,
-    "dpo_pw": _dpo_pw,
-    "ipo": _ipo,
-    "kto": _kto,
-    "nca": _nca,
-    "infonca": _infonca,
-    "lipo_lambda": _lipo_lambda,
-    "sft": _sft,
+def _listmle(lists: ListBatch, opts: LossOptions) -> torch.Tensor:
+    return plackett_luce_nll(lists.margin, lists.pairs, lists.mask)
+
+
+def _kpo(lists: ListBatch, opts: LossOptions) -> torch.Tensor:
+    return plackett_luce_nll(lists.margin, lists.pairs, lists.mask, top_k=opts.k)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """One registry entry: ``fn`` (ListBatch, LossOptions) -> [B]; ``options``: the fields it reads (+ COMMON)."""
+
+    fn: LossFn
+    options: tuple[str, ...] = ()
+
+
+COMMON_OPTIONS = ("sft_weight", "response_lengths")
+"""Options every loss takes (the SFT term)."""
+RUNTIME_OPTIONS = ("response_lengths",)
+"""Options the trainer hands over from the batch (tensors): never set in a config."""
+
+LOSS_SPECS: dict[str, LossSpec] = {
+    "lpo": LossSpec(_lpo, ("preference",)),
+    "lpo_abs": LossSpec(_lpo_abs, ("preference",)),
+    "lpo_abs_table1": LossSpec(_lpo_abs_table1, ("preference",)),
+    "dpo": LossSpec(_dpo),
+    "dpo_1vs0": LossSpec(_dpo_1vs0),
+    "dpo_pw": LossSpec(_dpo_pw),
+    "ipo": LossSpec(_ipo),
+    "kto": LossSpec(_kto, ("kto_z", "desirable_weight", "undesirable_weight")),
+    "nca": LossSpec(_nca, ("alpha",)),
+    "infonca": LossSpec(_infonca, ("alpha",)),
+    "lipo_lambda": LossSpec(_lipo_lambda, ("preference",)),
+    "sft": LossSpec(_sft),
+    "listmle": LossSpec(_listmle),
+    "kpo": LossSpec(_kpo, ("k",)),
 }
+"""The declarative registry: loss name -> its function and the options it reads."""
+
+LOSSES: dict[str, LossFn] = {name: spec.fn for name, spec in LOSS_SPECS.items()}
 """Registry: loss name -> fn(ListBatch, LossOptions) -> per-list loss [B] (before the SFT term)."""
 
 
@@ -357,7 +402,7 @@ def listwise_loss(
         mask: [B, K] bool (or 0/1), valid slots.
         beta: KL coefficient, > 0; implicit reward r_theta = beta * (policy - reference).
         **options: fields of :class:`LossOptions` (preference, alpha, sft_weight, response_lengths, kto_z,
-            desirable_weight, undesirable_weight).
+            desirable_weight, undesirable_weight, k).
 
     Returns:
         (per_list_loss [B], metrics): the loss is 0 for lists with fewer than 2 valid responses; the
@@ -365,7 +410,7 @@ def listwise_loss(
 
     Raises:
         ValueError: unknown loss_type (the message lists the registry), mismatched shapes, K != 2 for
-            dpo / ipo, bad beta / alpha, or sft_weight > 0 / ``sft`` without response_lengths.
+            dpo / ipo, bad beta / alpha / k, or sft_weight > 0 / ``sft`` without response_lengths.
         TypeError: unknown option names or non-tensor inputs.
     """
     if loss_type not in LOSSES:
