@@ -13,16 +13,23 @@ INSTALL_COMMAND = "pip install 'megatron-bridge>=0.6,<0.7'"
 """How to add Megatron-Bridge to an environment that lacks it (the NeMo image already has it)."""
 
 
-def bridge_available() -> bool:
-    """Whether Megatron-Bridge's training entry point imports here (its absence or a broken install: False)."""
+def bridge_import_error() -> str | None:
+    """None when Megatron-Bridge's training entry point imports here, else why not (absent or broken install)."""
     try:
         import megatron.bridge.training.finetune  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        return False
-    return True
+    except (ImportError, RuntimeError, OSError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
-def missing_bridge_message() -> str:
-    """What to do when Megatron-Bridge is absent."""
-    return (f"Megatron-Bridge is not installed here. Run this inside the NeMo Framework container {NEMO_IMAGE} "
-            f"(it ships Megatron-Bridge; see Dockerfile.nemo and docs/nemo.md), or install it: {INSTALL_COMMAND}")
+def bridge_available() -> bool:
+    """Whether Megatron-Bridge's training entry point imports here."""
+    return bridge_import_error() is None
+
+
+def missing_bridge_message(error: str | None = None) -> str:
+    """What to do when Megatron-Bridge does not import (``error``: why, from ``bridge_import_error``)."""
+    why = f" ({error})" if error else ""
+    return (f"Megatron-Bridge does not import here{why}. Run this inside the NeMo Framework container "
+            f"{NEMO_IMAGE} (it ships Megatron-Bridge with Transformer Engine; see Dockerfile.nemo and docs/nemo.md), "
+            f"or install it: {INSTALL_COMMAND}")
