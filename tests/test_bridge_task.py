@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from nemo_lpo.batch.collate import ListwiseCollator
 from nemo_lpo.bridge import INSTALL_COMMAND, NEMO_IMAGE, bridge_available
 from nemo_lpo.bridge.task import LPOTask
-from nemo_lpo.data import ListwiseCollator
 
 
 def item(prompt, responses, rewards, ref):

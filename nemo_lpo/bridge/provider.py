@@ -27,9 +27,10 @@ def resolve_preset(preset: str, checkpoint: str | None):
     Raises:
         ValueError: an unknown name, no description in the checkpoint, or a named preset that disagrees with it.
     """
-    from nemo_lpo.convert.mcore_side import read_checkpoint_preset
+    from nemo_lpo.io import checkpoint_sidecar
     from nemo_lpo.model.presets import get_preset
-    from nemo_lpo.train.lpo_model import _architecture_diff, checkpoint_sidecar
+    from nemo_lpo.model.resolve import _architecture_diff
+    from nemo_lpo.model.sidecar import read_checkpoint_preset
 
     sidecar = checkpoint_sidecar(checkpoint)
     recorded = read_checkpoint_preset(sidecar.parent) if sidecar is not None else None
@@ -121,7 +122,8 @@ class LPODatasetProvider(DatasetProvider):
 
     def build_datasets(self, context: DatasetBuildContext):
         """(train, None, None): the collated listwise dataset; no validation or test split."""
-        from nemo_lpo.data import ListwiseCollator, ListwiseDataset
+        from nemo_lpo.batch.layouts import select_layout
+        from nemo_lpo.data import ListwiseDataset
 
         if not Path(f"{self.train_prefix}.manifest.json").is_file():
             raise FileNotFoundError(f"dataset.train_prefix: no packed dataset at {self.train_prefix} "
@@ -131,5 +133,5 @@ class LPODatasetProvider(DatasetProvider):
             raise ValueError(f"dataset.train_prefix: {self.train_prefix} has no reference log-probs; the "
                              "Megatron-Bridge LPO recipe trains on a precomputed reference only: run "
                              "`nemo-lpo ref-logps` on it first")
-        collate = ListwiseCollator(dataset.pad_id, pad_to_multiple_of=self.pad_to_multiple_of, packed=self.packed)
+        collate = select_layout(packed=self.packed).collator(dataset.pad_id, self.pad_to_multiple_of)
         return CollatedListwiseDataset(dataset, collate), None, None

@@ -45,7 +45,7 @@ def pretrained_layout(checkpoint: str | Path, run_dir: str | Path, tp: int, pp: 
     ``run_dir/pretrained``: links to every file of the checkpoint plus that small ``run_config.yaml``; the
     converted checkpoint itself is not modified. A training run's ``checkpoints/`` folder resolves to its latest.
     """
-    from nemo_lpo.train.checkpoint import LATEST, latest_checkpoint
+    from nemo_lpo.io import LATEST, latest_checkpoint
 
     source = Path(checkpoint).resolve()
     if (source / LATEST).is_file():
@@ -134,8 +134,10 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
 
 def lpo_task(cfg: Config) -> LPOTask:
     """The forward step matching ``cfg.loss``."""
+    from nemo_lpo.train.lpo_model import layout_of
+
     return LPOTask(loss_type=cfg.loss.type, beta=cfg.loss.beta, length_average=cfg.loss.length_average,
-                   options=cfg.loss.options)
+                   options=cfg.loss.options, layout=layout_of(cfg))
 
 
 def recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[ConfigContainer, LPOTask]:

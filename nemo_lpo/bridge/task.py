@@ -27,23 +27,8 @@ from functools import partial
 
 import torch
 
+from nemo_lpo.batch.layouts import BatchLayout, select_layout
 from nemo_lpo.losses import LOSSES, listwise_loss
-
-
-# --- batch layout: the only two places that know how a batch becomes model inputs and response log-probs ---
-def layout_model_inputs(batch: dict, model) -> dict:
-    """GPTModel forward arguments for ``batch`` (the last stage then returns -log p(label) per token)."""
-    from nemo_lpo.train.logprobs import model_inputs
-
-    return model_inputs(batch, model)
-
-
-def layout_response_logps(output: torch.Tensor, batch: dict, length_average: bool) -> torch.Tensor:
-    """[B, K] response log-probs from the last stage's output (-log p per token)."""
-    from nemo_lpo.train.logprobs import sequence_logps
-
-    return sequence_logps(-output.float(), batch, length_average)
-# ------------------------------------------------------------------------------------------------------------
 
 
 def _device() -> torch.device:
@@ -66,6 +51,8 @@ class LPOTask:
     """Average each response's token log-probs instead of summing them (length-normalised variants)."""
     options: dict = field(default_factory=dict)
     """Further keyword options of the loss (``preference``, ``alpha``, ``sft_weight``, ...)."""
+    layout: BatchLayout = field(default_factory=select_layout)
+    """How a micro-batch becomes model inputs and [B, K] log-probs (``nemo_lpo.batch``; default: padded rows)."""
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSSES:
@@ -97,12 +84,12 @@ class LPOTask:
         if "ref_logps" not in batch:
             raise ValueError("the micro-batch has no ref_logps: the Megatron-Bridge LPO recipe trains on a "
                              "precomputed reference only (run `nemo-lpo ref-logps` on the dataset first)")
-        output = model(**layout_model_inputs(batch, model))
+        output = model(**self.layout.model_inputs(batch, model))
         return output, partial(self.loss_func, batch)
 
     def loss_func(self, batch: dict, output: torch.Tensor):
         """``(sum of per-list losses, valid lists, {name: [mean × valid, valid]})`` of one micro-batch."""
-        policy = layout_response_logps(output, batch, self.length_average)
+        policy = self.layout.response_logps(output, batch, self.length_average)
         per_list, metrics = listwise_loss(self.loss_type, policy, batch["ref_logps"].to(policy),
                                           batch["rewards"].to(policy), batch["response_mask"], self.beta,
                                           **self._loss_options(batch))

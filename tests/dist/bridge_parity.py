@@ -90,9 +90,9 @@ def run_bridge_task(cfg) -> tuple[list[dict], list[dict]]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemo_lpo.bridge.task import LPOTask
+    from nemo_lpo.train.feeder import BatchFeeder
     from nemo_lpo.train.lpo_model import LPOModel
     from nemo_lpo.train.optimizer import build_optimizer
-    from nemo_lpo.train.step import BatchFeeder
 
     lpo = LPOModel(cfg, train=False)  # this stage's module with the init weights; no DDP, no reference
     config = lpo.config
@@ -102,10 +102,10 @@ def run_bridge_task(cfg) -> tuple[list[dict], list[dict]]:
     config.no_sync_func = ddps[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
     optimizer, scheduler = build_optimizer(cfg, ddps[0], STEPS)
-    feeder = BatchFeeder(cfg, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+    feeder = BatchFeeder(cfg, lpo.layout, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                          device=torch.device("cpu"))
     task = LPOTask(loss_type=cfg.loss.type, beta=cfg.loss.beta, length_average=cfg.loss.length_average,
-                   options=cfg.loss.options)
+                   options=cfg.loss.options, layout=lpo.layout)
     lines, grads = [], []
     for step in range(1, STEPS + 1):
         microbatches = feeder.next_global_batch()
