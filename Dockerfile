@@ -5,8 +5,9 @@
 #
 # The image's own CUDA builds are kept: torch, triton, numpy, Transformer Engine and Apex are frozen
 # by a pip constraints file, so installing this package never replaces them (a conflict fails the build
-# instead). megatron-core is the version pinned in pyproject.toml. Pick the NGC release whose PyTorch
-# matches pyproject.toml's torch; its Python must be 3.12.
+# instead). Everything else (megatron-core among them) is the tested version of constraints.txt. Pick the
+# NGC release whose PyTorch matches constraints.txt's torch; its Python must be 3.12. (NeMo Framework image
+# with Megatron-Bridge: Dockerfile.nemo.)
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.10-py3
 FROM ${BASE_IMAGE}
 
@@ -26,18 +27,21 @@ RUN python -c 'import sys; assert sys.version_info[:2] == (3, 12), f"nemo-lpo ne
     && grep -iq '^torch==' /opt/nemo-lpo-image-constraints.txt \
     && cat /opt/nemo-lpo-image-constraints.txt
 
-# 2. The pinned dependencies (megatron-core among them) except those the image provides; cached as a layer.
-COPY pyproject.toml README.md ./
-RUN python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
-print("\n".join(d for d in deps if d.split("=")[0].split("[")[0].strip().lower() not in {"torch", "triton", "numpy"}))' \
+# 2. The dependencies except those the image provides, at their tested versions (constraints.txt without the
+#    image's torch / triton / numpy / CUDA wheels); cached as a layer.
+COPY pyproject.toml README.md constraints.txt ./
+RUN python -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+print("\n".join(d for d in deps if re.split(r"[<>=\[ ]", d)[0].lower() not in {"torch", "triton", "numpy"}))' \
        > /opt/nemo-lpo-requirements.txt \
-    && python -m pip install --no-cache-dir -c /opt/nemo-lpo-image-constraints.txt -r /opt/nemo-lpo-requirements.txt
+    && grep -viE '^(torch|triton|numpy|nvidia[-_]|cuda[-_])' constraints.txt > /opt/nemo-lpo-tested.txt \
+    && python -m pip install --no-cache-dir -c /opt/nemo-lpo-image-constraints.txt -c /opt/nemo-lpo-tested.txt \
+       -r /opt/nemo-lpo-requirements.txt
 
 # 3. This package, editable so that conf/ and recipes/ resolve from /workspace/nemo-lpo.
 COPY . .
 RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation -e . \
-    && python -c 'import importlib.metadata as m, tomllib; \
-pins = {d.split("==")[0]: d.split("==")[1] for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if "==" in d}; \
+    && python -c 'import importlib.metadata as m; \
+pins = dict(line.strip().split("==") for line in open("constraints.txt") if "==" in line and not line.startswith("#")); \
 got, want = m.version("megatron-core"), pins["megatron-core"]; assert got == want, ("megatron-core", got, want)' \
     && python -m pip list --format=freeze | grep -iE '^(torch|numpy)==' | diff - <(grep -iE '^(torch|numpy)==' /opt/nemo-lpo-image-constraints.txt) \
     && nemo-lpo --version

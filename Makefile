@@ -1,5 +1,5 @@
 # nemo-lpo: one virtual environment (.venv, Python 3.12) and the commands that run in it.
-# `make demo` and `make test` set everything up first; set-up is skipped when pyproject.toml is unchanged.
+# `make demo` and `make test` set everything up first; set-up is skipped when pyproject.toml and constraints.txt are unchanged.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
@@ -16,10 +16,11 @@ help:
 	@echo "make bench      print the benchmarks' side-by-side ratios"
 	@echo "make reproduce  the paper's findings in miniature (report under outputs/reproduce)"
 
-$(STAMP): pyproject.toml
+# pyproject.toml holds ranges (containers keep their own builds); constraints.txt the exact tested set
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || "$$(scripts/find_python312.sh)" -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,7 +38,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 reproduce: setup

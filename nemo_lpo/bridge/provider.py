@@ -1,0 +1,137 @@
+"""Megatron-Bridge model and dataset providers for nemo-lpo (import only where Megatron-Bridge is installed).
+
+``LPOModelProvider`` is a Megatron-Bridge ``GPTModelProvider`` (a TransformerConfig that builds the model) whose
+``provide()`` builds nemo-lpo's own model (``nemo_lpo.model.build.build_gpt_model``: a GPTModel honouring per-token
+positions, with the gathered attention on megatron's local spec) for a named preset or for the architecture a
+converted checkpoint records in its ``nemo_lpo_model.json``. ``LPODatasetProvider`` serves a packed listwise
+dataset (``nemo-lpo pack``) with its reference log-prob sidecar (``nemo-lpo ref-logps``), collated by nemo-lpo's
+collator; Megatron-Bridge's data loader batches ``micro_batch_size`` lists per micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.core.transformer.transformer_config import TransformerConfig as MCoreTransformerConfig
+
+FROM_CHECKPOINT = "from_checkpoint"
+
+
+def resolve_preset(preset: str, checkpoint: str | None):
+    """The ModelPreset named ``preset``, or (``from_checkpoint``) the one ``checkpoint``'s nemo_lpo_model.json records.
+
+    Raises:
+        ValueError: an unknown name, no description in the checkpoint, or a named preset that disagrees with it.
+    """
+    from nemo_lpo.io import checkpoint_sidecar
+    from nemo_lpo.model.presets import get_preset
+    from nemo_lpo.model.resolve import _architecture_diff
+    from nemo_lpo.model.sidecar import read_checkpoint_preset
+
+    sidecar = checkpoint_sidecar(checkpoint)
+    recorded = read_checkpoint_preset(sidecar.parent) if sidecar is not None else None
+    if preset == FROM_CHECKPOINT:
+        if recorded is None:
+            raise ValueError(f"LPOModelProvider.lpo_preset=from_checkpoint: {checkpoint!r} has no nemo_lpo_model.json "
+                             "(convert the HF model with `nemo-lpo convert hf-to-mcore`, or name a preset)")
+        return recorded
+    try:
+        named = get_preset(preset)
+    except KeyError as err:
+        raise ValueError(f"LPOModelProvider.lpo_preset: {err.args[0]} (or {FROM_CHECKPOINT})") from None
+    diff = _architecture_diff(named, recorded) if recorded is not None else []
+    if diff:
+        raise ValueError(f"lpo_preset={preset} and {checkpoint}/nemo_lpo_model.json describe different models: "
+                         + "; ".join(diff))
+    return named
+
+
+@dataclass
+class LPOModelProvider(GPTModelProvider):
+    """Megatron-Bridge GPT provider that builds nemo-lpo's model (see the module docstring)."""
+
+    lpo_preset: str = "tiny-mixtral"
+    """A ``nemo_lpo.model.presets`` name, or ``from_checkpoint`` (the architecture of ``lpo_checkpoint``)."""
+    lpo_checkpoint: str | None = None
+    """The converted checkpoint (``nemo-lpo convert hf-to-mcore`` output) whose description is checked / used."""
+
+    def provide(self, pre_process=None, post_process=None, vp_stage=None):
+        """nemo-lpo's GPTModel of this pipeline stage (TE layer spec when TE imports, local spec otherwise)."""
+        from nemo_lpo.model.build import build_gpt_model
+
+        preset = resolve_preset(self.lpo_preset, self.lpo_checkpoint)
+        return build_gpt_model(preset, self, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+def lpo_model_provider(preset: str = "tiny-mixtral", *, checkpoint: str | None = None, micro_batch_size: int = 1,
+                       seq_length: int = 4096, moe_aux_loss_coeff: float = 1e-2, **parallel) -> LPOModelProvider:
+    """An ``LPOModelProvider`` configured as nemo-lpo configures its model (``presets.transformer_config``).
+
+    Args:
+        preset: preset name or ``from_checkpoint``.
+        checkpoint: converted checkpoint to read / check the architecture against.
+        micro_batch_size: lists per micro-batch. The MoE load-balancing loss gets ``moe_aux_loss_coeff ×
+            micro_batch_size``: under ``calculate_per_token_loss`` megatron divides its gradient by the global
+            valid-list count (not by micro-batches × data-parallel size), so this keeps nemo-lpo's weight
+            exactly whenever every list of the step is valid (``nemo_lpo.bridge.task``).
+        seq_length: the model's nominal sequence length (pipeline buffers when shapes are not exchanged).
+        moe_aux_loss_coeff: nemo-lpo's weight of the router load-balancing loss.
+        **parallel: ``transformer_config`` arguments (tp, pp, ep, etp, sequence_parallel, params_dtype, bf16,
+            fp8, recompute, moe_token_dispatcher_type, ...).
+    """
+    from nemo_lpo.model.presets import transformer_config
+
+    arch = resolve_preset(preset, checkpoint)
+    config = transformer_config(arch, moe_aux_loss_coeff=moe_aux_loss_coeff * micro_batch_size,
+                                calculate_per_token_loss=True, **parallel)
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(MCoreTransformerConfig) if f.init}
+    return LPOModelProvider(**values, lpo_preset=preset, lpo_checkpoint=checkpoint, vocab_size=arch.vocab_size,
+                            should_pad_vocab=False, make_vocab_size_divisible_by=1, seq_length=seq_length,
+                            share_embeddings_and_output_weights=False, position_embedding_type="rope",
+                            rotary_base=int(arch.rotary_base))
+
+
+class CollatedListwiseDataset:
+    """A ``ListwiseDataset`` with the ``collate_fn`` Megatron-Bridge's data loader picks up."""
+
+    def __init__(self, dataset, collate_fn) -> None:
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[int(index)]
+
+
+@dataclass(kw_only=True)
+class LPODatasetProvider(DatasetProvider):
+    """Packed listwise training data with a precomputed reference (the recipe holds one model: no online μ)."""
+
+    train_prefix: str
+    """Prefix of the packed dataset (``nemo-lpo pack`` output) with its ``nemo-lpo ref-logps`` sidecar."""
+    pad_to_multiple_of: int = 8
+    """Padded sequence length multiple (a multiple of tp under sequence parallelism)."""
+    packed: bool = False
+    """One row of back-to-back sequences per micro-batch (megatron's local attention only)."""
+
+    def build_datasets(self, context: DatasetBuildContext):
+        """(train, None, None): the collated listwise dataset; no validation or test split."""
+        from nemo_lpo.batch.layouts import select_layout
+        from nemo_lpo.data import ListwiseDataset
+
+        if not Path(f"{self.train_prefix}.manifest.json").is_file():
+            raise FileNotFoundError(f"dataset.train_prefix: no packed dataset at {self.train_prefix} "
+                                    f"({self.train_prefix}.manifest.json is missing; run `nemo-lpo pack`)")
+        dataset = ListwiseDataset(self.train_prefix)
+        if not dataset.has_ref_logps:
+            raise ValueError(f"dataset.train_prefix: {self.train_prefix} has no reference log-probs; the "
+                             "Megatron-Bridge LPO recipe trains on a precomputed reference only: run "
+                             "`nemo-lpo ref-logps` on it first")
+        collate = select_layout(packed=self.packed).collator(dataset.pad_id, self.pad_to_multiple_of)
+        return CollatedListwiseDataset(dataset, collate), None, None

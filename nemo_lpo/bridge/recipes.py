@@ -1,0 +1,161 @@
+"""Megatron-Bridge recipes for LPO: nemo-lpo's run configurations as ``ConfigContainer``s.
+
+``lpo_mixtral_8x7b()`` and ``lpo_mistral_7b()`` load the same layered YAML as the Slurm recipes
+(recipes/conf/*.yaml: Mixtral TP1 PP4 EP8 FP8 bf16; Mistral TP2+SP DP4 bf16) and ``config_container(cfg)``
+translates a validated nemo-lpo ``Config`` into Megatron-Bridge's sections: the model provider, the listwise
+dataset provider, Adam + the cosine/linear schedule, DDP (summing, for the per-count loss), the checkpoint
+(``pretrained_checkpoint`` = ``model.init_checkpoint``), logging and seed. ``lpo_task(cfg)`` is the matching
+forward step. Import only where Megatron-Bridge is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+from megatron.bridge.training.config import (
+    CheckpointConfig,
+    ConfigContainer,
+    DistributedDataParallelConfig,
+    LoggerConfig,
+    OptimizerConfig,
+    RNGConfig,
+    SchedulerConfig,
+    TrainingConfig,
+)
+from megatron.bridge.training.tokenizers.config import TokenizerConfig
+
+from nemo_lpo.bridge.provider import LPODatasetProvider, lpo_model_provider
+from nemo_lpo.bridge.task import LPOTask
+from nemo_lpo.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE_CONFS = {"mixtral-8x7b": REPO / "recipes" / "conf" / "mixtral_8x7b_h100.yaml",
+                "mistral-7b": REPO / "recipes" / "conf" / "mistral_7b_h100.yaml",
+                "tiny-cpu": REPO / "conf" / "tiny_cpu.yaml"}
+RUN_CONFIG = "run_config.yaml"  # what Megatron-Bridge reads beside a torch_dist checkpoint (its TP/PP check)
+
+
+def pretrained_layout(checkpoint: str | Path, run_dir: str | Path, tp: int, pp: int) -> str:
+    """A checkpoint directory Megatron-Bridge's ``pretrained_checkpoint`` loads, for a nemo-lpo / converted one.
+
+    Megatron-Bridge (0.6) loads a torch_dist directory given directly (it has ``metadata.json``) but then wants
+    ``run_config.yaml`` beside it (else it looks for Megatron-LM's legacy ``args`` and fails). The layout is
+    ``run_dir/pretrained``: links to every file of the checkpoint plus that small ``run_config.yaml``; the
+    converted checkpoint itself is not modified. A training run's ``checkpoints/`` folder resolves to its latest.
+    """
+    from nemo_lpo.io import LATEST, latest_checkpoint
+
+    source = Path(checkpoint).resolve()
+    if (source / LATEST).is_file():
+        source = latest_checkpoint(source)
+    if not (source / "metadata.json").is_file():
+        raise FileNotFoundError(f"model.init_checkpoint: {source} is not a megatron dist checkpoint (no metadata.json); "
+                                "convert the HF model with `nemo-lpo convert hf-to-mcore`")
+    target = Path(run_dir) / "pretrained"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        link = target / item.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(item)
+    run_config = {"model": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+                  "checkpoint": {"save_optim": False, "save_rng": False, "fully_parallel_save": True}}
+    tmp = target / f".{RUN_CONFIG}.tmp"
+    tmp.write_text(yaml.safe_dump(run_config))
+    tmp.replace(target / RUN_CONFIG)
+    return str(target)
+
+
+def train_iters(cfg: Config) -> int:
+    """Optimizer steps: ``train.max_steps`` or ``train.epochs`` passes over the dataset."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    from nemo_lpo.data import ListwiseDataset
+
+    return max(1, cfg.train.epochs * (len(ListwiseDataset(cfg.data.train_prefix)) // cfg.data.global_batch_size))
+
+
+def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
+    """Megatron-Bridge's ``ConfigContainer`` for a validated nemo-lpo ``Config`` (precomputed reference only)."""
+    if cfg.reference.mode != "precomputed":
+        raise ConfigError("reference.mode: the Megatron-Bridge recipe holds one model, so the reference must be "
+                          "precomputed (`nemo-lpo ref-logps`); set reference.mode=precomputed")
+    if cfg.data.shared_prompt:
+        raise ConfigError("data.shared_prompt: not supported by the Megatron-Bridge recipe (use nemo-lpo train)")
+    if not cfg.data.train_prefix:
+        raise ConfigError("data.train_prefix: give the packed dataset prefix (nemo-lpo pack output)")
+    p, m, o, d = cfg.parallel, cfg.model, cfg.optim, cfg.data
+    bf16 = m.params_dtype == "bf16"
+    import torch
+
+    provider = lpo_model_provider(
+        m.preset, checkpoint=m.init_checkpoint, micro_batch_size=d.micro_batch_size,
+        moe_aux_loss_coeff=1e-2 if m.moe_aux_loss_coeff is None else m.moe_aux_loss_coeff,
+        tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16, fp8=m.fp8,
+        recompute=None if m.recompute == "none" else m.recompute, moe_token_dispatcher_type=m.moe_token_dispatcher,
+        **({"virtual_pipeline_model_parallel_size": p.vpp} if p.vpp > 1 else {}))
+    iters = train_iters(cfg)
+    run_dir = Path(cfg.logging.run_dir)
+    multiple = math.lcm(d.pad_to_multiple_of, p.tp) if p.sequence_parallel and p.tp > 1 else d.pad_to_multiple_of
+    return ConfigContainer(
+        model=provider,
+        train=TrainingConfig(train_iters=iters, global_batch_size=d.global_batch_size,
+                             micro_batch_size=d.micro_batch_size),
+        optimizer=OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                                  adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                                  clip_grad=o.clip_grad, bf16=bf16, use_distributed_optimizer=p.distributed_optimizer,
+                                  params_dtype=torch.bfloat16 if bf16 else torch.float32),
+        scheduler=SchedulerConfig(lr_decay_style=o.decay_style, lr_warmup_iters=o.warmup_steps,
+                                  lr_warmup_init=0.0, lr_decay_iters=o.decay_steps or iters,
+                                  start_weight_decay=o.weight_decay, end_weight_decay=o.weight_decay,
+                                  weight_decay_incr_style="constant"),
+        # calculate_per_token_loss: DDP sums gradients (megatron asserts average_in_collective is off)
+        ddp=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+                                          overlap_param_gather=p.overlap_param_gather, average_in_collective=False,
+                                          use_distributed_optimizer=p.distributed_optimizer),
+        dataset=LPODatasetProvider(train_prefix=d.train_prefix, pad_to_multiple_of=multiple, packed=d.packed,
+                                   dataloader_type="cyclic", num_workers=num_workers,
+                                   pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0),
+        logger=LoggerConfig(log_interval=cfg.logging.log_interval,
+                            tensorboard_dir=str(run_dir / "tb") if cfg.logging.tensorboard else None),
+        tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=provider.vocab_size),
+        checkpoint=CheckpointConfig(
+            save=str(run_dir / "checkpoints"), load=str(run_dir / "checkpoints"), ckpt_format="torch_dist",
+            save_interval=cfg.checkpoint.save_interval or iters,
+            pretrained_checkpoint=(pretrained_layout(m.init_checkpoint, run_dir, p.tp, p.pp)
+                                   if m.init_checkpoint else None)),
+        rng=RNGConfig(seed=cfg.train.seed),
+        mixed_precision=None,  # precision is the provider's (nemo-lpo's transformer_config: bf16 / fp8)
+    )
+
+
+def lpo_task(cfg: Config) -> LPOTask:
+    """The forward step matching ``cfg.loss``."""
+    from nemo_lpo.train.lpo_model import layout_of
+
+    return LPOTask(loss_type=cfg.loss.type, beta=cfg.loss.beta, length_average=cfg.loss.length_average,
+                   options=cfg.loss.options, layout=layout_of(cfg))
+
+
+def recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[ConfigContainer, LPOTask]:
+    """(ConfigContainer, forward step) of a named recipe (``RECIPE_CONFS``) with nemo-lpo ``key=value`` overrides."""
+    if name not in RECIPE_CONFS:
+        raise ConfigError(f"recipe: unknown {name!r}; choose one of {sorted(RECIPE_CONFS)}")
+    if not RECIPE_CONFS[name].is_file():
+        raise FileNotFoundError(f"recipe {name}: {RECIPE_CONFS[name]} is missing (install nemo-lpo from its source "
+                                "tree: pip install -e .)")
+    cfg = load_config(RECIPE_CONFS[name], list(overrides))
+    return config_container(cfg), lpo_task(cfg)
+
+
+def lpo_mixtral_8x7b(*overrides: str) -> ConfigContainer:
+    """Mixtral-8x7B LPO on 8×8 H100: TP1 PP4 EP8, FP8 (hybrid) through TE, bf16, global batch 32."""
+    return recipe("mixtral-8x7b", overrides)[0]
+
+
+def lpo_mistral_7b(*overrides: str) -> ConfigContainer:
+    """Mistral-7B LPO on 8 H100: TP2 + sequence parallel, DP4, bf16, distributed optimizer, global batch 32."""
+    return recipe("mistral-7b", overrides)[0]
