@@ -12,6 +12,8 @@ and import neither each other.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nemo_lpo"
@@ -85,3 +87,38 @@ def test_the_checker_sees_a_cycle(tmp_path):
     path = tmp_path / "mod.py"
     path.write_text("def f():\n    from nemo_lpo.train.loop import Trainer\n    import nemo_lpo.data.pack\n")
     assert _imports(path) >= {"nemo_lpo.train.loop", "nemo_lpo.data.pack"}
+
+
+# Modules that may import inside functions, and why (every other module imports at its top). Command modules stay
+# cheap to import because ``nemo-lpo --help`` imports all of them; the others import an optional dependency.
+LAZY_IMPORTS = {
+    "nemo_lpo.cli": "the entry point: imports the command modules and nothing heavy",
+    "nemo_lpo.data.cli": "command module", "nemo_lpo.train.cli": "command module",
+    "nemo_lpo.convert.cli": "command module", "nemo_lpo.evaluate.cli": "command module",
+    "nemo_lpo.demo.cli": "command module", "nemo_lpo.bridge.cli": "command module",
+    "nemo_lpo.bridge": "probes whether the optional Megatron-Bridge imports",
+    "nemo_lpo.model.build": "probes whether Transformer Engine imports (a broken TE raises, not ImportError)",
+    "nemo_lpo.model.te_attention": "Transformer Engine is optional (absent on CPU machines)",
+    "nemo_lpo.train.metrics": "TensorBoard and Weights & Biases are optional loggers",
+    "nemo_lpo.demo.plots": "matplotlib's Agg backend must be chosen before pyplot is imported",
+    "nemo_lpo.config.schema": "the loss registry imports torch: only when a loss is validated, not at `--help`",
+}
+
+
+def _function_level_imports(path: Path) -> int:
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(node) for node in tree.body}
+    return sum(isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in top for node in ast.walk(tree))
+
+
+def test_imports_at_module_top_except_where_listed():
+    lazy = sorted(_module_name(path) for path in PACKAGE.rglob("*.py") if _function_level_imports(path))
+    assert [name for name in lazy if name not in LAZY_IMPORTS] == []
+
+
+def test_the_command_line_starts_without_torch():
+    """``nemo-lpo --help`` builds every command's parser without importing torch or megatron."""
+    code = ("import sys, nemo_lpo.cli; nemo_lpo.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -78,7 +78,8 @@ def test_cli_flag_is_off_by_default_and_takes_loss_names():
 def test_tiny_comparison_trains_each_loss_and_tabulates(tmp_path):
     from nemo_lpo.data import ListwiseDataset
     from nemo_lpo.demo import reproduce, tasks
-    from nemo_lpo.demo.pipeline import DemoConfig, save_start_weights, write_sidecar
+    from nemo_lpo.demo.config import DemoConfig
+    from nemo_lpo.demo.pipeline import save_start_weights, write_sidecar
     from nemo_lpo.evaluate.run import evaluate_checkpoint
 
     splits = tasks.generate()

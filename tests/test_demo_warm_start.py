@@ -29,7 +29,8 @@ def _best(engine, values):
 def test_warm_start_trains_sft_then_dpo_and_lpo_abs_from_it(tmp_path):
     from nemo_lpo.data import ListwiseDataset
     from nemo_lpo.demo import reproduce, tasks
-    from nemo_lpo.demo.pipeline import DemoConfig, save_start_weights, write_sidecar
+    from nemo_lpo.demo.config import DemoConfig
+    from nemo_lpo.demo.pipeline import save_start_weights, write_sidecar
     from nemo_lpo.evaluate.engine import dataset_logps
     from nemo_lpo.evaluate.run import build_model, evaluate_checkpoint, resolve_checkpoint
     from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel

@@ -18,6 +18,14 @@ from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.core.transformer.transformer_config import TransformerConfig as MCoreTransformerConfig
 
+from nemo_lpo.batch.layouts import select_layout
+from nemo_lpo.data import ListwiseDataset
+from nemo_lpo.io import checkpoint_sidecar
+from nemo_lpo.model.build import build_gpt_model
+from nemo_lpo.model.presets import get_preset, transformer_config
+from nemo_lpo.model.resolve import _architecture_diff
+from nemo_lpo.model.sidecar import read_checkpoint_preset
+
 FROM_CHECKPOINT = "from_checkpoint"
 
 
@@ -27,11 +35,6 @@ def resolve_preset(preset: str, checkpoint: str | None):
     Raises:
         ValueError: an unknown name, no description in the checkpoint, or a named preset that disagrees with it.
     """
-    from nemo_lpo.io import checkpoint_sidecar
-    from nemo_lpo.model.presets import get_preset
-    from nemo_lpo.model.resolve import _architecture_diff
-    from nemo_lpo.model.sidecar import read_checkpoint_preset
-
     sidecar = checkpoint_sidecar(checkpoint)
     recorded = read_checkpoint_preset(sidecar.parent) if sidecar is not None else None
     if preset == FROM_CHECKPOINT:
@@ -61,8 +64,6 @@ class LPOModelProvider(GPTModelProvider):
 
     def provide(self, pre_process=None, post_process=None, vp_stage=None):
         """nemo-lpo's GPTModel of this pipeline stage (TE layer spec when TE imports, local spec otherwise)."""
-        from nemo_lpo.model.build import build_gpt_model
-
         preset = resolve_preset(self.lpo_preset, self.lpo_checkpoint)
         return build_gpt_model(preset, self, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
@@ -83,8 +84,6 @@ def lpo_model_provider(preset: str = "tiny-mixtral", *, checkpoint: str | None =
         **parallel: ``transformer_config`` arguments (tp, pp, ep, etp, sequence_parallel, params_dtype, bf16,
             fp8, recompute, moe_token_dispatcher_type, ...).
     """
-    from nemo_lpo.model.presets import transformer_config
-
     arch = resolve_preset(preset, checkpoint)
     config = transformer_config(arch, moe_aux_loss_coeff=moe_aux_loss_coeff * micro_batch_size,
                                 calculate_per_token_loss=True, **parallel)
@@ -122,9 +121,6 @@ class LPODatasetProvider(DatasetProvider):
 
     def build_datasets(self, context: DatasetBuildContext):
         """(train, None, None): the collated listwise dataset; no validation or test split."""
-        from nemo_lpo.batch.layouts import select_layout
-        from nemo_lpo.data import ListwiseDataset
-
         if not Path(f"{self.train_prefix}.manifest.json").is_file():
             raise FileNotFoundError(f"dataset.train_prefix: no packed dataset at {self.train_prefix} "
                                     f"({self.train_prefix}.manifest.json is missing; run `nemo-lpo pack`)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 import yaml
 from megatron.bridge.training.config import (
     CheckpointConfig,
@@ -29,6 +30,9 @@ from megatron.bridge.training.tokenizers.config import TokenizerConfig
 from nemo_lpo.bridge.provider import LPODatasetProvider, lpo_model_provider
 from nemo_lpo.bridge.task import LPOTask
 from nemo_lpo.config import Config, ConfigError, load_config
+from nemo_lpo.data import ListwiseDataset
+from nemo_lpo.io import LATEST, latest_checkpoint
+from nemo_lpo.train.lpo_model import layout_of
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE_CONFS = {"mixtral-8x7b": REPO / "recipes" / "conf" / "mixtral_8x7b_h100.yaml",
@@ -45,8 +49,6 @@ def pretrained_layout(checkpoint: str | Path, run_dir: str | Path, tp: int, pp: 
     ``run_dir/pretrained``: links to every file of the checkpoint plus that small ``run_config.yaml``; the
     converted checkpoint itself is not modified. A training run's ``checkpoints/`` folder resolves to its latest.
     """
-    from nemo_lpo.io import LATEST, latest_checkpoint
-
     source = Path(checkpoint).resolve()
     if (source / LATEST).is_file():
         source = latest_checkpoint(source)
@@ -72,7 +74,6 @@ def train_iters(cfg: Config) -> int:
     """Optimizer steps: ``train.max_steps`` or ``train.epochs`` passes over the dataset."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    from nemo_lpo.data import ListwiseDataset
 
     return max(1, cfg.train.epochs * (len(ListwiseDataset(cfg.data.train_prefix)) // cfg.data.global_batch_size))
 
@@ -88,7 +89,6 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
         raise ConfigError("data.train_prefix: give the packed dataset prefix (nemo-lpo pack output)")
     p, m, o, d = cfg.parallel, cfg.model, cfg.optim, cfg.data
     bf16 = m.params_dtype == "bf16"
-    import torch
 
     provider = lpo_model_provider(
         m.preset, checkpoint=m.init_checkpoint, micro_batch_size=d.micro_batch_size,
@@ -134,8 +134,6 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
 
 def lpo_task(cfg: Config) -> LPOTask:
     """The forward step matching ``cfg.loss``."""
-    from nemo_lpo.train.lpo_model import layout_of
-
     return LPOTask(loss_type=cfg.loss.type, beta=cfg.loss.beta, length_average=cfg.loss.length_average,
                    options=cfg.loss.options, layout=layout_of(cfg))
 

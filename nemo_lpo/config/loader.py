@@ -19,6 +19,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
+from omegaconf import OmegaConf
+
 from nemo_lpo.config.schema import Config, ConfigError
 from nemo_lpo.io import atomic_write
 
@@ -98,7 +101,6 @@ def from_dict(data: dict, cls: type = Config, prefix: str = "", source: str = "c
 
 
 def _load_yaml(path: Path) -> dict:
-    from omegaconf import OmegaConf
 
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -150,8 +152,6 @@ def _merge(base: dict, top: dict) -> dict:
 
 def parse_overrides(overrides: typing.Sequence[str]) -> tuple[dict, dict[str, str]]:
     """Split ``key=value`` overrides into a nested dict and ``group=name`` selections."""
-    import yaml
-
     nested: dict = {}
     groups: dict[str, str] = {}
     for item in overrides:
@@ -202,6 +202,4 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def dump_config(config: Config, path: str | Path) -> None:
     """Write ``config`` as YAML to ``path`` atomically (temp name + rename)."""
-    import yaml
-
     atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig
+
+from nemo_lpo.model.presets import ModelPreset
 from nemo_lpo.model.sidecar import ModelDescriptionError
 
 SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
@@ -20,8 +23,6 @@ class ConversionError(ModelDescriptionError):
 
 def load_hf_config(path: str | Path):
     """Read ``PATH/config.json`` with ``transformers.AutoConfig`` (local files only, never the hub)."""
-    from transformers import AutoConfig
-
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -69,8 +70,6 @@ def preset_from_hf_config(config, name: str | None = None, source: str = "config
     Raises:
         ConversionError: unsupported architecture or a setting the megatron model cannot honour.
     """
-    from nemo_lpo.model.presets import ModelPreset
-
     arch = architecture_of(config, source)
 
     def bad(field: str, value: Any, why: str) -> ConversionError:
@@ -148,8 +147,6 @@ def hf_config_from_preset(preset, architecture: str, base=None):
         base: an optional config to start from (keeps token ids, generation defaults and the like); its
             architecture fields are overwritten by the preset's.
     """
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig
-
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"architecture {architecture!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
     if architecture == "MixtralForCausalLM" and not preset.is_moe:

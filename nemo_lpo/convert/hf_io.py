@@ -12,8 +12,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nemo_lpo.convert.hf_config import ConversionError
+from nemo_lpo.convert.mcore_side import release_freed_memory
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -48,7 +51,6 @@ class HFCheckpointReader:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.shard_of: dict[str, str] = {}
-        from safetensors import safe_open
 
         for shard in shards:
             with safe_open(str(self.path / shard), framework="pt") as handle:
@@ -85,8 +87,6 @@ class HFCheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         """A copy of tensor ``name`` (only its shard is open while reading)."""
-        from safetensors import safe_open
-
         shard = self.shard_of[name]
         if shard != self._open_name:
             self.close()
@@ -139,14 +139,12 @@ class ShardedSafetensorsWriter:
         """Write the buffered tensors as one shard."""
         if not self._buffer:
             return
-        from safetensors.torch import save_file
 
         temp_name = f"shard-{len(self._written):05d}.tmp"
         save_file(self._buffer, str(self.out_dir / temp_name), metadata={"format": "pt"})
         self._written.append((temp_name, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0
-        from nemo_lpo.convert.mcore_side import release_freed_memory
 
         release_freed_memory()
 

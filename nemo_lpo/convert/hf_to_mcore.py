@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
 
 from nemo_lpo.convert.hf_config import (
     ConversionError,
@@ -122,7 +123,6 @@ def convert_hf_to_mcore(
     params = LazyParameters(produce, chunk_counts)
     strategy = make_lazy_save_strategy(locations, params)
 
-    from megatron.core import dist_checkpointing
 
     tmp = temp_sibling(out)
     try:

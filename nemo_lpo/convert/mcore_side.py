@@ -12,14 +12,33 @@ writes it, so ``resolve_data`` reads the HF tensors of that one parameter there.
 
 from __future__ import annotations
 
+import ctypes
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItemType
 
 from nemo_lpo.convert.hf_config import ConversionError
+from nemo_lpo.model.build import build_gpt_model
+from nemo_lpo.model.parallel import initialize_parallel
+from nemo_lpo.model.presets import transformer_config
 
 # megatron's sharded_state_dict(metadata=...) variants: the layout a checkpoint was saved with is detected
 # on load by which one's keys it holds; the converter writes megatron's default (the first).
@@ -33,10 +52,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def ensure_single_process_parallel() -> None:
     """Initialise a one-rank megatron world (gloo on CPU) unless one exists; refuse a model-parallel one."""
-    from megatron.core import parallel_state
-
-    from nemo_lpo.model.parallel import initialize_parallel
-
     if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
         initialize_parallel(tp=1, pp=1, ep=1)
         return
@@ -51,9 +66,6 @@ def ensure_single_process_parallel() -> None:
 
 def build_meta_model(preset, params_dtype: torch.dtype):
     """The preset's megatron GPTModel (local spec, TP=PP=EP=1) with parameters on the meta device."""
-    from nemo_lpo.model.build import build_gpt_model
-    from nemo_lpo.model.presets import transformer_config
-
     config = transformer_config(preset, params_dtype=params_dtype, use_cpu_initialization=True,
                                 perform_initialization=False)
     with torch.device("meta"):
@@ -62,8 +74,6 @@ def build_meta_model(preset, params_dtype: torch.dtype):
 
 def check_layout(preset, tp: int, pp: int, ep: int) -> None:
     """Raise ConversionError when the preset cannot run at TP/PP/EP (megatron's own checks)."""
-    from nemo_lpo.model.presets import transformer_config
-
     try:
         transformer_config(preset, tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1 and preset.is_moe,
                            use_cpu_initialization=True)
@@ -82,9 +92,6 @@ def iter_chunks(sharded_sd: dict):
     The dict keys of megatron's sharded state dict are the parameter names; factories (the SwiGLU split
     of ``linear_fc1``) are built on the (meta) data to find which view of the parameter each chunk is.
     """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     for name, obj in sharded_sd.items():
         if isinstance(obj, ShardedTensorFactory):
             chunks = list(nested_values(obj.build()))
@@ -134,7 +141,6 @@ class _ChunkRequest(torch.Tensor):
         self.chunks = chunks  # {offset tuple: tensor of the chunk's DCP sizes}
 
     def __create_chunk_list__(self):
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
         return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=t.shape) for o, t in self.chunks.items()]
 
@@ -152,10 +158,6 @@ def read_parameters(ckpt_dir: str | Path, locations: dict, names: set[str], shap
 
     torch DCP reassembles each requested chunk from the stored ones, whatever TP/PP/EP wrote them.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
     params = {name: torch.empty(shapes[name], dtype=dtype) for name in names}
     requests: dict[str, dict] = {}
     for (key, offset), loc in locations.items():
@@ -177,7 +179,6 @@ def checkpoint_global_shapes(sharded_sd: dict) -> dict[str, tuple[int, ...]]:
 
 def _malloc_trim():
     try:
-        import ctypes
 
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
@@ -234,16 +235,6 @@ class LazyParameters:
 
 def make_lazy_save_strategy(locations: dict, params: LazyParameters):
     """A torch_dist save strategy whose tensor chunks are read from ``params`` while they are written."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.planner import WriteItemType
 
     class LazySavePlanner(MCoreSavePlanner):
         def resolve_data(self, write_item):

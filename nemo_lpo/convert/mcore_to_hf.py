@@ -13,6 +13,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from transformers import AutoConfig, GenerationConfig
 
 from nemo_lpo.convert.hf_config import (
     ConversionError,
@@ -36,6 +40,7 @@ from nemo_lpo.convert.mcore_side import (
     release_freed_memory,
 )
 from nemo_lpo.io import resolve_checkpoint
+from nemo_lpo.model.presets import get_preset
 from nemo_lpo.model.sidecar import read_sidecar
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -43,8 +48,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def _checkpoint_tensor_metadata(ckpt: Path) -> dict:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (ckpt / ".metadata").is_file() or not (ckpt / "metadata.json").is_file():
         raise ConversionError(f"{ckpt}: not a megatron torch_dist checkpoint (no .metadata / metadata.json)")
@@ -54,8 +57,6 @@ def _checkpoint_tensor_metadata(ckpt: Path) -> dict:
 
 def _resolve_model(ckpt: Path, hf_config_from: str | Path | None, preset_name: str | None):
     """(preset, architecture, base HF config or None, where the description came from)."""
-    from transformers import AutoConfig
-
     if hf_config_from is not None:
         base = load_hf_config(hf_config_from)
         source = str(Path(hf_config_from) / "config.json")
@@ -71,8 +72,6 @@ def _resolve_model(ckpt: Path, hf_config_from: str | Path | None, preset_name: s
     if preset_name is None:
         preset_name = _training_run_preset(ckpt)
     if preset_name is not None:
-        from nemo_lpo.model.presets import get_preset
-
         try:
             preset = get_preset(preset_name)
         except KeyError as err:
@@ -86,8 +85,6 @@ def _resolve_model(ckpt: Path, hf_config_from: str | Path | None, preset_name: s
 
 def _training_run_preset(ckpt: Path) -> str | None:
     """``model.preset`` of the run config a training checkpoint stores in its common state, if any."""
-    from megatron.core import dist_checkpointing
-
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
     except Exception:  # noqa: BLE001 - any unreadable common state just means "no run config here"
@@ -193,7 +190,6 @@ def convert_mcore_to_hf(
         side = ckpt / "hf"
         generation_src = Path(hf_config_from) if hf_config_from is not None else side
         if not _copy_files(generation_src, tmp, ["generation_config.json"]):
-            from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(hf_config).save_pretrained(str(tmp))
         tokenizer_files = _copy_files(Path(tokenizer) if tokenizer is not None else side, tmp, TOKENIZER_FILES)

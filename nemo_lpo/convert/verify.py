@@ -8,9 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from transformers import AutoModelForCausalLM
 
 from nemo_lpo.convert.hf_config import ConversionError
 from nemo_lpo.convert.mcore_side import DTYPES
+from nemo_lpo.model.build import build_gpt_model
+from nemo_lpo.model.presets import transformer_config
 from nemo_lpo.model.sidecar import read_sidecar
 
 
@@ -19,11 +24,6 @@ def load_megatron_model(ckpt: str | Path, *, params_dtype: torch.dtype | None = 
 
     ``parallel.initialize_parallel`` must have run. Returns ``(model, preset)``.
     """
-    from megatron.core import dist_checkpointing, parallel_state
-
-    from nemo_lpo.model.build import build_gpt_model
-    from nemo_lpo.model.presets import transformer_config
-
     sidecar = read_sidecar(ckpt)
     if sidecar is None:
         raise ConversionError(f"{ckpt}: no model description; not a converted checkpoint")
@@ -50,8 +50,6 @@ def load_megatron_model(ckpt: str | Path, *, params_dtype: torch.dtype | None = 
 @torch.no_grad()
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits [B, S, V] of a single-stage megatron model (gathered over TP)."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     batch, seq = tokens.shape
     positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     mask = torch.ones(seq, seq, dtype=torch.bool).triu(1)[None, None]  # True = masked
@@ -62,8 +60,6 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def hf_logits(hf_path: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [B, S, V] of the HF model at ``hf_path`` (eager attention, fp32)."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return model(input_ids=tokens).logits

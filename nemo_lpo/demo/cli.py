@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     """Add the ``demo`` and ``reproduce`` commands."""
-    from nemo_lpo.demo.pipeline import DemoConfig
+    from nemo_lpo.demo.config import DemoConfig
 
     d = DemoConfig()
     p = subparsers.add_parser(
@@ -57,7 +57,8 @@ def register(subparsers) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """Run ``nemo-lpo demo`` and print the summary."""
-    from nemo_lpo.demo.pipeline import DemoConfig, run_demo
+    from nemo_lpo.demo.config import DemoConfig
+    from nemo_lpo.demo.pipeline import run_demo
     from nemo_lpo.demo.summary import print_summary
 
     cfg = DemoConfig(out_dir=args.out, steps=args.steps, loss=args.loss, beta=args.beta, lr=args.lr,

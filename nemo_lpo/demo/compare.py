@@ -7,6 +7,8 @@ compared, the table built from the runs' held-out results, and its section of ``
 
 from __future__ import annotations
 
+from nemo_lpo.losses import LOSS_SPECS
+
 COMPARE_K = 4  # the lists every compared loss trains on (the K of Figure 1's LPO-abs run)
 KPO_K = 2  # kpo's top positions on K = 4 lists, as conf/experiments/uf_kpo.yaml (k = 1: softmax-DPO; 3: listmle)
 NOT_LISTWISE = ("dpo", "ipo", "sft")  # K = 2 only (dpo, ipo), or no preference at all (sft)
@@ -21,8 +23,6 @@ COLUMNS = {
 
 def comparison_plan(losses: list[str] | None = None) -> dict[str, tuple[str, ...]]:
     """Loss name -> its extra config overrides, for every listwise loss of the registry (or ``losses``)."""
-    from nemo_lpo.losses import LOSS_SPECS
-
     names = [name for name in LOSS_SPECS if name not in NOT_LISTWISE] if losses is None else list(losses)
     unknown = [name for name in names if name not in LOSS_SPECS or name in NOT_LISTWISE]
     if unknown:

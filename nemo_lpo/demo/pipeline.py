@@ -17,46 +17,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
-from nemo_lpo.demo import tasks
+import mistral_common
+
+from nemo_lpo.config import load_config
+from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
+from nemo_lpo.data.pack import PackConfig, pack
+from nemo_lpo.demo.config import DemoConfig
+from nemo_lpo.demo.plots import plot_training
+from nemo_lpo.evaluate.run import build_model, evaluate_checkpoint, resolve_checkpoint, to_jsonable
 from nemo_lpo.io import atomic_write
-
-
-@dataclasses.dataclass
-class DemoConfig:
-    """Knobs of the demo (defaults: the measured CPU setting, see docs/demo.md).
-
-    Attributes:
-        out_dir: output folder (replaced parts are rewritten; nothing outside it is touched).
-        steps: LPO-abs optimizer steps.
-        loss: loss name (``nemo_lpo.losses.LOSSES``).
-        beta: β of the implicit reward.
-        lr: peak learning rate (cosine decay, short warm-up).
-        global_batch_size: lists per optimizer step.
-        micro_batch_size: lists per forward/backward.
-        seed: seed of the initial weights and the data order.
-        train_file: listwise JSONL to train on (default: the embedded train split).
-        heldout_file: listwise JSONL to evaluate on (default: the embedded held-out split).
-        export: export the trained model to HF format.
-        eval_interval: validate during training every N steps (its first ``eval_lists`` held-out lists).
-        eval_lists: lists of the held-out split the trainer validates on (the plots' validation curves).
-    """
-
-    out_dir: Path = Path("outputs/demo")
-    steps: int = 600
-    loss: str = "lpo_abs"
-    beta: float = 0.1
-    lr: float = 1e-3
-    global_batch_size: int = 8
-    micro_batch_size: int = 8
-    seed: int = 1234
-    train_file: Path = tasks.DATA_DIR / "train.jsonl"
-    heldout_file: Path = tasks.DATA_DIR / "heldout.jsonl"
-    export: bool = True
-    eval_interval: int = 50
-    eval_lists: int = 16
+from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+from nemo_lpo.train.checkpoint import save_model_weights
+from nemo_lpo.train.loop import init_parallel, train
+from nemo_lpo.train.reference import write_reference
 
 
 def _say(message: str) -> None:
@@ -65,8 +42,6 @@ def _say(message: str) -> None:
 
 def pack_split(src: Path, prefix: Path) -> dict:
     """Pack one listwise JSONL with the Mistral v1 tokenizer; returns the manifest."""
-    from nemo_lpo.data.pack import PackConfig, pack
-
     for stale in prefix.parent.glob(prefix.name + "*"):  # a re-run replaces the old dataset and its sidecar
         stale.unlink()
     return pack(PackConfig(inputs=[str(src)], output_prefix=str(prefix), tokenizer="mistral", format="listwise"),
@@ -80,8 +55,6 @@ def train_config(cfg: DemoConfig, train_prefix: Path, start: Path, run_dir: Path
     With ``valid_prefix`` the run validates on its first ``cfg.eval_lists`` lists every ``cfg.eval_interval``
     steps (and the reference pass of this config covers them).
     """
-    from nemo_lpo.config import load_config
-
     overrides = [
         "model.preset=tiny-mixtral", f"model.init_checkpoint={start}",
         f"data.train_prefix={train_prefix}", f"data.global_batch_size={cfg.global_batch_size}",
@@ -102,10 +75,6 @@ def train_config(cfg: DemoConfig, train_prefix: Path, start: Path, run_dir: Path
 
 def save_start_weights(path: Path, seed: int) -> None:
     """Write the randomly initialised tiny Mixtral (seeded) as a dist checkpoint at ``path``."""
-    from nemo_lpo.evaluate.run import build_model
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
-    from nemo_lpo.train.checkpoint import save_model_weights
-
     if path.exists():
         shutil.rmtree(path)
     initialize_parallel(seed=seed)
@@ -117,10 +86,6 @@ def save_start_weights(path: Path, seed: int) -> None:
 
 def write_sidecar(cfg: DemoConfig, prefix: Path, start: Path, run_dir: Path, valid_prefix: Path | None = None) -> None:
     """Store the starting model's log-probs beside ``prefix`` (and ``valid_prefix``) with the reference pass."""
-    from nemo_lpo.model.parallel import destroy_parallel
-    from nemo_lpo.train.loop import init_parallel
-    from nemo_lpo.train.reference import write_reference
-
     rcfg = train_config(cfg, prefix, start, run_dir, valid_prefix=valid_prefix)
     init_parallel(rcfg)
     try:
@@ -131,13 +96,6 @@ def write_sidecar(cfg: DemoConfig, prefix: Path, start: Path, run_dir: Path, val
 
 def export_hf(run_ckpts: Path, out: Path) -> dict:
     """Export the run's latest checkpoint to HF format at ``out`` (the Mistral tokenizer model beside it)."""
-    import tempfile
-
-    import mistral_common
-
-    from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
-    from nemo_lpo.evaluate.run import resolve_checkpoint
-
     if out.exists():
         shutil.rmtree(out)
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -151,10 +109,6 @@ def export_hf(run_ckpts: Path, out: Path) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the summary dict (also written to ``<out>/summary.json``)."""
-    from nemo_lpo.demo.plots import plot_training
-    from nemo_lpo.evaluate.run import evaluate_checkpoint
-    from nemo_lpo.train.loop import train
-
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -196,7 +150,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         _say("exporting the trained model to Hugging Face format")
         exported = timed("export", export_hf, run_dir / "checkpoints", out / "hf")
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    from nemo_lpo.evaluate.run import to_jsonable
 
     summary = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},

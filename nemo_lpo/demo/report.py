@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+import torch
+
 from nemo_lpo.demo.compare import comparison_section
 from nemo_lpo.demo.plots import plot_lines, read_metrics, series
 from nemo_lpo.io import atomic_write
@@ -187,8 +189,6 @@ def _suite_section(res: dict, report_dir: Path) -> list[str]:
 
 def write_report(results: list[dict], path: Path, total_seconds: float, demo_cfg) -> Path:
     """Write the markdown report; returns its path."""
-    import torch
-
     lines = ["# LPO in miniature: `nemo-lpo reproduce`", "",
              f"Tiny Mixtral (2 layers, hidden 64, 4 experts top-2, Mistral v1 vocabulary), randomly initialised "
              f"(seed {demo_cfg.seed}); every run's reference μ is its start model (the seeded start, or for "

@@ -26,8 +26,23 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from nemo_lpo.data import ListwiseDataset
+from nemo_lpo.data.pack import PackConfig, pack
+from nemo_lpo.data.transforms import LengthLimits
 from nemo_lpo.demo import tasks
+from nemo_lpo.demo.compare import COMPARE_K, comparison_plan, comparison_rows
+from nemo_lpo.demo.config import DemoConfig
+from nemo_lpo.demo.pipeline import save_start_weights, train_config, write_sidecar
+from nemo_lpo.demo.report import draw_figures, write_report
+from nemo_lpo.evaluate.run import build_model, evaluate_checkpoint, resolve_checkpoint, to_jsonable
 from nemo_lpo.io import atomic_write
+from nemo_lpo.losses import listwise_loss
+from nemo_lpo.metrics import pairwise_accuracy
+from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+from nemo_lpo.train.loop import train
 
 SHARED_ALPACAEVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpacaeval2" / \
     "alpacaeval2_gpt4turbo_k8_a.jsonl"
@@ -77,8 +92,6 @@ def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64, sft_steps
 
 
 def _pack(src: Path, prefix: Path, suite: Suite, **options) -> Path:
-    from nemo_lpo.data.pack import PackConfig, pack
-    from nemo_lpo.data.transforms import LengthLimits
 
     for stale in prefix.parent.glob(prefix.name + "*"):
         stale.unlink()
@@ -92,9 +105,6 @@ def _train_and_evaluate(cfg, held: Path, reference: Path, ref_logps, beta: float
 
     Returns the run's result entry and the trained policy's held-out log-probs ([lists, K] array).
     """
-    from nemo_lpo.evaluate.run import evaluate_checkpoint, to_jsonable
-    from nemo_lpo.train.loop import train
-
     run_dir = Path(cfg.logging.run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -109,9 +119,6 @@ def _train_and_evaluate(cfg, held: Path, reference: Path, ref_logps, beta: float
 
 def run_suite(suite: Suite, out: Path, demo_cfg) -> dict:
     """Pack, reference passes, the runs of Figures 1-2 and Table 1, held-out evaluation; returns the results."""
-    from nemo_lpo.demo.pipeline import save_start_weights, train_config, write_sidecar
-    from nemo_lpo.evaluate.run import evaluate_checkpoint, to_jsonable
-
     data, runs_dir = out / "data", out / "runs"
     t0 = time.perf_counter()
     _say(f"{suite.name}: packing (Mistral v1 tokenizer)")
@@ -158,9 +165,6 @@ def warm_start(suite: Suite, out: Path, held: Path, start_logps, demo_cfg) -> di
     runs and their reference μ, held online by the trainer (the datasets' stored log-probs are the random
     start's); both are evaluated on the held-out lists against it.
     """
-    from nemo_lpo.demo.pipeline import train_config
-    from nemo_lpo.evaluate.run import resolve_checkpoint
-
     data, runs_dir = out / "data", out / "runs"
     _say(f"{suite.name}: SFT warm start ({suite.sft_steps} steps of sft on the best responses)")
     sft_cfg = train_config(demo_cfg, data / "train_pairs", out / "start", runs_dir / "sft", steps=suite.sft_steps,
@@ -184,9 +188,6 @@ def loss_comparison(suite: Suite, out: Path, held: Path, start_logps, demo_cfg, 
     Same start, reference, data, steps and optimiser settings as Figure 2's runs; the ``lpo`` and ``lpo_abs``
     runs on the K = 4 lists that Figure 2 already trained are reused, not trained again.
     """
-    from nemo_lpo.demo.compare import COMPARE_K, comparison_plan, comparison_rows
-    from nemo_lpo.demo.pipeline import train_config
-
     data_name = f"k{COMPARE_K}"
     runs = {}
     for loss, extra in comparison_plan(suite.compare_losses or None).items():
@@ -204,12 +205,6 @@ def loss_comparison(suite: Suite, out: Path, held: Path, start_logps, demo_cfg, 
 
 def length_baseline(prefix: Path) -> float:
     """Held-out pairwise accuracy of ranking the responses by their token count alone (longer = better)."""
-    import numpy as np
-    import torch
-
-    from nemo_lpo.data import ListwiseDataset
-    from nemo_lpo.metrics import pairwise_accuracy
-
     ds = ListwiseDataset(prefix)
     k_max = int(ds.num_responses().max())
     lengths, rewards = np.zeros((len(ds), k_max)), np.zeros((len(ds), k_max))
@@ -224,8 +219,6 @@ def length_baseline(prefix: Path) -> float:
 
 
 def _state_dict(checkpoint: str):
-    from nemo_lpo.evaluate.run import build_model
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
 
     initialize_parallel(seed=1)
     try:
@@ -237,10 +230,6 @@ def _state_dict(checkpoint: str):
 
 def loss_function_check(trials: int = 200, seed: int = 0) -> dict:
     """``lpo`` (preference) vs ``dpo`` on random K = 2 inputs: how many per-list losses differ in any bit."""
-    import torch
-
-    from nemo_lpo.losses import listwise_loss
-
     gen = torch.Generator().manual_seed(seed)
     differing = 0
     for _ in range(trials):
@@ -255,7 +244,6 @@ def loss_function_check(trials: int = 200, seed: int = 0) -> dict:
 
 def table1(dpo: dict, lpo: dict) -> dict:
     """Compare the DPO and LPO(preference) runs bit for bit: per-step loss lines and final weights."""
-    import torch
 
     def lines(path):
         return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -277,11 +265,8 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
 
     ``compare_losses``: listwise losses to compare on the embedded default ([] = all of them; None = no comparison).
     """
-    from nemo_lpo.demo.pipeline import DemoConfig
-
     out = Path(out).resolve()
     if compare_losses is not None:
-        from nemo_lpo.demo.compare import comparison_plan
 
         try:  # a name that is no listwise loss fails now, not after the suite's other runs
             comparison_plan(compare_losses or None)
@@ -315,8 +300,6 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
 
 def write_outputs(out: Path, suite_names: list[str], total_seconds: float | None, demo_cfg) -> int:
     """Draw the figures and write ``report.md`` from the suites' ``results.json`` files."""
-    from nemo_lpo.demo.report import draw_figures, write_report
-
     results = []
     for name in suite_names:
         res = json.loads((out / name / "results.json").read_text())
@@ -333,8 +316,6 @@ def write_outputs(out: Path, suite_names: list[str], total_seconds: float | None
 
 def report_only(out: Path) -> int:
     """Rebuild the figures and the report from the ``results.json`` files already under ``out``."""
-    from nemo_lpo.demo.pipeline import DemoConfig
-
     out = Path(out).resolve()
     names = [name for name in ("embedded", "alpacaeval") if (out / name / "results.json").is_file()]
     if not names:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from rich.console import Console
+
 from nemo_lpo.train.summary import summary_table
 
 
 def print_summary(summary: dict) -> None:
     """Print the demo's summary table, timings and output paths."""
-    from rich.console import Console
-
     console = Console()
     before, after = summary["heldout_before"], summary["heldout_after"]
     console.print(summary_table(before, after))

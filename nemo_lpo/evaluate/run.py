@@ -18,8 +18,19 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+from rich.table import Table
 
 from nemo_lpo import io
+from nemo_lpo.config import Config, ConfigError, ModelConfig, ReferenceConfig
+from nemo_lpo.data import ListwiseDataset
+from nemo_lpo.evaluate.engine import dataset_logps, summarize
+from nemo_lpo.io import checkpoint_sidecar
+from nemo_lpo.model.build import build_gpt_model
+from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+from nemo_lpo.model.presets import get_preset, transformer_config
+from nemo_lpo.model.resolve import FROM_CHECKPOINT, resolve_preset
 
 SIDECAR = "sidecar"  # ``reference=SIDECAR``: use the dataset's stored reference log-probs
 
@@ -34,8 +45,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_run_config(path: str | Path) -> dict | None:
     """The run config stored in a training checkpoint (a plain dict), or None for a weights-only one."""
-    from megatron.core import dist_checkpointing
-
     common = dist_checkpointing.load_common_state_dict(str(resolve_checkpoint(path)))
     config = common.get("config") if isinstance(common, dict) else None
     return config if isinstance(config, dict) else None
@@ -54,10 +63,6 @@ def resolve_model_preset(checkpoint: str | Path, run_config: dict | None = None,
     Raises:
         ValueError: unknown preset name, no description for ``from_checkpoint``, or a disagreement.
     """
-    from nemo_lpo.config import Config, ConfigError, ModelConfig, ReferenceConfig
-    from nemo_lpo.io import checkpoint_sidecar
-    from nemo_lpo.model.resolve import FROM_CHECKPOINT, resolve_preset
-
     policy = resolve_checkpoint(checkpoint)
     if preset is None:
         preset = ((run_config or {}).get("model") or {}).get("preset")
@@ -81,11 +86,6 @@ def build_model(preset, checkpoint: str | Path | None):
     ``nemo_lpo.model.parallel.initialize_parallel()`` (tp = pp = ep = 1) first; without a checkpoint the random
     init follows the RNG state it seeded.
     """
-    import torch
-
-    from nemo_lpo.model.build import build_gpt_model
-    from nemo_lpo.model.presets import get_preset, transformer_config
-
     if isinstance(preset, str):
         preset = get_preset(preset)
     module = build_gpt_model(preset, transformer_config(preset))  # fp32, as the trainer's _build_module
@@ -103,8 +103,6 @@ def load_weights(module, checkpoint: str | Path) -> None:
     ``dist_checkpointing.load`` returns the checkpoint's common state (step, config, optimizer metadata of a
     training checkpoint) beside the requested tensors; only the requested keys go into the module.
     """
-    from megatron.core import dist_checkpointing
-
     path = resolve_checkpoint(checkpoint)
     request = module.sharded_state_dict()
     loaded = dist_checkpointing.load(request, str(path))
@@ -149,10 +147,6 @@ def evaluate_checkpoint(
         FileNotFoundError: a checkpoint or the dataset is missing.
         ValueError: no reference can be found, or its log-probs do not fit the dataset.
     """
-    from nemo_lpo.data import ListwiseDataset
-    from nemo_lpo.evaluate.engine import dataset_logps
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
-
     dataset = ListwiseDataset(data_prefix)
     initialize_parallel(seed=1234)
     try:
@@ -197,8 +191,6 @@ def _summarize_with_loss(policy, ref_logps, beta: float, ndcg_k: int | None, run
     The loss terms are left out, with ``loss_error`` saying why, when the run's loss does not take these lists
     (a ``dpo`` run evaluated on K > 2 lists); the ranking metrics do not depend on the loss.
     """
-    from nemo_lpo.evaluate.engine import summarize
-
     loss = (run_config or {}).get("loss") or {}
     if not loss.get("type"):
         return summarize(policy, ref_logps, beta, ndcg_k=ndcg_k)
@@ -220,8 +212,6 @@ def format_value(value) -> str:
 
 def metrics_table(results: dict[str, dict], title: str = "held-out ranking"):
     """A rich Table with one column per evaluated model (``{column name: ranking_metrics dict}``)."""
-    from rich.table import Table
-
     rows = [
         ("implicit/accuracy", "pairwise accuracy (implicit reward)"),
         ("implicit/kendall_tau", "Kendall τ (implicit reward)"),

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import torch
+import copy
 
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from nemo_lpo.model.attention import GatheredDotProductAttention
+from nemo_lpo.model.gpt import GPTModelWithPositions
 from nemo_lpo.model.presets import ModelPreset
+from nemo_lpo.model.te_attention import with_te_gathered_attention
 
 
 def transformer_engine_available() -> bool:
@@ -61,8 +69,6 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
     MoE configs get megatron's MoE layers (SequentialMLP experts on the local path; TE grouped GEMM when
     TE is used and ``moe_grouped_gemm`` is set). FP8 or ``moe_grouped_gemm`` without TE is an error.
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
     if use_te is None:
         use_te = transformer_engine_available()
     elif use_te and not transformer_engine_available():
@@ -82,7 +88,6 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
                                           vp_stage=vp_stage)
         if te_gathered_attention:
-            from nemo_lpo.model.te_attention import with_te_gathered_attention
 
             spec = with_te_gathered_attention(spec)
         return spec
@@ -96,12 +101,6 @@ def with_gathered_attention(block_spec):
     It is megatron's ``DotProductAttention`` for boolean masks and computes shared-prompt / packed rows part
     by part when handed an ``attention_layout`` (nemo_lpo/model/attention.py); no parameters change.
     """
-    import copy
-
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    from nemo_lpo.model.attention import GatheredDotProductAttention
-
     block_spec = copy.deepcopy(block_spec)  # layers may share one submodules object: set once, seen by all
     for layer in block_spec.layer_specs:
         attention = layer.submodules.self_attention.submodules
@@ -137,10 +136,6 @@ def build_gpt_model(
         vp_stage: virtual pipeline stage, if interleaving.
         te_gathered_attention: on TE's spec, the core attention that takes layouts (``layer_spec``).
     """
-    from megatron.core import parallel_state
-
-    from nemo_lpo.model.gpt import GPTModelWithPositions
-
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:

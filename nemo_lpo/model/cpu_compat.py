@@ -17,11 +17,17 @@ Not patched (no CPU path is needed by nemo-lpo, or gloo itself cannot do it):
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 from collections.abc import Callable, Collection
 
 import torch
+from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer import torch_norm
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 _APPLIED = False
 _CPU = torch.device("cpu")
@@ -109,8 +115,6 @@ def patch_rng_tracker() -> None:
     exist without CUDA. On CPU every random op draws from the CPU default generator, so tracking
     *that* generator keeps megatron's semantics (named, independently seeded streams).
     """
-    from megatron.core.tensor_parallel import random as mrandom
-
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
     mrandom.CudaRNGStatesTracker.add = _cpu_tracker_add
@@ -215,8 +219,6 @@ def patch_clip_grads_type_check() -> None:
     check keeps its meaning (a bf16 grad still fails it). optimizer.optimizer imported the function by
     name, so both references are replaced.
     """
-    from megatron.core.optimizer import clip_grads, optimizer
-
     clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
     optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
 
@@ -229,8 +231,6 @@ def patch_optimizer_param_type() -> None:
     'torch.cuda.BFloat16Tensor', 'torch.cuda.FloatTensor'} and raise for anything else, i.e. for every CPU param. They run with
     ``Tensor.type()`` reporting CUDA names, which keeps the dtype dispatch they mean.
     """
-    from megatron.core.optimizer import distrib_optimizer, optimizer
-
     cls = optimizer.Float16OptimizerWithFloat16Params
     cls.__init__ = _with_cuda_type_names(cls.__init__)
     dist_cls = distrib_optimizer.DistributedOptimizer
@@ -247,10 +247,6 @@ def patch_torch_norm_sequence_parallel() -> None:
     ``.sequence_parallel = True`` exactly as TE/Apex norms are, so ``finalize_model_grads`` all-reduces
     their gradients over the TP group (callers must run it after backward, as megatron training does).
     """
-    import copy
-
-    from megatron.core.transformer import torch_norm
-
     cls = torch_norm.WrappedTorchNorm
     if getattr(cls.__new__, "_nemo_lpo_sp", False):
         return
@@ -278,8 +274,6 @@ def patch_moe_alltoall_stream() -> None:
     presetting the class attribute to the same host stream that ``current_stream()`` returns makes
     the copy run inline without recording streams.
     """
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
-
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HOST_STREAM
 
 
@@ -291,8 +285,6 @@ def patch_moe_alltoall_split_sizes() -> None:
     ``torch.distributed.all_to_all_single`` as split sizes, which it rejects (TypeError) as soon as EP > 1.
     The replacement converts host tensors too when ``as_numpy`` is asked for.
     """
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-
     original = moe_utils.maybe_move_tensor_to_cpu
 
     def to_host(tensor, as_numpy=False, record_stream=False):

@@ -9,6 +9,7 @@ parameters: its state dict and sharded state dict are GPTModel's, key for key.
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 
@@ -66,7 +67,6 @@ class GPTModelWithPositions(GPTModel):
             # megatron 0.19.2 splits the MoE padding mask over the sequence-parallel ranks on the first
             # pipeline stage only; later stages (and later virtual chunks) would route [S/tp] tokens against
             # an [S] mask and fail in the aux-loss statistics
-            from megatron.core import tensor_parallel
 
             split = tensor_parallel.scatter_to_sequence_parallel_region(out[5].transpose(0, 1).contiguous())
             out = (*out[:5], split.transpose(0, 1).contiguous(), *out[6:])

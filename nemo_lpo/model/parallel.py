@@ -7,6 +7,9 @@ import socket
 from datetime import timedelta
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from nemo_lpo.model.cpu_compat import apply_cpu_compat
 
 
 def _free_port() -> int:
@@ -39,11 +42,8 @@ def initialize_parallel(
         backend: force a torch.distributed backend (default: nccl with CUDA, gloo without).
         vpp: virtual pipeline stages (model chunks) per pipeline rank; 1 = no interleaving.
     """
-    from megatron.core import parallel_state, tensor_parallel
-
     cuda = torch.cuda.is_available()
     if not cuda:
-        from nemo_lpo.model.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
     if backend is None:
@@ -86,8 +86,6 @@ def initialize_parallel(
 
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group (safe to call twice)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -165,8 +166,6 @@ def transformer_config(
         fusions: enable megatron's fused kernels (default: only with CUDA; they need it).
         **overrides: any further TransformerConfig fields, passed through unchanged.
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     cuda = torch.cuda.is_available()
     fusions = cuda if fusions is None else fusions
     if use_cpu_initialization is None:

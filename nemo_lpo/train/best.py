@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from nemo_lpo.train.checkpoint import step_dir_name
+
 BEST_FILE = "best.json"
 
 
@@ -43,8 +45,6 @@ class BestCheckpoint:
     @property
     def name(self) -> str | None:
         """Folder name of the best checkpoint, if there is one."""
-        from nemo_lpo.train.checkpoint import step_dir_name
-
         return None if self.step is None else step_dir_name(self.step)
 
     def load(self) -> None:

@@ -18,13 +18,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from nemo_lpo.config import load_config
+from nemo_lpo.data.pack import PackConfig, pack
+from nemo_lpo.data.transforms import LengthLimits
+from nemo_lpo.model.parallel import destroy_parallel
+from nemo_lpo.train.loop import Trainer, init_parallel
+from nemo_lpo.train.reference import write_reference
+from nemo_lpo.train.step import train_step
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_K8 = REPO / "nemo_lpo" / "demo" / "data" / "train_k8.jsonl"
 
 
 def _pack(k: int, work: Path, max_length: int | None) -> Path:
-    from nemo_lpo.data.pack import PackConfig, pack
-    from nemo_lpo.data.transforms import LengthLimits
 
     prefix = work / f"k{k}" / "lists"
     limits = LengthLimits(max_length=max_length, overflow="truncate_response") if max_length else LengthLimits()
@@ -35,12 +43,6 @@ def _pack(k: int, work: Path, max_length: int | None) -> Path:
 
 def measure(k: int, work: Path, args) -> dict:
     """Train ``args.warmup + args.steps`` steps at list size ``k``; return the medians of the timed steps."""
-    import torch
-
-    from nemo_lpo.config import load_config
-    from nemo_lpo.train.loop import Trainer
-    from nemo_lpo.train.step import train_step
-
     prefix = _pack(k, work, args.max_length)
     cfg = load_config(REPO / "conf" / "tiny_cpu.yaml", [
         f"data.train_prefix={prefix}", f"logging.run_dir={work / f'run{k}'}", f"model.preset={args.preset}",
@@ -49,7 +51,6 @@ def measure(k: int, work: Path, args) -> dict:
         f"train.max_steps={args.warmup + args.steps}", "checkpoint.save_at_end=false", "checkpoint.resume=false",
     ])
     if args.reference == "precomputed":
-        from nemo_lpo.train.reference import write_reference
 
         write_reference(cfg)
     trainer = Trainer(cfg)
@@ -98,11 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of one step at the largest K")
     args = parser.parse_args(argv)
 
-    import torch
 
-    from nemo_lpo.config import load_config
-    from nemo_lpo.model.parallel import destroy_parallel
-    from nemo_lpo.train.loop import init_parallel
 
     init_parallel(load_config(REPO / "conf" / "tiny_cpu.yaml"))
     rows = []

@@ -11,6 +11,9 @@ import math
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from nemo_lpo.io import atomic_write
 
 # validation metrics whose best value over the run is reported, and which way is better
@@ -108,8 +111,6 @@ def summary_table(before: dict, after: dict, title: str = "held-out lists: befor
 
     ``prefix`` is put before each key (``val/`` for a training run's validation records).
     """
-    from rich.table import Table
-
     table = Table(title=title)
     for name, justify in (("metric", "left"), (columns[0], "right"), (columns[1], "right"), ("change", "right")):
         table.add_column(name, justify=justify)
@@ -122,8 +123,6 @@ def summary_table(before: dict, after: dict, title: str = "held-out lists: befor
 
 def print_summary(summary: dict) -> None:
     """Print the run summary; the validation part is the demo's before/after table (rich)."""
-    from rich.console import Console
-
     console = Console()
     steps = summary["steps"]
     rate = summary["tokens_per_s"]

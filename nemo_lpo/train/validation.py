@@ -21,9 +21,13 @@ from megatron.core import parallel_state as ps
 
 from nemo_lpo.config import Config
 from nemo_lpo.config.sources import source_names, valid_prefixes
+from nemo_lpo.data import ListwiseDataset
 from nemo_lpo.io import latest_checkpoint, latest_name
 from nemo_lpo.metrics import heldout_metrics
+from nemo_lpo.train.best import BestCheckpoint
+from nemo_lpo.train.checkpoint import prune_checkpoints, step_dir_name
 from nemo_lpo.train.feeder import collate_uniform, run_pad_multiple
+from nemo_lpo.train.summary import RunSummary, print_summary, write_summary
 
 CHUNK_MICROBATCHES = 64  # micro-batches per schedule call (bounds the memory of one call's results)
 PREFIX = "val/"
@@ -40,7 +44,6 @@ class ValidationSet:
     """
 
     def __init__(self, cfg: Config) -> None:
-        from nemo_lpo.data import ListwiseDataset
 
         prefixes = valid_prefixes(cfg.data.valid_prefix)
         self.names = source_names(prefixes)
@@ -194,8 +197,6 @@ class ValidationSchedule:
     """
 
     def __init__(self, trainer) -> None:
-        from nemo_lpo.train.best import BestCheckpoint
-        from nemo_lpo.train.summary import RunSummary
 
         cfg = trainer.cfg
         self.trainer = trainer
@@ -209,8 +210,6 @@ class ValidationSchedule:
 
     def resumed(self, step: int) -> None:
         """The run starts at ``step`` (after a resume): the summary counts from there, the best record is read."""
-        from nemo_lpo.train.summary import RunSummary
-
         self.summary = RunSummary(step)
         if self.best is not None:
             self.best.load()
@@ -243,8 +242,6 @@ class ValidationSchedule:
 
     def keep_best(self, step: int, record: dict) -> None:
         """After the step's checkpointing: save (if not yet saved) and mark this step when it is the new best."""
-        from nemo_lpo.train.checkpoint import prune_checkpoints, step_dir_name
-
         if self.best is None or self.last_validated != step or step == 0 or not self.best.improves(record):
             return
         trainer = self.trainer
@@ -257,8 +254,6 @@ class ValidationSchedule:
 
     def finish(self, step: int) -> dict:
         """The end-of-run summary (printed and written to ``<run_dir>/summary.json`` by rank 0)."""
-        from nemo_lpo.train.summary import print_summary, write_summary
-
         trainer = self.trainer
         latest = latest_checkpoint(trainer.ckpt_root) if (trainer.ckpt_root / "latest").is_file() else None
         checkpoints = {"dir": str(trainer.ckpt_root), "latest": str(latest) if latest else None,
