@@ -43,7 +43,10 @@ def register(subparsers) -> None:
                    help="steps of the SFT warm start that Figure 1's runs start from (default: --steps; 0: none)")
     r.add_argument("--real-sft-steps", type=int, default=None,
                    help="the same on the real data (default: --real-steps)")
-    r.add_argument("--skip-real", action="store_true", help="only the embedded default, not ../shared/data")
+    r.add_argument("--skip-real", action="store_true", help="only the embedded default, not the real samples")
+    r.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="folder of real samples whose alpacaeval2/ K = 8 lists are the real suite "
+                        "(default: $NEMO_LPO_DATA; without one the real suite is skipped)")
     r.add_argument("--only-real", action="store_true", help="only the real K = 8 lists (e.g. to add them later)")
     r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")
     r.add_argument("--compare-losses", nargs="*", default=None, metavar="LOSS",
@@ -82,4 +85,4 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
         return report_only(args.out)
     return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps,
                          include_embedded=not args.only_real, sft_steps=args.sft_steps,
-                         real_sft_steps=args.real_sft_steps, compare_losses=args.compare_losses)
+                         real_sft_steps=args.real_sft_steps, compare_losses=args.compare_losses, data=args.data)

@@ -1,6 +1,6 @@
 """``nemo-lpo reproduce``: the LPO paper's findings in miniature, on the real pipeline, with a markdown report.
 
-For each suite (the embedded default; the real K = 8 AlpacaEval lists in ../shared/data when present) one
+For each suite (the embedded default; the real K = 8 AlpacaEval lists of a samples folder, ``--data``) one
 seeded tiny Mixtral start, one reference pass per training set, then these runs at equal steps:
 
 - Figure 1: ``dpo`` on Zephyr-style pairs (best vs one random other) and ``lpo_abs`` on the K = 4 lists;
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,8 +45,8 @@ from nemo_lpo.metrics import pairwise_accuracy
 from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
 from nemo_lpo.train.loop import train
 
-SHARED_ALPACAEVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpacaeval2" / \
-    "alpacaeval2_gpt4turbo_k8_a.jsonl"
+ALPACAEVAL = Path("alpacaeval2") / "alpacaeval2_gpt4turbo_k8_a.jsonl"  # under the folder of real samples
+DATA_ENV = "NEMO_LPO_DATA"  # the default folder of real samples (ultrafeedback_binarized/, alpacaeval2/, ...)
 
 
 @dataclasses.dataclass
@@ -79,11 +80,12 @@ def embedded_suite(src_dir: Path, steps: int, sft_steps: int = 0, compare_losses
                  compare_losses=compare_losses)
 
 
-def alpacaeval_suite(src_dir: Path, steps: int, num_heldout: int = 64, sft_steps: int = 0) -> Suite | None:
-    """Split the real K = 8 AlpacaEval lists (when present) into train / held-out files under ``src_dir``."""
-    if not SHARED_ALPACAEVAL.is_file():
+def alpacaeval_suite(src_dir: Path, data: Path | None, steps: int, num_heldout: int = 64,
+                     sft_steps: int = 0) -> Suite | None:
+    """Split the real K = 8 AlpacaEval lists of the samples folder ``data`` (when there) into train / held-out files."""
+    if data is None or not (data / ALPACAEVAL).is_file():
         return None
-    lines = [line for line in SHARED_ALPACAEVAL.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in (data / ALPACAEVAL).read_text(encoding="utf-8").splitlines() if line.strip()]
     train, held = src_dir / "alpacaeval_train.jsonl", src_dir / "alpacaeval_heldout.jsonl"
     atomic_write(train, ("\n".join(lines[:-num_heldout]) + "\n").encode())
     atomic_write(held, ("\n".join(lines[-num_heldout:]) + "\n").encode())
@@ -260,8 +262,10 @@ def table1(dpo: dict, lpo: dict) -> dict:
 
 def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None,
                   include_embedded: bool = True, sft_steps: int | None = None, real_sft_steps: int | None = None,
-                  compare_losses: list[str] | None = None) -> int:
+                  compare_losses: list[str] | None = None, data: Path | None = None) -> int:
     """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code.
+
+    ``data``: the folder of real samples (default ``$NEMO_LPO_DATA``); its AlpacaEval K = 8 lists are the real suite.
 
     ``compare_losses``: listwise losses to compare on the embedded default ([] = all of them; None = no comparison).
     """
@@ -281,10 +285,12 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
         if include_embedded else []
     if include_real:
         real_steps = real_steps or max(8, steps // 5)
-        real = alpacaeval_suite(out / "alpacaeval" / "src", real_steps,
+        if data is None and os.environ.get(DATA_ENV):
+            data = Path(os.environ[DATA_ENV])
+        real = alpacaeval_suite(out / "alpacaeval" / "src", data, real_steps,
                                 sft_steps=real_steps if real_sft_steps is None else real_sft_steps)
         if real is None:
-            _say(f"no real K = 8 lists at {SHARED_ALPACAEVAL}: skipping them")
+            _say(f"no real K = 8 lists ({ALPACAEVAL} under --data DIR or ${DATA_ENV}; got {data}): skipping them")
         else:
             suites.append(real)
     if not suites:
