@@ -34,6 +34,7 @@ from nemo_lpo.batch.masks import causal_padding_mask, packed_causal_mask, paddin
 from nemo_lpo.batch.shared_prompt import SharedPromptCollator
 from nemo_lpo.model.attention import attention_layout, packed_layout, takes_attention_layout
 from nemo_lpo.model.build import uses_transformer_engine
+from nemo_lpo.model.gpt import unwrapped_attribute
 from nemo_lpo.model.varlen import packed_model_inputs
 
 BACKENDS = ("gathered", "dense", "te")
@@ -45,16 +46,6 @@ _USE_INSTEAD = ("use padded batches (data.packed=false, data.shared_prompt=false
 
 class UnsupportedLayoutError(ValueError):
     """A batch layout that the model's attention backend would compute wrongly."""
-
-
-def _config(model):
-    """The TransformerConfig of a (wrapped: DDP, Float16Module, ...) model; None for a model without one."""
-    while model is not None:
-        config = getattr(model, "config", None)
-        if config is not None:
-            return config
-        model = getattr(model, "module", None)
-    return None
 
 
 class BatchLayout(abc.ABC):
@@ -120,7 +111,7 @@ class BatchLayout(abc.ABC):
         """
         backend = self.backend_of(model)
         self.check_backend(backend)
-        config = _config(model)
+        config = unwrapped_attribute(model, "config")
         tp = getattr(config, "tensor_model_parallel_size", 1)
         if getattr(config, "sequence_parallel", False) and batch["tokens"].shape[1] % tp:
             raise ValueError(f"sequence parallelism over tp={tp} needs a sequence length divisible by {tp}, got "

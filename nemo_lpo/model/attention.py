@@ -117,8 +117,26 @@ def _response_batch(start, length, prompt_start, prompt_length) -> PartBatch:
     return PartBatch(query_index, query_valid, key_index, mask[:, None])
 
 
-def plan_attention(layout: torch.Tensor) -> list[PartBatch]:
-    """The SDPA batches of an ``attention_layout``: contiguous (row, segment, part) runs are the parts."""
+@dataclasses.dataclass
+class LayoutRuns:
+    """The parts of an ``attention_layout``: contiguous (row, segment, part) runs, flat token indices into ``R * S``.
+
+    starts / lengths: [P] each run's first token and length; is_prompt: [P] part 0 (a prompt or a whole packed
+    sequence); prompt_of_run: [P] the index of the latest prompt run at or before each run (-1 before the first);
+    real: [R * S] which tokens are not padding; segment: [R * S] the flat segment ids; row_length: S.
+    """
+
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    is_prompt: torch.Tensor
+    prompt_of_run: torch.Tensor
+    real: torch.Tensor
+    segment: torch.Tensor
+    row_length: int
+
+
+def layout_runs(layout: torch.Tensor) -> LayoutRuns:
+    """The runs of an ``attention_layout`` (shared by the local gathered path and the TE varlen plan)."""
     segment, part = layout[:, 0].reshape(-1), layout[:, 1].reshape(-1)
     row_length = layout.shape[2]
     positions = torch.arange(segment.numel(), device=layout.device)
@@ -131,6 +149,14 @@ def plan_attention(layout: torch.Tensor) -> list[PartBatch]:
     is_prompt = part[starts] == 0
     run_ids = torch.arange(starts.numel(), device=layout.device)
     prompt_of_run = torch.cummax(torch.where(is_prompt, run_ids, -1), 0).values
+    return LayoutRuns(starts, lengths, is_prompt, prompt_of_run, real, segment, row_length)
+
+
+def plan_attention(layout: torch.Tensor) -> list[PartBatch]:
+    """The SDPA batches of an ``attention_layout``: contiguous (row, segment, part) runs are the parts."""
+    runs = layout_runs(layout)
+    starts, lengths, is_prompt, prompt_of_run, segment = (runs.starts, runs.lengths, runs.is_prompt,
+                                                          runs.prompt_of_run, runs.segment)
     batches = []
     prompt_start, prompt_length = starts[is_prompt], lengths[is_prompt]
     for bucket in _length_buckets(prompt_length):

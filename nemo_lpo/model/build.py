@@ -10,7 +10,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from nemo_lpo.model.attention import GatheredDotProductAttention
-from nemo_lpo.model.gpt import GPTModelWithPositions
+from nemo_lpo.model.gpt import GPTModelWithPositions, unwrapped_attribute
 from nemo_lpo.model.presets import ModelPreset
 from nemo_lpo.model.te_attention import with_te_gathered_attention
 
@@ -33,12 +33,7 @@ def uses_transformer_engine(model) -> bool:
     """
     if isinstance(model, (list, tuple)):
         return any(uses_transformer_engine(chunk) for chunk in model)
-    while model is not None:
-        flag = getattr(model, "uses_transformer_engine", None)
-        if flag is not None:
-            return bool(flag)
-        model = getattr(model, "module", None)
-    return False
+    return bool(unwrapped_attribute(model, "uses_transformer_engine"))
 
 
 def resolve_use_te(transformer_impl: str = "auto") -> bool:

@@ -13,6 +13,16 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 
+def unwrapped_attribute(model, name: str):
+    """``name`` of a GPTModel possibly wrapped (DDP, Float16Module: each holds the next as ``.module``); None if absent."""
+    while model is not None:
+        value = getattr(model, name, None)
+        if value is not None:
+            return value
+        model = getattr(model, "module", None)
+    return None
+
+
 def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, *, interleaved: bool = False,
                   interpolation_factor: float | None = None) -> torch.Tensor:
     """RoPE angles for explicit positions, laid out as megatron's ``RotaryEmbedding.get_emb``.

@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from nemo_lpo.model.attention import layout_runs
+from nemo_lpo.model.gpt import unwrapped_attribute
+
 # megatron's get_padding (models/multimodal/context_parallel.py): FP8 GEMMs need the token count padded to 16
 # (32 for MXFP8)
 FP8_TOKEN_MULTIPLE = {"mxfp8": 32}
@@ -120,7 +123,7 @@ def packed_model_inputs(batch: dict, model=None, *, with_labels: bool = True, fp
     if "cu_seqlens" not in batch or tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ValueError(f"a packed batch has tokens [1, S] and cu_seqlens, got tokens {tuple(tokens.shape)} and "
                          f"keys {sorted(batch)}")
-    config = _find_config(model)
+    config = unwrapped_attribute(model, "config")
     if fp8_recipe is None and getattr(config, "fp8", None):
         fp8_recipe = getattr(config, "fp8_recipe", "delayed")
         fp8_recipe = getattr(fp8_recipe, "value", fp8_recipe)
@@ -135,15 +138,6 @@ def packed_model_inputs(batch: dict, model=None, *, with_labels: bool = True, fp
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         inputs["padding_mask"] = (positions >= batch["cu_seqlens"][-1].to(tokens.device))[None]
     return inputs
-
-
-def _find_config(model):
-    while model is not None:
-        config = getattr(model, "config", None)
-        if config is not None:
-            return config
-        model = getattr(model, "module", None)
-    return None
 
 
 @dataclasses.dataclass
@@ -174,18 +168,11 @@ def varlen_plan(layout: torch.Tensor) -> VarlenPlan:
     Raises:
         ValueError: a response run that does not follow its list's prompt in the same row.
     """
-    segment, part = layout[:, 0].reshape(-1), layout[:, 1].reshape(-1)
-    row_length = layout.shape[2]
+    runs = layout_runs(layout)
+    starts, lengths, is_prompt, prompt_of_run = runs.starts, runs.lengths, runs.is_prompt, runs.prompt_of_run
+    segment, row_length, real = runs.segment, runs.row_length, runs.real
     positions = torch.arange(segment.numel(), device=layout.device)
-    real = segment >= 0
-    starts_run = real & ((positions % row_length == 0) | (segment != torch.roll(segment, 1))
-                         | (part != torch.roll(part, 1)))
-    starts = positions[starts_run]
-    run_of_token = torch.cumsum(starts_run.to(torch.int64), 0) - 1
-    lengths = torch.bincount(run_of_token[real], minlength=starts.numel())
-    is_prompt = part[starts] == 0
     run_ids = torch.arange(starts.numel(), device=layout.device)
-    prompt_of_run = torch.cummax(torch.where(is_prompt, run_ids, -1), 0).values
     responses = ~is_prompt
     own = prompt_of_run.clamp_min(0)
     same_row = starts[own] // row_length == starts // row_length
