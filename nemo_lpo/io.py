@@ -58,12 +58,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def latest_name(root: str | Path) -> str | None:
-    """The name a run's checkpoint folder's ``latest`` marker holds, if any (the folder need not exist)."""
-    marker = Path(root) / LATEST
-    return marker.read_text().strip() if marker.is_file() else None
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """``path`` itself, or the newest complete checkpoint when ``path`` is a run's checkpoint folder."""
     path = Path(path)

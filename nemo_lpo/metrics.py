@@ -186,7 +186,7 @@ def loss_metrics(
         ValueError: the loss does not accept these lists (e.g. ``dpo`` with K != 2).
     """
     options = dict(loss_options or {})
-    if response_lengths is not None and (options.get("sft_weight", 0) or loss_type == "sft"):
+    if response_lengths is not None:  # read by the per-token NLL terms (sft_weight, sft) only
         options["response_lengths"] = response_lengths
     per_list, metrics = listwise_loss(loss_type, policy_logps.double(), reference_logps.double(), rewards.double(),
                                       mask.bool(), beta, **options)

@@ -97,7 +97,8 @@ LAZY_IMPORTS = {
     "nemo_lpo.convert.cli": "command module", "nemo_lpo.evaluate.cli": "command module",
     "nemo_lpo.demo.cli": "command module", "nemo_lpo.bridge.cli": "command module",
     "nemo_lpo.bridge": "probes whether the optional Megatron-Bridge imports",
-    "nemo_lpo.model.build": "probes whether Transformer Engine imports (a broken TE raises, not ImportError)",
+    "nemo_lpo.model.build": "imports Transformer Engine only to probe it or to build its spec (a broken TE raises "
+                            "RuntimeError; model.transformer_impl=local must not touch it)",
     "nemo_lpo.model.te_attention": "Transformer Engine is optional (absent on CPU machines)",
     "nemo_lpo.train.metrics": "TensorBoard and Weights & Biases are optional loggers",
     "nemo_lpo.demo.plots": "matplotlib's Agg backend must be chosen before pyplot is imported",

@@ -103,8 +103,8 @@ def test_model_flagged_as_te_is_refused_at_every_call(tiny_models, items):
             layout = layout_by_name(layout_name)
             batch = layout.collator(PAD, 8)(items)
             assert layout.backend_of(model) == "te"
-            if layout_name == "padded":
-                assert layout.model_inputs(batch, model)["attention_mask"].dtype == torch.bool
+            if layout_name == "padded":  # TE's causal kernel: no mask built for it
+                assert layout.model_inputs(batch, model)["attention_mask"] is None
             else:
                 with pytest.raises(UnsupportedLayoutError, match=layout_name):
                     layout.model_inputs(batch, model)
@@ -136,3 +136,20 @@ def test_padding_token_mask_of_every_layout(items):
         batch = layout_by_name(layout_name).collator(PAD, 8)(items)
         real = int((~padding_token_mask(batch)).sum())
         assert real == (real_tokens - prompt_tokens if layout_name.startswith("shared") else real_tokens), layout_name
+
+
+def test_attended_pairs_by_hand():
+    """The FLOP model's attention term: a prompt of 2 tokens with responses of 3 and 1 tokens (EOS included).
+
+    Padded / packed: sequences of 5 and 3 tokens, causal: 5·6/2 + 3·4/2 = 15 + 6 = 21 pairs. Shared-prompt: the
+    prompt once (2·3/2 = 3), each response its prompt block and triangle (3·2 + 3·4/2 = 12; 1·2 + 1 = 3): 18.
+    """
+    import numpy as np
+
+    item = {"prompt_ids": np.array([5, 6], np.int32), "response_ids": [np.array([7, 8, 2], np.int32),
+                                                                       np.array([2], np.int32)],
+            "rewards": np.array([1.0, 0.0], np.float32), "index": 0}
+    expected = {"padded": 21, "packed": 21, "shared_prompt": 18, "shared_prompt_packed": 18}
+    for name, pairs in expected.items():
+        layout = layout_by_name(name)
+        assert float(layout.attended_pairs(layout.collator(PAD, 8)([item]))) == pairs, name

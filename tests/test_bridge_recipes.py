@@ -62,6 +62,22 @@ def test_online_reference_is_refused(prefix):
         recipe("tiny-cpu", [f"data.train_prefix={prefix}", "reference.mode=online"])
 
 
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["parallel.pp=2", "parallel.vpp=2"], "parallel.vpp"),
+    (["data.shared_prompt=true"], "data.shared_prompt"),
+    (["checkpoint.keep_best=val/loss", "data.valid_prefix={prefix}"], "data.valid_prefix"),
+])
+def test_trainer_only_settings_are_refused_by_name(prefix, overrides, field):
+    """What only nemo-lpo train does (virtual pipeline, shared-prompt rows, validation) is not silently ignored."""
+    from nemo_lpo.bridge.recipes import config_container
+    from nemo_lpo.config import CONF_DIR, ConfigError, load_config
+
+    cfg = load_config(CONF_DIR / "tiny_cpu.yaml", [f"data.train_prefix={prefix}",
+                                                    *(o.format(prefix=prefix) for o in overrides)])
+    with pytest.raises(ConfigError, match=f"{field}: not supported by the Megatron-Bridge recipe"):
+        config_container(cfg)
+
+
 def test_pretrained_layout_links_the_checkpoint_and_adds_run_config(tmp_path):
     import yaml
 

@@ -122,6 +122,12 @@ def test_sliding_window_is_enforced(megatron_single):
         assert PaddedLayout().token_logps(model, batch(3)).shape == (1, 6)  # positions 0..5 fit the window
         with pytest.raises(ValueError, match="sliding window is 6"):
             PaddedLayout().token_logps(model, batch(4))
+    # packed THD rows (TE) carry no positions: their longest sequence is checked instead
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    model._check_sliding_window(None, PackedSeqParams(qkv_format="thd", max_seqlen_q=6, max_seqlen_kv=6))
+    with pytest.raises(ValueError, match="reaches position 6 but the model's sliding window is 6"):
+        model._check_sliding_window(None, PackedSeqParams(qkv_format="thd", max_seqlen_q=7, max_seqlen_kv=7))
 
 
 def test_moe_models_get_a_padding_mask(tiny_models):

@@ -14,7 +14,7 @@ def list_keys(items: list[dict]) -> dict[str, torch.Tensor]:
     """The per-list batch keys of docs/architecture.md: rewards, response_mask, response_lengths, list_ids, ref_logps.
 
     ``ref_logps`` is present only when every item has one. Shared by every batch layout (padded, packed,
-    nemo_lpo.packing's shared-prompt rows).
+    the shared-prompt rows of ``nemo_lpo.batch.shared_prompt``).
     """
     b_size = len(items)
     k_max = max(len(item["response_ids"]) for item in items)

@@ -135,6 +135,10 @@ class BatchLayout(abc.ABC):
     def computed_tokens(self, batch: dict) -> torch.Tensor:
         """The number of real tokens the model computes for ``batch`` (0-dim)."""
 
+    @abc.abstractmethod
+    def attended_pairs(self, batch: dict) -> torch.Tensor:
+        """The (query, key) pairs the layout's attention needs for ``batch`` (0-dim; the FLOP model's attention term)."""
+
     def fill_rows(self, batch: dict, rows: int, pad_id: int) -> dict:
         """``batch`` with ``rows`` rows (the interleaved schedule needs one shape per step)."""
         if batch["tokens"].shape[0] != rows:
@@ -164,6 +168,11 @@ class _SequenceLayout(BatchLayout):
         """Every sequence's tokens (the prompt once per response); filled rows left out."""
         return batch["seq_lengths"].sum() - batch.get("empty_rows", 0)
 
+    def attended_pairs(self, batch: dict) -> torch.Tensor:
+        """Each sequence attends causally to itself: ``L (L + 1) / 2`` pairs per sequence."""
+        lengths = batch["seq_lengths"].double()
+        return (lengths * (lengths + 1) / 2).sum() - batch.get("empty_rows", 0)
+
     def token_logps(self, model, batch: dict) -> torch.Tensor:
         """float32 ``log p(labels[:, t] | tokens[:, :t+1])`` of every row position (meaningless where loss_mask is 0)."""
         return -model(**self.model_inputs(batch, model)).float()
@@ -176,6 +185,8 @@ class PaddedLayout(_SequenceLayout):
     packed = False
 
     def _attention_inputs(self, batch: dict, backend: str, model) -> dict:
+        if backend == "te":  # TE's causal kernel ignores a mask: no [N, 1, T, T] tensor for it (as Megatron-LM)
+            return {"attention_mask": None, "labels": batch["labels"]}
         tokens = batch["tokens"]
         return {"attention_mask": causal_padding_mask(batch["seq_lengths"].to(tokens.device), tokens.shape[1]),
                 "labels": batch["labels"]}
@@ -267,6 +278,12 @@ class SharedPromptLayout(BatchLayout):
     def computed_tokens(self, batch: dict) -> torch.Tensor:
         """The rows' real tokens: each prompt once per list."""
         return batch["row_lengths"].sum()
+
+    def attended_pairs(self, batch: dict) -> torch.Tensor:
+        """The prompt causally once, each response to its prompt and causally to itself."""
+        prompt = batch["prompt_lengths"].double()
+        response = batch["response_lengths"].double()  # 0 in empty slots
+        return (prompt * (prompt + 1) / 2).sum() + (response * prompt[:, None] + response * (response + 1) / 2).sum()
 
 
 LAYOUTS = ("padded", "packed", "shared_prompt", "shared_prompt_packed")

@@ -1,6 +1,6 @@
 """Collate listwise items into shared-prompt rows: one sequence ``[prompt, y_1, ..., y_K]`` per list.
 
-The unpacked batch (``nemo_lpo.data.ListwiseCollator``) computes every prompt K times; here it is
+The unpacked batch (``nemo_lpo.batch.collate.ListwiseCollator``) computes every prompt K times; here it is
 computed once. Three things make the result equal to the unpacked computation
 (docs/megatron-notes.md, measured):
 

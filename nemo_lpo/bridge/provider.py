@@ -20,11 +20,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig as MC
 
 from nemo_lpo.batch.layouts import select_layout
 from nemo_lpo.data import ListwiseDataset
-from nemo_lpo.io import checkpoint_sidecar
 from nemo_lpo.model.build import build_gpt_model
-from nemo_lpo.model.presets import get_preset, transformer_config
-from nemo_lpo.model.resolve import _architecture_diff
-from nemo_lpo.model.sidecar import read_checkpoint_preset
+from nemo_lpo.model.presets import transformer_config
+from nemo_lpo.model.resolve import preset_of
 
 FROM_CHECKPOINT = "from_checkpoint"
 
@@ -33,24 +31,9 @@ def resolve_preset(preset: str, checkpoint: str | None):
     """The ModelPreset named ``preset``, or (``from_checkpoint``) the one ``checkpoint``'s nemo_lpo_model.json records.
 
     Raises:
-        ValueError: an unknown name, no description in the checkpoint, or a named preset that disagrees with it.
+        ConfigError: an unknown name, no description in the checkpoint, or a named preset that disagrees with it.
     """
-    sidecar = checkpoint_sidecar(checkpoint)
-    recorded = read_checkpoint_preset(sidecar.parent) if sidecar is not None else None
-    if preset == FROM_CHECKPOINT:
-        if recorded is None:
-            raise ValueError(f"LPOModelProvider.lpo_preset=from_checkpoint: {checkpoint!r} has no nemo_lpo_model.json "
-                             "(convert the HF model with `nemo-lpo convert hf-to-mcore`, or name a preset)")
-        return recorded
-    try:
-        named = get_preset(preset)
-    except KeyError as err:
-        raise ValueError(f"LPOModelProvider.lpo_preset: {err.args[0]} (or {FROM_CHECKPOINT})") from None
-    diff = _architecture_diff(named, recorded) if recorded is not None else []
-    if diff:
-        raise ValueError(f"lpo_preset={preset} and {checkpoint}/nemo_lpo_model.json describe different models: "
-                         + "; ".join(diff))
-    return named
+    return preset_of(preset, {"LPOModelProvider.lpo_checkpoint": checkpoint}, key="LPOModelProvider.lpo_preset")
 
 
 @dataclass
@@ -61,15 +44,19 @@ class LPOModelProvider(GPTModelProvider):
     """A ``nemo_lpo.model.presets`` name, or ``from_checkpoint`` (the architecture of ``lpo_checkpoint``)."""
     lpo_checkpoint: str | None = None
     """The converted checkpoint (``nemo-lpo convert hf-to-mcore`` output) whose description is checked / used."""
+    lpo_use_te: bool = False
+    """Build Transformer Engine's layer spec (``model.transformer_impl`` resolved by ``build.resolve_use_te``)."""
 
     def provide(self, pre_process=None, post_process=None, vp_stage=None):
-        """nemo-lpo's GPTModel of this pipeline stage (TE layer spec when TE imports, local spec otherwise)."""
+        """nemo-lpo's GPTModel of this pipeline stage (TE's layer spec when ``lpo_use_te``, the local one otherwise)."""
         preset = resolve_preset(self.lpo_preset, self.lpo_checkpoint)
-        return build_gpt_model(preset, self, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        return build_gpt_model(preset, self, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                               use_te=self.lpo_use_te)
 
 
 def lpo_model_provider(preset: str = "tiny-mixtral", *, checkpoint: str | None = None, micro_batch_size: int = 1,
-                       seq_length: int = 4096, moe_aux_loss_coeff: float = 1e-2, **parallel) -> LPOModelProvider:
+                       seq_length: int = 4096, moe_aux_loss_coeff: float = 1e-2, use_te: bool = False,
+                       **parallel) -> LPOModelProvider:
     """An ``LPOModelProvider`` configured as nemo-lpo configures its model (``presets.transformer_config``).
 
     Args:
@@ -81,6 +68,7 @@ def lpo_model_provider(preset: str = "tiny-mixtral", *, checkpoint: str | None =
             exactly whenever every list of the step is valid (``nemo_lpo.bridge.task``).
         seq_length: the model's nominal sequence length (pipeline buffers when shapes are not exchanged).
         moe_aux_loss_coeff: nemo-lpo's weight of the router load-balancing loss.
+        use_te: Transformer Engine's layer spec (else megatron's local one with the gathered attention).
         **parallel: ``transformer_config`` arguments (tp, pp, ep, etp, sequence_parallel, params_dtype, bf16,
             fp8, recompute, moe_token_dispatcher_type, ...).
     """
@@ -88,7 +76,8 @@ def lpo_model_provider(preset: str = "tiny-mixtral", *, checkpoint: str | None =
     config = transformer_config(arch, moe_aux_loss_coeff=moe_aux_loss_coeff * micro_batch_size,
                                 calculate_per_token_loss=True, **parallel)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(MCoreTransformerConfig) if f.init}
-    return LPOModelProvider(**values, lpo_preset=preset, lpo_checkpoint=checkpoint, vocab_size=arch.vocab_size,
+    return LPOModelProvider(**values, lpo_preset=preset, lpo_checkpoint=checkpoint, lpo_use_te=use_te,
+                            vocab_size=arch.vocab_size,
                             should_pad_vocab=False, make_vocab_size_divisible_by=1, seq_length=seq_length,
                             share_embeddings_and_output_weights=False, position_embedding_type="rope",
                             rotary_base=int(arch.rotary_base))

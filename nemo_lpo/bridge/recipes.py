@@ -10,7 +10,6 @@ forward step. Import only where Megatron-Bridge is installed.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -31,8 +30,11 @@ from nemo_lpo.bridge.provider import LPODatasetProvider, lpo_model_provider
 from nemo_lpo.bridge.task import LPOTask
 from nemo_lpo.config import Config, ConfigError, load_config
 from nemo_lpo.data import ListwiseDataset
-from nemo_lpo.io import LATEST, latest_checkpoint
-from nemo_lpo.train.lpo_model import layout_of
+from nemo_lpo.io import atomic_write, resolve_checkpoint
+from nemo_lpo.model.build import resolve_use_te
+from nemo_lpo.model.resolve import resolve_preset
+from nemo_lpo.train.feeder import run_pad_multiple
+from nemo_lpo.train.lpo_model import checked_layout, layout_of
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE_CONFS = {"mixtral-8x7b": REPO / "recipes" / "conf" / "mixtral_8x7b_h100.yaml",
@@ -49,9 +51,7 @@ def pretrained_layout(checkpoint: str | Path, run_dir: str | Path, tp: int, pp: 
     ``run_dir/pretrained``: links to every file of the checkpoint plus that small ``run_config.yaml``; the
     converted checkpoint itself is not modified. A training run's ``checkpoints/`` folder resolves to its latest.
     """
-    source = Path(checkpoint).resolve()
-    if (source / LATEST).is_file():
-        source = latest_checkpoint(source)
+    source = resolve_checkpoint(Path(checkpoint).resolve())
     if not (source / "metadata.json").is_file():
         raise FileNotFoundError(f"model.init_checkpoint: {source} is not a megatron dist checkpoint (no metadata.json); "
                                 "convert the HF model with `nemo-lpo convert hf-to-mcore`")
@@ -64,9 +64,7 @@ def pretrained_layout(checkpoint: str | Path, run_dir: str | Path, tp: int, pp: 
         link.symlink_to(item)
     run_config = {"model": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
                   "checkpoint": {"save_optim": False, "save_rng": False, "fully_parallel_save": True}}
-    tmp = target / f".{RUN_CONFIG}.tmp"
-    tmp.write_text(yaml.safe_dump(run_config))
-    tmp.replace(target / RUN_CONFIG)
+    atomic_write(target / RUN_CONFIG, yaml.safe_dump(run_config))
     return str(target)
 
 
@@ -78,17 +76,37 @@ def train_iters(cfg: Config) -> int:
     return max(1, cfg.train.epochs * (len(ListwiseDataset(cfg.data.train_prefix)) // cfg.data.global_batch_size))
 
 
+def _refuse_trainer_only_settings(cfg: Config) -> None:
+    """What only ``nemo-lpo train`` does stops here with the field's name, instead of being silently ignored."""
+    refused = {
+        "reference.mode": (cfg.reference.mode != "precomputed", "the Megatron-Bridge recipe holds one model, so the "
+                           "reference must be precomputed (`nemo-lpo ref-logps`); set reference.mode=precomputed"),
+        "data.shared_prompt": (cfg.data.shared_prompt, "shared-prompt rows run in nemo-lpo train only"),
+        "data.train_prefix": (not cfg.data.train_prefix or not isinstance(cfg.data.train_prefix, str),
+                              "one packed dataset prefix (blends and validation run in nemo-lpo train only)"),
+        "data.valid_prefix": (bool(cfg.data.valid_prefix), "validation during training runs in nemo-lpo train only"),
+        "train.eval_interval": (cfg.train.eval_interval is not None, "validation runs in nemo-lpo train only"),
+        "checkpoint.keep_best": (cfg.checkpoint.keep_best is not None, "keep_best runs in nemo-lpo train only"),
+        # megatron's interleaved schedule needs the p2p settings and one shape per step that nemo-lpo's trainer sets
+        # (model.resolve.VIRTUAL_PIPELINE_P2P, feeder.collate_uniform): without them pp=2 crosses messages silently
+        "parallel.vpp": (cfg.parallel.vpp > 1, "the virtual pipeline runs in nemo-lpo train only"),
+    }
+    for field_name, (bad, why) in refused.items():
+        if bad:
+            raise ConfigError(f"{field_name}: not supported by the Megatron-Bridge recipe: {why}")
+
+
 def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
     """Megatron-Bridge's ``ConfigContainer`` for a validated nemo-lpo ``Config`` (precomputed reference only)."""
     if cfg.reference.mode != "precomputed":
         raise ConfigError("reference.mode: the Megatron-Bridge recipe holds one model, so the reference must be "
                           "precomputed (`nemo-lpo ref-logps`); set reference.mode=precomputed")
-    if cfg.data.shared_prompt:
-        raise ConfigError("data.shared_prompt: not supported by the Megatron-Bridge recipe (use nemo-lpo train)")
-    if not cfg.data.train_prefix:
-        raise ConfigError("data.train_prefix: give the packed dataset prefix (nemo-lpo pack output)")
+    _refuse_trainer_only_settings(cfg)
     p, m, o, d = cfg.parallel, cfg.model, cfg.optim, cfg.data
     bf16 = m.params_dtype == "bf16"
+    use_te = resolve_use_te(m.transformer_impl)
+    checked_layout(cfg, use_te)  # packed rows on TE's attention stop here, as in nemo-lpo train
+    precision = {"fp8_recipe": m.fp8_recipe} if m.fp8_recipe else {}
 
     provider = lpo_model_provider(
         m.preset, checkpoint=m.init_checkpoint, micro_batch_size=d.micro_batch_size,
@@ -96,10 +114,11 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
         tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16, fp8=m.fp8,
         recompute=None if m.recompute == "none" else m.recompute, moe_token_dispatcher_type=m.moe_token_dispatcher,
-        **({"virtual_pipeline_model_parallel_size": p.vpp} if p.vpp > 1 else {}))
+        moe_grouped_gemm=m.moe_grouped_gemm if m.moe_grouped_gemm is not None else use_te and resolve_preset(cfg).is_moe,
+        use_te=use_te, **precision)
     iters = train_iters(cfg)
     run_dir = Path(cfg.logging.run_dir)
-    multiple = math.lcm(d.pad_to_multiple_of, p.tp) if p.sequence_parallel and p.tp > 1 else d.pad_to_multiple_of
+    multiple = run_pad_multiple(cfg)
     return ConfigContainer(
         model=provider,
         train=TrainingConfig(train_iters=iters, global_batch_size=d.global_batch_size,

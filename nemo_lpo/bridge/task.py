@@ -11,7 +11,7 @@ gradient by it (megatron-core 0.19 ``pipeline_parallel/schedules.py`` ``forward_
 
 Here the loss is the SUM of nemo-lpo's per-list losses of the micro-batch and the count is its number of valid
 lists, so the gradient is that of the sum over the global batch divided by the global number of valid lists:
-exactly nemo-lpo's global per-list mean (``nemo_lpo.train.lpo_model``), computed without knowing the global count
+exactly nemo-lpo's global per-list mean (``nemo_lpo.train.task``), computed without knowing the global count
 before the step. Metrics are ``[mean × valid, valid]`` pairs, which Megatron-Bridge sums over micro-batches and
 data-parallel ranks and divides: the global per-list mean under the names nemo-lpo logs.
 
@@ -40,7 +40,7 @@ class LPOTask:
     """Megatron-Bridge forward step for listwise preference optimisation on a precomputed reference.
 
     Call it as ``forward_step_func(data_iterator, model)``; each item of the iterator is a collated listwise
-    micro-batch (``nemo_lpo.data.ListwiseCollator``) with ``ref_logps``.
+    micro-batch (``nemo_lpo.batch.collate.ListwiseCollator``) with ``ref_logps``.
     """
 
     loss_type: str = "lpo"
@@ -58,22 +58,17 @@ class LPOTask:
         if self.loss_type not in LOSSES:
             raise ValueError(f"LPOTask.loss_type: unknown loss {self.loss_type!r}; choose one of {sorted(LOSSES)}")
         self.options = dict(self.options)
-
-    @property
-    def metric_names(self) -> list[str]:
-        """Names of the reported metrics (``loss`` and the loss module's means; ``lists/valid`` is the count)."""
         zeros = torch.zeros(1, 2)
-        _, metrics = listwise_loss(self.loss_type, zeros, zeros, torch.tensor([[1.0, 0.0]]),
-                                   torch.ones(1, 2, dtype=torch.bool), self.beta,
-                                   **self._loss_options({"response_lengths": torch.ones(1, 2, dtype=torch.long)}))
-        return ["loss", *sorted(name for name in metrics if name != "lists/valid")]
+        _, metrics = self._loss(zeros, zeros, {"rewards": torch.tensor([[1.0, 0.0]]),
+                                               "response_mask": torch.ones(1, 2, dtype=torch.bool),
+                                               "response_lengths": torch.ones(1, 2, dtype=torch.long)})
+        self.metric_names = ["loss", *sorted(name for name in metrics if name != "lists/valid")]
+        """Names of the reported metrics (``loss`` and the loss module's means; ``lists/valid`` is the count)."""
 
-    def _loss_options(self, batch: dict) -> dict:
-        options = dict(self.options)
-        # the NLL term on the best response (sft_weight, the sft loss) is per token: it needs the token counts
-        if (options.get("sft_weight", 0) or self.loss_type == "sft") and "response_lengths" in batch:
-            options["response_lengths"] = batch["response_lengths"]
-        return options
+    def _loss(self, policy: torch.Tensor, reference: torch.Tensor, batch: dict):
+        # the token counts are read by the per-token NLL terms (the sft_weight term, the sft loss) only
+        return listwise_loss(self.loss_type, policy, reference, batch["rewards"].to(policy), batch["response_mask"],
+                             self.beta, response_lengths=batch["response_lengths"], **self.options)
 
     def __call__(self, data_iterator, model):
         """Run this pipeline stage on the next micro-batch; return (output, loss callback)."""
@@ -90,9 +85,7 @@ class LPOTask:
     def loss_func(self, batch: dict, output: torch.Tensor):
         """``(sum of per-list losses, valid lists, {name: [mean × valid, valid]})`` of one micro-batch."""
         policy = self.layout.response_logps(output, batch, self.length_average)
-        per_list, metrics = listwise_loss(self.loss_type, policy, batch["ref_logps"].to(policy),
-                                          batch["rewards"].to(policy), batch["response_mask"], self.beta,
-                                          **self._loss_options(batch))
+        per_list, metrics = self._loss(policy, batch["ref_logps"].to(policy), batch)
         loss = per_list.sum()
         valid = metrics["lists/valid"].detach().float()
         reported = {"loss": torch.stack([loss.detach().float(), valid])}

@@ -12,7 +12,7 @@ from nemo_lpo.losses import LOSS_SPECS
 COMPARE_K = 4  # the lists every compared loss trains on (the K of Figure 1's LPO-abs run)
 KPO_K = 2  # kpo's top positions on K = 4 lists, as conf/experiments/uf_kpo.yaml (k = 1: softmax-DPO; 3: listmle)
 NOT_LISTWISE = ("dpo", "ipo", "sft")  # K = 2 only (dpo, ipo), or no preference at all (sft)
-# held-out metric (``evaluate.metrics.ranking_metrics`` key) -> column of the table
+# held-out metric (``nemo_lpo.metrics.ranking_metrics`` key) -> column of the table
 COLUMNS = {
     "implicit/accuracy": "held-out accuracy",
     "implicit/kendall_tau": "Kendall τ",

@@ -61,8 +61,7 @@ def dataset_logps(
     Raises:
         UnsupportedLayoutError: ``layout`` cannot run on the model's attention backend.
     """
-    layout = layout or PaddedLayout()
-    layout.check_backend(layout.backend_of(model))
+    layout = layout or PaddedLayout()  # every micro-batch's model_inputs checks the model's attention backend
     collator = layout.collator(dataset.pad_id, pad_to_multiple_of)
     device = next(model.parameters()).device
     was_training = model.training

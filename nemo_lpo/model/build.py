@@ -12,7 +12,6 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from nemo_lpo.model.attention import GatheredDotProductAttention
 from nemo_lpo.model.gpt import GPTModelWithPositions, unwrapped_attribute
 from nemo_lpo.model.presets import ModelPreset
-from nemo_lpo.model.te_attention import with_te_gathered_attention
 
 
 def transformer_engine_available() -> bool:
@@ -83,6 +82,8 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
                                           vp_stage=vp_stage)
         if te_gathered_attention:
+
+            from nemo_lpo.model.te_attention import with_te_gathered_attention  # imports TE: only on its spec
 
             spec = with_te_gathered_attention(spec)
         return spec

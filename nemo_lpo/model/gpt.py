@@ -57,7 +57,7 @@ class GPTModelWithPositions(GPTModel):
             raises instead of silently attending too far.
         uses_transformer_engine: built from TE's layer spec. TE's causal attention ignores an explicit
             mask: right-padded batches stay exact (causality already hides the padding from real tokens),
-            block-diagonal packed batches would not, so ``logprobs.model_inputs`` refuses them.
+            packed and shared-prompt rows would not, so the batch layouts refuse them (``nemo_lpo.batch.layouts``).
         **kwargs: GPTModel's.
     """
 
@@ -65,6 +65,27 @@ class GPTModelWithPositions(GPTModel):
         super().__init__(*args, **kwargs)
         self.sliding_window = sliding_window
         self.uses_transformer_engine = uses_transformer_engine
+
+    def _check_sliding_window(self, position_ids, packed_seq_params) -> None:
+        """Refuse a sequence that reaches the sliding window: no attention path here applies one.
+
+        The window is not passed to the attention (megatron's local path cannot combine it with an explicit mask), so
+        a longer sequence would silently attend too far. Packed THD rows carry no positions: their longest sequence
+        is ``packed_seq_params.max_seqlen_q``.
+        """
+        if self.sliding_window is None:
+            return
+        if position_ids is not None:
+            reach = int(position_ids.max())
+        elif packed_seq_params is not None:
+            reach = int(packed_seq_params.max_seqlen_q) - 1
+        else:
+            return
+        if reach >= self.sliding_window:
+            raise ValueError(
+                f"a sequence reaches position {reach} but the model's sliding window is {self.sliding_window}: the "
+                f"attention here does not apply a sliding window; use sequences of at most {self.sliding_window} tokens"
+            )
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):
@@ -80,14 +101,9 @@ class GPTModelWithPositions(GPTModel):
 
             split = tensor_parallel.scatter_to_sequence_parallel_region(out[5].transpose(0, 1).contiguous())
             out = (*out[:5], split.transpose(0, 1).contiguous(), *out[6:])
+        self._check_sliding_window(position_ids, packed_seq_params)
         if position_ids is None or self.position_embedding_type != "rope" or out[1] is None:
             return out
-        if self.sliding_window is not None and int(position_ids.max()) >= self.sliding_window:
-            raise ValueError(
-                f"a sequence reaches position {int(position_ids.max())} but the model's sliding window is "
-                f"{self.sliding_window}: megatron's local attention cannot apply a sliding window together "
-                f"with an explicit mask; use sequences of at most {self.sliding_window} tokens"
-            )
         rope = self.rotary_pos_emb
         angles = rotary_angles(position_ids, rope.inv_freq, interleaved=rope.rotary_interleaved,
                                interpolation_factor=rope.seq_len_interpolation_factor)

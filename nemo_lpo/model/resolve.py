@@ -48,11 +48,10 @@ def _architecture_diff(named: ModelPreset, recorded: ModelPreset) -> list[str]:
             if f.name not in _NOT_ARCHITECTURE and getattr(named, f.name) != getattr(recorded, f.name)]
 
 
-def _recorded_presets(cfg: Config) -> list[tuple[str, str, ModelPreset]]:
-    """(config key, path, preset) of every converted checkpoint the config names (init, then reference)."""
+def _recorded_presets(checkpoints: dict[str, str | None]) -> list[tuple[str, str, ModelPreset]]:
+    """(config key, path, preset) of every converted checkpoint among ``{config key: path}``, in order."""
     recorded = []
-    for key, path in (("model.init_checkpoint", cfg.model.init_checkpoint),
-                      ("reference.checkpoint", cfg.reference.checkpoint)):
+    for key, path in checkpoints.items():
         sidecar = checkpoint_sidecar(path)
         if sidecar is not None:
             try:
@@ -60,6 +59,38 @@ def _recorded_presets(cfg: Config) -> list[tuple[str, str, ModelPreset]]:
             except ModelDescriptionError as err:
                 raise ConfigError(f"{key}: {err}") from None
     return recorded
+
+
+def preset_of(name: str, checkpoints: dict[str, str | None], key: str = "model.preset") -> ModelPreset:
+    """The preset called ``name``, or (``from_checkpoint``) the first one ``checkpoints`` record; all must agree.
+
+    Args:
+        name: a preset name or ``from_checkpoint``.
+        checkpoints: ``{config key: checkpoint path or None}``, searched in order for ``nemo_lpo_model.json``.
+        key: the config key of ``name``, for messages.
+
+    Raises:
+        ConfigError: no converted checkpoint for ``from_checkpoint``, an unknown name, or a disagreement.
+    """
+    recorded = _recorded_presets(checkpoints)
+    if name == FROM_CHECKPOINT:
+        if not recorded:
+            given = " or ".join(f"{k}={v!r}" for k, v in checkpoints.items())
+            raise ConfigError(f"{key}=from_checkpoint: no converted checkpoint description (nemo_lpo_model.json) in "
+                              f"{given}; convert the HF model with `nemo-lpo convert hf-to-mcore` or name a preset")
+        preset, source = recorded[0][2], f"{recorded[0][0]}={recorded[0][1]}"
+    else:
+        try:
+            preset = get_preset(name)
+        except KeyError as err:
+            raise ConfigError(f"{key}: {err.args[0]} (or {FROM_CHECKPOINT})") from None
+        source = f"{key}={name}"
+    for other_key, path, other in recorded:
+        diff = _architecture_diff(preset, other)
+        if diff:
+            raise ConfigError(f"{source} and {other_key}={path} (nemo_lpo_model.json) describe different models: "
+                              + "; ".join(diff) + f". Set {key}={FROM_CHECKPOINT} or convert a matching model")
+    return preset
 
 
 def resolve_preset(cfg: Config) -> ModelPreset:
@@ -73,25 +104,9 @@ def resolve_preset(cfg: Config) -> ModelPreset:
     Raises:
         ConfigError: no converted checkpoint for ``from_checkpoint``, an unknown name, or a disagreement.
     """
-    recorded = _recorded_presets(cfg)
-    if cfg.model.preset == FROM_CHECKPOINT:
-        if not recorded:
-            raise ConfigError(
-                f"model.preset=from_checkpoint: no converted checkpoint description (nemo_lpo_model.json) in "
-                f"model.init_checkpoint={cfg.model.init_checkpoint!r} or reference.checkpoint="
-                f"{cfg.reference.checkpoint!r}; convert the HF model with `nemo-lpo convert hf-to-mcore` or name a preset")
-        preset, source = recorded[0][2], f"{recorded[0][0]}={recorded[0][1]}"
-    else:
-        try:
-            preset = get_preset(cfg.model.preset)
-        except KeyError as err:
-            raise ConfigError(f"model.preset: {err.args[0]} (or {FROM_CHECKPOINT})") from None
-        source = f"model.preset={cfg.model.preset}"
-    for key, path, other in recorded:
-        diff = _architecture_diff(preset, other)
-        if diff:
-            raise ConfigError(f"{source} and {key}={path} (nemo_lpo_model.json) describe different models: "
-                              + "; ".join(diff) + f". Set model.preset={FROM_CHECKPOINT} or convert a matching model")
+    preset = preset_of(cfg.model.preset, {"model.init_checkpoint": cfg.model.init_checkpoint,
+                                          "reference.checkpoint": cfg.reference.checkpoint})
+    source = f"model.preset={cfg.model.preset}"
     if cfg.model.moe_grouped_gemm and not preset.is_moe:
         raise ConfigError(f"model.moe_grouped_gemm=true but {source} has no experts; set it to null (auto) or false")
     p = cfg.parallel

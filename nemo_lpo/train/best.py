@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from nemo_lpo.io import atomic_write
 from nemo_lpo.train.checkpoint import step_dir_name
 
 BEST_FILE = "best.json"
@@ -75,17 +75,13 @@ class BestCheckpoint:
             return True
         return value < self.value if self.mode == "min" else value > self.value
 
-    def accept(self, step: int, value: float) -> str | None:
-        """Record ``step`` as the best (its checkpoint must be complete); returns the previous best's folder name."""
-        previous = self.name
+    def accept(self, step: int, value: float) -> None:
+        """Record ``step`` as the best (its checkpoint must be complete), in ``best.json`` too."""
         self.step, self.value = step, float(value)
         if self.rank == 0:
             payload = {"metric": self.metric, "mode": self.mode, "step": step, "value": self.value,
                        "checkpoint": self.name}
-            tmp = self.path.with_name(BEST_FILE + ".tmp")
-            tmp.write_text(json.dumps(payload, indent=2) + "\n")
-            os.replace(tmp, self.path)
-        return previous
+            atomic_write(self.path, json.dumps(payload, indent=2) + "\n")
 
     def summary(self) -> dict | None:
         """``{metric, mode, step, value, checkpoint path}`` or None before any best."""

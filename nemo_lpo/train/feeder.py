@@ -7,6 +7,8 @@ collates them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core import parallel_state
 
@@ -16,6 +18,9 @@ from nemo_lpo.config.sources import parse_blend
 from nemo_lpo.data.blend import BlendedLists
 from nemo_lpo.data.dataset import ListwiseDataset
 from nemo_lpo.data.sampler import ListwiseSampler
+
+CHUNK_MICROBATCHES = 64
+"""Micro-batches per forward-only schedule call over a fixed set of lists (bounds the memory of one call's results)."""
 
 
 def run_pad_multiple(cfg: Config) -> int:
@@ -42,6 +47,21 @@ def collate_uniform(layout: BatchLayout, pad_id: int, multiple: int, groups: lis
                    for batch, items in zip(batches, groups, strict=True)]
     rows = max(batch["tokens"].shape[0] for batch in batches)
     return [layout.fill_rows(batch, rows, pad_id) for batch in batches]
+
+
+def microbatch_plan(num_lists: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[range | None]:
+    """Rows of each micro-batch this data-parallel rank runs over a fixed set of lists (reference pass, validation).
+
+    Micro-batch j (rows ``[j*mbs, (j+1)*mbs)``) goes to rank ``j % dp``; every rank gets ``ceil(M / dp)`` entries, and
+    None marks a repeat that only keeps the ranks in step: expert-parallel all-to-alls span data-parallel ranks, so a
+    rank with one micro-batch more than another would wait for it forever.
+    """
+    count = math.ceil(num_lists / micro_batch_size)
+    per_rank = math.ceil(count / dp_size)
+    plan: list[range | None] = []
+    for j in range(dp_rank, per_rank * dp_size, dp_size):
+        plan.append(range(j * micro_batch_size, min((j + 1) * micro_batch_size, num_lists)) if j < count else None)
+    return plan
 
 
 class BatchFeeder:

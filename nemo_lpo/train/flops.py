@@ -28,12 +28,13 @@ def forward_flops(preset, tokens: float, attended_pairs: float) -> float:
     return tokens * active_linear_flops_per_token(preset) + attention_flops(preset, attended_pairs)
 
 
-def step_flops(preset, tokens: int, seq_len: int, *, reference_forward: bool, recompute: bool) -> float:
-    """Model FLOPs of one step over ``tokens`` tokens in rows of ``seq_len``: forward + backward (3 forwards).
+def step_flops(preset, tokens: int, attended_pairs: float, *, reference_forward: bool, recompute: bool) -> float:
+    """Model FLOPs of one step over ``tokens`` tokens: forward + backward (3 forwards).
 
-    Attention is counted as causal rows of ``seq_len`` (each token attends to ``seq_len / 2`` keys on average).
-    The online reference adds one forward; full recompute adds one more policy forward.
+    ``attended_pairs``: the (query, key) pairs the batch layout's attention needs (``BatchLayout.attended_pairs``:
+    each sequence's causal triangle; a shared-prompt row's prompt once plus each response's prompt block and
+    triangle). The online reference adds one forward; full recompute adds one more policy forward.
     """
-    forward = forward_flops(preset, tokens, tokens * seq_len / 2)
+    forward = forward_flops(preset, tokens, attended_pairs)
     passes = 3 + (1 if recompute else 0) + (1 if reference_forward else 0)
     return forward * passes

@@ -10,7 +10,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from nemo_lpo.config import Config, dump_config
-from nemo_lpo.io import latest_checkpoint, latest_name
+from nemo_lpo.io import latest_checkpoint
 from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
 from nemo_lpo.train.checkpoint import describe_layout, layout, load_checkpoint, save_checkpoint, saved_layout
 from nemo_lpo.train.feeder import BatchFeeder
@@ -84,6 +84,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.lpo.model, self.total_steps)
         self.ckpt_root = cfg.checkpoint_dir()
         self.step = 0
+        self.saved_step: int | None = None  # the step of this run's newest complete checkpoint (same on every rank)
         self.run_dir = Path(cfg.logging.run_dir)
         self.logger = MetricsLogger(self.run_dir, self.total_steps, self.rank, tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project, wandb_name=cfg.logging.wandb_name,
@@ -96,10 +97,11 @@ class Trainer:
         if path is not None:
             self._warn_random_reference(path)
             self.step = load_checkpoint(path, self.lpo, self.optimizer, self.scheduler, self.feeder)
+            self.saved_step = self.step
             if self.rank == 0:
                 print(f"resumed from {path} at step {self.step}", flush=True)
         self.logger.truncate_after(self.step)
-        self.validation.resumed(self.step)
+        self.validation.resumed(self.step, from_checkpoint=path is not None)
         return self.step
 
     def _warn_random_reference(self, path: Path) -> None:
@@ -119,18 +121,20 @@ class Trainer:
 
     def save(self, protect: tuple[str, ...] | None = None) -> Path:
         """Save a checkpoint of the current step (collective); ``protect``: folders keep-last-N keeps (the best)."""
-        return save_checkpoint(self.ckpt_root, self.step, self.lpo, self.optimizer, self.scheduler, self.feeder,
+        path = save_checkpoint(self.ckpt_root, self.step, self.lpo, self.optimizer, self.scheduler, self.feeder,
                                self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
                                protect=self.validation.protect() if protect is None else protect)
+        self.saved_step = self.step
+        return path
 
-    def record(self, result, seq_len: int) -> dict:
+    def record(self, result) -> dict:
         """The metrics line of one step (throughput, and TFLOP/s + MFU on GPU)."""
         rec = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "tokens": result.tokens,
                "tokens_per_s": result.tokens / max(result.step_time, 1e-9), "step_time": result.step_time}
         rec.update({f"time/{k}": v for k, v in result.timings.items()})
         peak = peak_tflops()
         if peak is not None:
-            flops = step_flops(self.lpo.preset, result.tokens, seq_len,
+            flops = step_flops(self.lpo.preset, result.tokens, result.attended_pairs,
                                reference_forward=self.lpo.reference is not None,
                                recompute=self.cfg.model.recompute == "full")
             tflops = flops / result.step_time / torch.distributed.get_world_size() / 1e12
@@ -153,7 +157,7 @@ class Trainer:
             microbatches = self.feeder.next_global_batch()
             result = train_step(self.lpo, self.optimizer, self.scheduler, microbatches)
             self.step += 1
-            record = self.record(result, microbatches[0]["tokens"].shape[1])
+            record = self.record(result)
             record.update(self.feeder.source_counts)
             self.validation.after_step(self.step, last_step, record)
             self.logger.log(self.step, record)
@@ -163,11 +167,11 @@ class Trainer:
             if stop.requested(self.device):
                 if self.rank == 0:
                     print(f"stop requested: checkpointing step {self.step} and exiting", flush=True)
-                if latest_name(self.ckpt_root) != f"step_{self.step:07d}":
+                if self.saved_step != self.step:
                     self.save()
                 break
         if ck.save_at_end and self.step == self.total_steps and self.step > 0 \
-                and latest_name(self.ckpt_root) != f"step_{self.step:07d}":
+                and self.saved_step != self.step:
             self.save()
         self.logger.close()
         self.validation.finish(self.step)

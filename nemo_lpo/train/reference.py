@@ -19,10 +19,8 @@ from nemo_lpo.config.sources import train_prefixes, valid_prefixes
 from nemo_lpo.data import ListwiseDataset, write_reference_logps
 from nemo_lpo.model.resolve import resolve_preset
 from nemo_lpo.train.checkpoint import load_model_weights
-from nemo_lpo.train.feeder import collate_uniform, run_pad_multiple
+from nemo_lpo.train.feeder import CHUNK_MICROBATCHES, collate_uniform, microbatch_plan, run_pad_multiple
 from nemo_lpo.train.lpo_model import LPOModel
-
-CHUNK_MICROBATCHES = 64  # micro-batches per schedule call (bounds host memory of the gathered results)
 
 
 def build_reference(cfg: Config) -> LPOModel:
@@ -46,15 +44,16 @@ def reference_logps(cfg: Config, prefix: str | None = None, lpo: LPOModel | None
     dataset = ListwiseDataset(prefix or cfg.data.train_prefix)
     multiple = run_pad_multiple(cfg)
     collator = lpo.layout.collator(dataset.pad_id, multiple)
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mbs = cfg.data.micro_batch_size
-    starts = list(range(0, len(dataset), mbs))[dp_rank::dp_size]  # micro-batch j goes to rank j % dp
+    # the same number of micro-batches on every data-parallel rank (a short rank repeats one and drops its result)
+    plan = microbatch_plan(len(dataset), mbs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    fallback = next((rows for rows in plan if rows is not None), range(min(mbs, len(dataset))))
     keep = lpo.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     results: dict[int, np.ndarray] = {}
-    for c in range(0, len(starts), CHUNK_MICROBATCHES):
-        groups = [[dataset[i] for i in range(start, min(start + mbs, len(dataset)))]
-                  for start in starts[c:c + CHUNK_MICROBATCHES]]
+    for c in range(0, len(plan), CHUNK_MICROBATCHES):
+        entries = plan[c:c + CHUNK_MICROBATCHES]
+        groups = [[dataset[i] for i in (rows if rows is not None else fallback)] for rows in entries]
         if cfg.parallel.vpp > 1:
             # one shape for the interleaved schedule: a short last micro-batch repeats its last list (same
             # list id, same values), then all are padded to the longest (step.collate_uniform)
@@ -66,7 +65,9 @@ def reference_logps(cfg: Config, prefix: str | None = None, lpo: LPOModel | None
         logps = lpo.task.run_forward_only(lpo.module, batches, cfg.loss.length_average)
         if not keep:
             continue
-        for batch, values in zip(batches, logps, strict=True):
+        for rows, batch, values in zip(entries, batches, logps, strict=True):
+            if rows is None:
+                continue
             mask = batch["response_mask"].cpu().numpy()
             values = values.float().cpu().numpy()
             for row, list_id in enumerate(batch["list_ids"].tolist()):

@@ -30,6 +30,8 @@ class StepResult:
     grad_norm: float
     lr: float
     tokens: int
+    attended_pairs: float
+    """(query, key) pairs the attention needed over the global batch (the FLOP model's attention term)."""
     step_time: float
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -39,13 +41,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def reduce_metrics(lpo: LPOModel, outputs: list[dict], device: torch.device) -> tuple[dict[str, float], int]:
+def reduce_metrics(lpo: LPOModel, outputs: list[dict], device: torch.device) -> tuple[dict[str, float], int, float]:
     """Sum the per-micro-batch metric sums and divide by the global valid count; same result on all ranks.
 
     Only the last pipeline stage at tensor-parallel rank 0 contributes (one copy per data-parallel
     replica), and the sums are all-reduced over the whole world so that rank 0 can log them.
     """
-    names = [*lpo.task.metric_names, "lists/valid", "tokens"]
+    names = [*lpo.task.metric_names, "lists/valid", "tokens", "attended_pairs"]
     totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     contributes = lpo.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
     if contributes:
@@ -56,9 +58,10 @@ def reduce_metrics(lpo: LPOModel, outputs: list[dict], device: torch.device) -> 
     values = dict(zip(names, totals.tolist(), strict=True))
     valid = values.pop("lists/valid")
     tokens = int(values.pop("tokens"))
+    pairs = values.pop("attended_pairs")
     metrics = {name: value / max(valid, 1.0) for name, value in values.items()}
     metrics["lists/valid"] = valid
-    return metrics, tokens
+    return metrics, tokens, pairs
 
 
 def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) -> StepResult:
@@ -94,6 +97,7 @@ def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) ->
         scheduler.step(increment=1)
     _sync()
     timings["optimizer"] = time.perf_counter() - opt_start
-    metrics, tokens = reduce_metrics(lpo, outputs, device)
+    metrics, tokens, pairs = reduce_metrics(lpo, outputs, device)
     return StepResult(metrics=metrics, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                      lr=float(lr), tokens=tokens, step_time=time.perf_counter() - start, timings=timings)
+                      lr=float(lr), tokens=tokens, attended_pairs=pairs, step_time=time.perf_counter() - start,
+                      timings=timings)

@@ -50,13 +50,12 @@ class LPOTask:
         self.loss_type = cfg.loss.type
         # the loss, its beta and options fixed once per run; per-batch inputs only at each call
         self.loss = partial(listwise_loss, cfg.loss.type, beta=cfg.loss.beta, **cfg.loss.options)
-        # the per-token NLL of the best response (the sft_weight term, the sft loss) needs the responses' token counts
-        self.needs_lengths = bool(cfg.loss.options.get("sft_weight", 0)) or cfg.loss.type == "sft"
         self.metric_names = self._metric_names()
 
     def _call_loss(self, policy: torch.Tensor, reference: torch.Tensor, batch: dict):
-        extra = {"response_lengths": batch["response_lengths"]} if self.needs_lengths else {}
-        return self.loss(policy, reference, batch["rewards"].to(policy), batch["response_mask"], **extra)
+        # the token counts are read by the per-token NLL terms (the sft_weight term, the sft loss) only
+        return self.loss(policy, reference, batch["rewards"].to(policy), batch["response_mask"],
+                         response_lengths=batch["response_lengths"])
 
     def _metric_names(self) -> list[str]:
         """Names the loss reports (same on every rank, whether or not it computes the loss); checks the options."""
@@ -84,6 +83,7 @@ class LPOTask:
         sums["lists/valid"] = valid.detach()
         sums["loss"] = loss_sum.detach()
         sums["tokens"] = self.layout.computed_tokens(batch).to(loss_sum)
+        sums["attended_pairs"] = self.layout.attended_pairs(batch).to(loss_sum)
         return loss_sum * scale, sums
 
     def logps_forward_step(self, length_average: bool, data_iterator, model):

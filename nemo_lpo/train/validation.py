@@ -2,7 +2,7 @@
 
 The validation lists (``data.valid_prefix``, the first ``train.eval_lists`` of them, in order) are cut into
 micro-batches of ``data.micro_batch_size``; micro-batch j goes to data-parallel rank j % dp, and every rank runs
-the same number of them (a rank short of one repeats its last and drops the result), because expert-parallel
+the same number of them (a rank short of one repeats its first and drops the result), because expert-parallel
 all-to-alls span data-parallel ranks. Each rank runs megatron's forward-only schedule (the reference pass's
 ``run_forward_only``): the online reference first when ``reference.mode=online``, else the sets' reference
 sidecars (``nemo-lpo ref-logps``). Under pipeline parallelism only the last stage has log-probs: those of its
@@ -13,8 +13,6 @@ the function ``nemo-lpo eval`` reports with, so the numbers agree with it on the
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from megatron.core import parallel_state as ps
@@ -22,14 +20,13 @@ from megatron.core import parallel_state as ps
 from nemo_lpo.config import Config
 from nemo_lpo.config.sources import source_names, valid_prefixes
 from nemo_lpo.data import ListwiseDataset
-from nemo_lpo.io import latest_checkpoint, latest_name
+from nemo_lpo.io import latest_checkpoint
 from nemo_lpo.metrics import heldout_metrics
 from nemo_lpo.train.best import BestCheckpoint
 from nemo_lpo.train.checkpoint import prune_checkpoints, step_dir_name
-from nemo_lpo.train.feeder import collate_uniform, run_pad_multiple
+from nemo_lpo.train.feeder import CHUNK_MICROBATCHES, collate_uniform, microbatch_plan, run_pad_multiple
 from nemo_lpo.train.summary import RunSummary, print_summary, write_summary
 
-CHUNK_MICROBATCHES = 64  # micro-batches per schedule call (bounds the memory of one call's results)
 PREFIX = "val/"
 
 
@@ -83,19 +80,6 @@ class ValidationSet:
         return [self.datasets[s][i] for s, i in (self.members[r] for r in rows)]
 
 
-def microbatch_plan(num_lists: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[range | None]:
-    """Rows of each micro-batch this data-parallel rank runs; None marks a repeat that only keeps ranks in step.
-
-    Micro-batch j (rows ``[j*mbs, (j+1)*mbs)``) goes to rank ``j % dp``; every rank gets ``ceil(M / dp)`` entries.
-    """
-    count = math.ceil(num_lists / micro_batch_size)
-    per_rank = math.ceil(count / dp_size)
-    plan: list[range | None] = []
-    for j in range(dp_rank, per_rank * dp_size, dp_size):
-        plan.append(range(j * micro_batch_size, min((j + 1) * micro_batch_size, num_lists)) if j < count else None)
-    return plan
-
-
 class Validator:
     """Runs the validation of one training run (call :meth:`run` on every rank at the same step).
 
@@ -116,9 +100,11 @@ class Validator:
         self.plan = microbatch_plan(len(self.lists), cfg.data.micro_batch_size, ps.get_data_parallel_rank(),
                                     ps.get_data_parallel_world_size())
         self.contributes = lpo.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
+        zeros = np.zeros(self.lists.rewards.shape, dtype=np.float64)  # the loss takes these lists: known at start-up
+        self.metrics(zeros, zeros, np.ones(len(self.lists), bool))
 
     def _batches(self, entries: list[range | None]) -> list[dict]:
-        """Collated micro-batches on the device (a None entry repeats the rank's last real one, or the first)."""
+        """Collated micro-batches on the device (a None entry repeats the rank's first real one)."""
         mbs = self.cfg.data.micro_batch_size
         fallback = next((e for e in self.plan if e is not None), range(min(mbs, len(self.lists))))
         groups = [self.lists.items(rows if rows is not None else fallback) for rows in entries]
@@ -208,10 +194,14 @@ class ValidationSchedule:
         self.summary = RunSummary(0)
         self.last_validated: int | None = None
 
-    def resumed(self, step: int) -> None:
-        """The run starts at ``step`` (after a resume): the summary counts from there, the best record is read."""
+    def resumed(self, step: int, *, from_checkpoint: bool) -> None:
+        """The run starts at ``step``: the summary counts from there; a resumed run reads its best record back.
+
+        A fresh run in a folder that holds an older run's ``best.json`` starts a new record: the old one names weights
+        this run may overwrite (the same step folder).
+        """
         self.summary = RunSummary(step)
-        if self.best is not None:
+        if self.best is not None and from_checkpoint:
             self.best.load()
 
     def protect(self) -> tuple[str, ...]:
@@ -245,7 +235,7 @@ class ValidationSchedule:
         if self.best is None or self.last_validated != step or step == 0 or not self.best.improves(record):
             return
         trainer = self.trainer
-        if latest_name(trainer.ckpt_root) != step_dir_name(step):
+        if trainer.saved_step != step:
             trainer.save(protect=(*self.protect(), step_dir_name(step)))
         self.best.accept(step, record[self.best.metric])
         if trainer.rank == 0:  # the previous best, if keep-last-N no longer covers it
