@@ -49,3 +49,17 @@ def test_collate_uniform_one_shape_same_logps(overrides):
         assert torch.allclose(sequence_logps(logps, after, length_average=True),
                               sequence_logps(logps[:n, :t], before, length_average=True))
         assert int(after["seq_lengths"].sum() - after.get("empty_rows", 0)) == int(before["seq_lengths"].sum())
+
+
+@pytest.mark.parametrize(("num_lists", "mbs", "dp"), [(9, 2, 2), (8, 2, 2), (3, 4, 2), (10, 1, 4)])
+def test_microbatch_plan_gives_every_rank_the_same_count(num_lists, mbs, dp):
+    """Reference pass and validation: equal micro-batch counts per data-parallel rank (EP all-to-alls span them),
+    every list exactly once over the real entries.
+    """
+    from nemo_lpo.train.feeder import microbatch_plan
+
+    plans = [microbatch_plan(num_lists, mbs, rank, dp) for rank in range(dp)]
+    assert len({len(plan) for plan in plans}) == 1
+    rows = sorted(i for plan in plans for entry in plan if entry is not None for i in entry)
+    assert rows == list(range(num_lists))
+    assert sum(entry is None for plan in plans for entry in plan) == len(plans[0]) * dp - -(-num_lists // mbs)
