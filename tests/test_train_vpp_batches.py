@@ -53,9 +53,7 @@ def test_collate_uniform_one_shape_same_logps(overrides):
 
 @pytest.mark.parametrize(("num_lists", "mbs", "dp"), [(9, 2, 2), (8, 2, 2), (3, 4, 2), (10, 1, 4)])
 def test_microbatch_plan_gives_every_rank_the_same_count(num_lists, mbs, dp):
-    """Reference pass and validation: equal micro-batch counts per data-parallel rank (EP all-to-alls span them),
-    every list exactly once over the real entries.
-    """
+    """Equal micro-batch counts per data-parallel rank (EP all-to-alls span them); every list exactly once."""
     from nemo_lpo.train.feeder import microbatch_plan
 
     plans = [microbatch_plan(num_lists, mbs, rank, dp) for rank in range(dp)]
