@@ -65,21 +65,14 @@ def test_blend_notation_errors_name_the_field():
 
 
 def _run(root: Path, name: str, train_prefix: list, steps: int, *extra: str) -> list[dict]:
-    from nemo_lpo.model.parallel import destroy_parallel
-    from nemo_lpo.train.loop import Trainer, init_parallel
+    from nemo_lpo.train.loop import train
 
     cfg = load_config(TINY_CONF, [
         f"data.train_prefix={train_prefix}", "data.global_batch_size=4", "data.micro_batch_size=2", "data.seed=3",
         "reference.mode=online", f"train.max_steps={steps}", "optim.decay_steps=4", "optim.lr=1e-3",
         "optim.warmup_steps=0", "checkpoint.save_interval=2", "checkpoint.keep_last=0",
         f"logging.run_dir={root / name}", "logging.tensorboard=false", *extra])
-    init_parallel(cfg)
-    try:
-        trainer = Trainer(cfg)
-        trainer.resume()
-        trainer.run()
-    finally:
-        destroy_parallel()
+    train(cfg)  # parallel state, Trainer, resume, run, teardown
     return metrics_lines(root / name / "metrics.jsonl")
 
 

@@ -115,7 +115,8 @@ def test_embedded_suite_sources(tmp_path):
 def test_alpacaeval_suite_split(tmp_path, shared_data):
     from nemo_lpo.demo import reproduce
 
-    suite = reproduce.alpacaeval_suite(tmp_path, steps=5)
+    assert reproduce.alpacaeval_suite(tmp_path, None, steps=5) is None  # no folder of real samples: no real suite
+    suite = reproduce.alpacaeval_suite(tmp_path, shared_data, steps=5)
     assert suite is not None
     train = suite.train[8][0].read_text().splitlines()
     held = suite.heldout.read_text().splitlines()

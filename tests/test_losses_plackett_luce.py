@@ -14,14 +14,7 @@ import torch
 
 from nemo_lpo.losses import listwise_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: OpenMP threads only add barrier waits on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def run(loss_type, weights, rewards, mask=None, **options):

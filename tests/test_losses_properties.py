@@ -16,13 +16,7 @@ LIST_LOSSES = sorted(set(LOSSES) - PAIR_ONLY)
 NON_NEGATIVE = sorted(set(LOSSES) - {"lpo_abs", "sft"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: OpenMP threads only add barrier waits on a shared 2-core machine (40 ms -> 3 ms a call)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def random_batch(batch, k, seed, dtype=torch.float64, min_valid=0):

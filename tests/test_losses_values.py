@@ -17,13 +17,7 @@ from nemo_lpo.losses import listwise_loss
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: OpenMP threads only add barrier waits on a shared 2-core machine (40 ms -> 3 ms a call)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def run(loss_type, logratios, rewards, mask=None, beta=0.1, reference=None, **options):

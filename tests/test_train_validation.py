@@ -48,17 +48,9 @@ def work(tmp_path_factory) -> Path:
 def trained(work) -> tuple[Path, dict]:
     """A 3-step run that keeps its best val/implicit/accuracy checkpoint; returns (run folder, summary)."""
     from nemo_lpo.config import load_config
-    from nemo_lpo.model.parallel import destroy_parallel
-    from nemo_lpo.train.loop import Trainer, init_parallel
+    from nemo_lpo.train.loop import train
 
-    cfg = load_config(TINY_CONF, overrides(work, "run", "checkpoint.keep_best=val/loss"))
-    init_parallel(cfg)
-    try:
-        trainer = Trainer(cfg)
-        trainer.resume()
-        trainer.run()
-    finally:
-        destroy_parallel()
+    train(load_config(TINY_CONF, overrides(work, "run", "checkpoint.keep_best=val/loss")))
     return work / "run", json.loads((work / "run" / "summary.json").read_text())
 
 
