@@ -172,6 +172,10 @@ def test_precomputed_reference_equals_online(single):
 
 def test_full_recompute_changes_nothing(single):
     assert_same_run(steps_of(single, "recompute"), steps_of(single, "base"), name="recompute")
+    # and it really recomputed: the first layer's core attention ran twice per micro-batch (4 x 3), once without
+    assert single["base"]["microbatches"] == single["recompute"]["microbatches"] == 12
+    assert single["base"]["attention_forwards"] == 12
+    assert single["recompute"]["attention_forwards"] == 24
 
 
 def test_shared_prompt_packing_matches_unpacked(single):

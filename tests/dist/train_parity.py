@@ -164,10 +164,17 @@ def run(work: Path, prefix: str, name: str) -> None:
     trainer = Trainer(cfg)
     trainer.resume()  # checkpoint.resume=false: starts at step 0 and clears an old metrics file
     grads = record_grad_checksums(trainer)
+    # forwards of the first layer's core attention (this rank's first chunk): one per micro-batch, two under
+    # activation recompute (the checkpointed forward and its re-run in backward)
+    attention_forwards = [0]
+    trainer.lpo.modules[0].decoder.layers[0].self_attention.core_attention.register_forward_hook(
+        lambda module, args, output: attention_forwards.__setitem__(0, attention_forwards[0] + 1))
     trainer.run()
     if torch.distributed.get_rank() == 0:
         lines = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-        print("RESULT " + json.dumps({"scenario": name, "lines": lines, "grads": grads}), flush=True)
+        print("RESULT " + json.dumps({"scenario": name, "lines": lines, "grads": grads,
+                                      "attention_forwards": attention_forwards[0],
+                                      "microbatches": len(grads) * trainer.feeder.num_microbatches}), flush=True)
 
 
 def main() -> None:
