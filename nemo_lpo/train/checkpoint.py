@@ -34,6 +34,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from nemo_lpo.io import LATEST, atomic_write, resolve_checkpoint
+from nemo_lpo.killpoint import kill_point
 from nemo_lpo.train.optimizer import (
     fill_slots,
     init_optimizer_state,
@@ -183,6 +184,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank == 0:
+        kill_point("checkpoint/before_rename")  # a test hook (nemo_lpo.killpoint); nothing unless a test sets it
         _copy_model_description(getattr(lpo, "model_sidecar", None), tmp, config_dict)
         if final.exists():
             shutil.rmtree(final)
