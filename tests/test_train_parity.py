@@ -26,11 +26,13 @@ from tests.torchrun import run_torchrun
 
 WORKER = Path(__file__).parent / "dist" / "train_parity.py"
 TOL = 1e-5
-# megatron's grad norm on CPU (its local multi_tensor_l2norm: torch.norm of each fp32 gradient) is off by up to
-# ~3e-5 relative from the fp64 norm of the same gradient (measured: a 2M-element fp32 vector, torch.norm 1430.2379
-# vs 1430.2790 in fp64), and differently for each way the gradients are split; the gradients themselves are
-# compared per parameter at TOL, in fp64 sums.
-GRAD_NORM_TOL = 3e-5
+# Later steps: megatron's grad norm on CPU (its local multi_tensor_l2norm: torch.norm of each fp32 gradient) is
+# off by up to ~3e-5 relative from the fp64 norm of the same gradients (measured: a 2M-element fp32 vector,
+# torch.norm 1430.2379 vs 1430.2790 in fp64), differently for each way the gradients are split; every step here
+# clips (norms 4-11 > clip 1.0), so that error scales each layout's update a little differently and the weights
+# of step 2 on differ by that much. The FIRST step of each comparison starts from the same weights (init or
+# checkpoint): its gradients are held to TOL; the logged grad norm and later steps' gradients to LATER_TOL.
+LATER_TOL = 1e-4
 LAYOUTS = ["tp2", "pp2", "dp2", "ep2", "dp2_overlap"]
 EXACT = ("step", "lists/valid", "tokens")  # counts: equal, not close
 MEASURED: dict[str, dict[str, float]] = {}  # scenario -> max differences, printed at the end (pytest -s)
@@ -49,7 +51,7 @@ def work(tmp_path_factory) -> tuple[Path, Path]:
 def report_measured():
     yield
     for name, diffs in sorted(MEASURED.items()):
-        print(f"parity {name}: " + ", ".join(f"max|d {k}|={v:.1e}" for k, v in diffs.items()))
+        print(f"parity {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(diffs.items())))
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +109,9 @@ def assert_same_run(got: list[dict], want: list[dict], tol: float = TOL, steps=(
                     skip: tuple[str, ...] = ()) -> None:
     """Step by step: every logged metric (counts exactly) and every parameter's gradient checksums.
 
-    loss and the gradient sums within ``tol`` (relative above 1), grad_norm within GRAD_NORM_TOL relative, lr
-    within 1e-12, the other metrics within 1e-4 relative (as before: means of log-prob sums over up to 200
-    tokens).
+    loss within ``tol`` (relative above 1), each parameter's gradient sums within ``tol`` on the first step
+    and LATER_TOL after, grad_norm within LATER_TOL, lr within 1e-12, the other metrics within 1e-4 (as before:
+    means of log-prob sums over up to 200 tokens), all relative above 1.
     """
     assert [line["step"] for line in got] == [line["step"] for line in want] == list(steps)
     diffs: dict[str, float] = {}
@@ -122,19 +124,21 @@ def assert_same_run(got: list[dict], want: list[dict], tol: float = TOL, steps=(
             if key in EXACT:
                 assert gl[key] == wl[key], (g["step"], key, gl[key], wl[key])
                 continue
-            limit = tol if key == "loss" else GRAD_NORM_TOL if key == "grad_norm" else 1e-12 if key == "lr" else 1e-4
+            limit = tol if key == "loss" else LATER_TOL if key == "grad_norm" else 1e-12 if key == "lr" else 1e-4
             assert _close(gl[key], wl[key], limit), (g["step"], key, gl[key], wl[key])
             diffs[key] = max(diffs.get(key, 0.0), abs(gl[key] - wl[key]))
         if "grads" in w:
+            first = g["step"] == steps[0]
             assert g["grads"].keys() == w["grads"].keys(), sorted(g["grads"].keys() ^ w["grads"].keys())
             for key, (s, s2) in w["grads"].items():
                 gs, gs2 = g["grads"][key]
-                assert _close(gs, s, tol) and _close(gs2, s2, tol), (g["step"], key, (gs, gs2), (s, s2))
-                diffs["grad sums"] = max(diffs.get("grad sums", 0.0), abs(gs - s), abs(gs2 - s2))
+                limit = tol if first else LATER_TOL
+                assert _close(gs, s, limit) and _close(gs2, s2, limit), (g["step"], key, (gs, gs2), (s, s2))
+                name_of = "grad sums, first step" if first else "grad sums, later"
+                diffs[name_of] = max(diffs.get(name_of, 0.0), abs(gs - s) / max(1.0, abs(s)),
+                                     abs(gs2 - s2) / max(1.0, abs(s2)))
     if name:
-        MEASURED[name] = {k: diffs.get(k, 0.0) for k in ("loss", "grad_norm", "grad sums")} | {
-            "other metrics": max((v for k, v in diffs.items() if k not in ("loss", "grad_norm", "grad sums")),
-                                 default=0.0)}
+        MEASURED[name] = diffs
 
 
 def test_ragged_dataset_is_what_the_scenarios_claim(work):

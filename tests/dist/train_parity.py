@@ -88,7 +88,9 @@ SCENARIOS = {
     "ep2_pp2": [*EP2, "parallel.pp=2"],
     "ep2_pp2_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", *EP2, "parallel.pp=2", "parallel.vpp=2",
                      f"optim.decay_steps={2 * STEPS}"],
-    "tp2_ep2": [*EP2, "parallel.tp=2", "parallel.sequence_parallel=true"],
+    # experts not tensor-split (etp 1, as the shipped Mixtral layouts): with etp 2 the alltoall dispatcher
+    # all-gathers uneven token counts over TP, which gloo refuses (CPU only; NCCL takes uneven sizes)
+    "tp2_ep2": [*EP2, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=1"],
     # 2 processes: the DP gradient reduce overlapped with backward, the parameter all-gather with the forward
     "dp2_overlap": ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
                     "parallel.overlap_param_gather=true"],
@@ -167,7 +169,10 @@ def run(work: Path, prefix: str, name: str) -> None:
     # forwards of the first layer's core attention (this rank's first chunk): one per micro-batch, two under
     # activation recompute (the checkpointed forward and its re-run in backward)
     attention_forwards = [0]
-    trainer.lpo.modules[0].decoder.layers[0].self_attention.core_attention.register_forward_hook(
+    gpt = trainer.lpo.modules[0]
+    while not hasattr(gpt, "decoder"):  # bf16: inside megatron's Float16Module
+        gpt = gpt.module
+    gpt.decoder.layers[0].self_attention.core_attention.register_forward_hook(
         lambda module, args, output: attention_forwards.__setitem__(0, attention_forwards[0] + 1))
     trainer.run()
     if torch.distributed.get_rank() == 0:
