@@ -79,11 +79,12 @@ def four_processes(work, single) -> dict:
 
 
 @pytest.fixture(scope="module")
-def back_to_one(work, four_processes) -> dict:
-    """1 process again: the EP2 x PP2 step-5 checkpoint resumed for step 6."""
+def back_to_one(work, layouts, four_processes) -> dict:
+    """1 process again: the EP2 x PP2 step-5 checkpoint resumed for step 6, the DP2-overlap one for step 3."""
     root, prefix = work
     assert "lines" in four_processes["ep2_pp2_resume"], four_processes["ep2_pp2_resume"].get("error")
-    return results(run_torchrun(WORKER, 1, str(root), str(prefix), "base4_from_ep2_pp2"))
+    return results(run_torchrun(WORKER, 1, str(root), str(prefix), "init", "base4_from_ep2_pp2",
+                                "base_from_dp2_overlap"))
 
 
 def steps_of(found: dict, name: str) -> list[dict]:
@@ -297,3 +298,13 @@ def test_validation_under_pp2_equals_single_process(layouts, single):
                 assert g[key] is None, key
             else:
                 assert abs(g[key] - w[key]) < 1e-4 * max(1.0, abs(w[key])), (g["step"], key, g[key], w[key])
+
+
+def test_checkpoint_saved_with_deferred_parameter_gather_resumes(back_to_one, single):
+    """A DP2 + distributed optimizer + overlap_param_gather checkpoint resumes by 1 process, exactly as trained.
+
+    Its step-2 save runs while each rank holds only its own slice of the stepped weights (the all-gather
+    waits for the next forward); 1 process resumes it for step 3.
+    """
+    assert_same_run(steps_of(back_to_one, "base_from_dp2_overlap"), steps_of(single, "base")[2:], steps=(3,),
+                    name="base_from_dp2_overlap")

@@ -18,7 +18,9 @@ distributed optimizer x PP2 x VPP2), vs base4's first 3 steps; base8 (an 8-layer
 pp4_vpp2 (PP4 x VPP2 on it, 4 processes); val / pp2_val (validation every 2 steps on the
 first 6 lists, 1 process / PP2); ep2_pp2 and tp2_ep2 (TP2+SP x EP2) vs base, ep2_pp2_vpp2 vs base4,
 ep2_pp2_resume (base4's step-3 checkpoint at EP2 x PP2, saves step 5) and base4_from_ep2_pp2 (that checkpoint
-back at 1 process); dp2_overlap (2 processes: distributed optimizer, overlapped grad reduce and param gather).
+back at 1 process); dp2_overlap (2 processes: distributed optimizer, overlapped grad reduce and param gather;
+saves step 2) and base_from_dp2_overlap (that checkpoint resumed by 1 process for step 3). A resume scenario
+needs the process group: launch it after another scenario (``init`` will do).
 ``init`` only writes WORK_DIR/init (for other tests' runs). With the metrics lines, the RESULT holds each step's
 per-parameter gradient checksums (``grad_checksums.py``).
 """
@@ -92,8 +94,10 @@ SCENARIOS = {
     # all-gathers uneven token counts over TP, which gloo refuses (CPU only; NCCL takes uneven sizes)
     "tp2_ep2": [*EP2, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=1"],
     # 2 processes: the DP gradient reduce overlapped with backward, the parameter all-gather with the forward
+    # (its step-2 checkpoint, saved while the parameter all-gather is deferred, resumed by 1 process: next)
     "dp2_overlap": ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
-                    "parallel.overlap_param_gather=true"],
+                    "parallel.overlap_param_gather=true", "checkpoint.save_interval=2"],
+    "base_from_dp2_overlap": ["checkpoint.resume=true"],
     # full state across EP2 x PP2: base4's step-3 checkpoint resumed at EP2 x PP2 (4 processes, saves step 5),
     # and that step-5 checkpoint resumed by 1 process for step 6
     "ep2_pp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", *EP2, "parallel.pp=2",
@@ -104,7 +108,8 @@ SCENARIOS = {
 }
 RESUMES = {"pp2_vpp2_resume": "base4/checkpoints/step_0000003", "pp2_from_vpp2": "pp2_vpp2_resume/checkpoints/step_0000005",
            "ep2_pp2_resume": "base4/checkpoints/step_0000003",
-           "base4_from_ep2_pp2": "ep2_pp2_resume/checkpoints/step_0000005"}
+           "base4_from_ep2_pp2": "ep2_pp2_resume/checkpoints/step_0000005",
+           "base_from_dp2_overlap": "dp2_overlap/checkpoints/step_0000002"}
 
 
 def register_tiny4() -> None:
