@@ -31,8 +31,11 @@ COMMON = ["parallel.pp=2", "reference.mode=online", f"train.max_steps={STEPS}", 
           "checkpoint.save_interval=2", "checkpoint.keep_last=0", "logging.tensorboard=false"]
 
 
+TAG = f"{os.getpid()}-{time.time_ns()}"  # inherited by every process a launch starts (see reap)
+
+
 def env_with(kill_at: str | None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "NEMO_LPO_CRASH_TEST": TAG,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("NEMO_LPO_TEST_KILL_AT", None)
     if kill_at:
@@ -54,8 +57,22 @@ def output(proc: subprocess.Popen) -> str:
     return proc.log.read()
 
 
+def reap() -> None:
+    """SIGKILL what a killed launch left running (they carry this module's TAG in their environment).
+
+    The workers' helper processes (multiprocessing spawn children) outlive a SIGKILLed parent.
+    """
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("NEMO_LPO_CRASH_TEST") == TAG:
+                process.send_signal(signal.SIGKILL)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
 def finish(proc: subprocess.Popen, *, killed: bool) -> str:
     proc.wait(timeout=600)
+    reap()
     out = output(proc)
     if killed:
         assert proc.returncode != 0, f"the run was not killed:\n{out[-4000:]}"
@@ -77,6 +94,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.wait(timeout=60)
+    reap()
 
 
 def pack(src: Path, prefix: Path, kill_at: str | None = None) -> None:
