@@ -10,7 +10,8 @@
 #   3. a trivial batch job (2 tasks through srun) proves the cluster runs jobs;
 #   4. the tiny CPU recipe (recipes/tiny_cpu.sbatch, no container, the repo's .venv): the job must
 #      complete and write metrics and a checkpoint; then it is requeued (scontrol requeue) and the
-#      second run must resume from that checkpoint and train further;
+#      second run must resume from that checkpoint and train further; then the same recipe runs again
+#      without a signal, and the requeued run's per-step metrics must equal that uninterrupted run's exactly;
 #   5. stops the daemons it started, by PID, always (trap), and prints the daemons' logs on failure.
 # Idempotent: daemons left by an earlier killed run are stopped (by their recorded PIDs) first.
 # Environment: NEMO_LPO_SLURM_DIR (state folder), NEMO_LPO_SLURM_KEEP=1 (keep the folder afterwards),
@@ -266,6 +267,33 @@ assert latest == f"step_{max_steps:07d}", f"latest checkpoint {latest}, expected
 assert (run / "checkpoints" / latest / "metadata.json").is_file(), f"{latest} has no metadata.json"
 print(f"metrics.jsonl: steps 1..{max_steps}, finite losses; latest checkpoint {latest}")
 PYEOF
+# ---- the same job again without a signal: the requeued run's per-step metrics must equal it exactly
+STRAIGHT="$WORK/runs/tiny_straight"
+export NEMO_LPO_RUN_NAME=tiny_straight
+jid2="$(sbatch --parsable "$REPO/recipes/tiny_cpu.sbatch")" || die "sbatch of the uninterrupted run failed"
+jid2="${jid2%%;*}"
+log "submitted the same recipe without a signal as job $jid2 (the uninterrupted curve)"
+while :; do
+    state2="$(job_field "$jid2" JobState)"
+    case "$state2" in
+        "" | COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY | BOOT_FAIL | DEADLINE) break ;;
+    esac
+    ((SECONDS < deadline + JOB_TIMEOUT)) || { show_job_logs; die "job $jid2 not finished (state $state2)"; }
+    sleep 1
+done
+[[ $state2 == COMPLETED ]] || fail+=("the uninterrupted job $jid2 is '${state2:-gone}', expected COMPLETED")
+"$PY" - "$RUN" "$STRAIGHT" <<'PYEOF' || fail+=("the requeued run's metrics differ from the uninterrupted run's (above)")
+import json, pathlib, sys
+def lines(run):
+    timing = lambda k: k.startswith("time/") or k in ("step_time", "tokens_per_s")
+    return [{k: v for k, v in json.loads(line).items() if not timing(k)}
+            for line in (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+requeued, straight = lines(sys.argv[1]), lines(sys.argv[2])
+for got, want in zip(requeued, straight, strict=True):
+    assert got == want, f"step {want['step']}: requeued {got} vs uninterrupted {want}"
+print(f"requeued == uninterrupted on every metric of steps 1..{len(straight)} "
+      f"(losses {[round(line['loss'], 6) for line in straight]})")
+PYEOF
 if ((${#fail[@]})); then
     show_job_logs
     for f in "${fail[@]}"; do log "check failed: $f"; done
@@ -273,4 +301,5 @@ if ((${#fail[@]})); then
 fi
 log "job $jid: USR1 after $at_signal; the trainer checkpointed step $stop_step and exited 0; requeued;"
 log "resumed from $resumed_dir (step $resumed_step); completed $MAX_STEPS steps (metrics 1..$MAX_STEPS, latest step_$(printf %07d "$MAX_STEPS"))"
+log "the requeued run's metrics equal the uninterrupted job $jid2's on every step"
 log "PASS"

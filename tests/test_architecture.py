@@ -3,7 +3,7 @@
 Read from the source with ``ast`` (function-level imports included, so a lazy import cannot hide a cycle). The
 layers, lowest first (docs/architecture.md):
 
-    io, losses, quiet -> metrics, config -> data -> model -> batch -> train -> convert | evaluate -> bridge -> demo -> cli
+    io, killpoint, losses, quiet -> metrics, config -> data -> model -> batch -> train -> convert | evaluate -> bridge -> demo -> cli
 
 A module may import from its own subpackage and from lower layers only; ``convert`` and ``evaluate`` are peers
 and import neither each other.
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nemo_lpo"
-LAYERS = {"io": 0, "losses": 0, "quiet": 0, "metrics": 1, "config": 1, "data": 2, "model": 3, "batch": 4, "train": 5, "convert": 6,
+LAYERS = {"io": 0, "killpoint": 0, "losses": 0, "quiet": 0, "metrics": 1, "config": 1, "data": 2, "model": 3, "batch": 4, "train": 5, "convert": 6,
           "evaluate": 6, "bridge": 7, "demo": 8, "cli": 9, "__init__": 9}
 
 

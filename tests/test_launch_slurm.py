@@ -50,6 +50,8 @@ def test_tiny_recipe_on_a_real_slurm_requeues_and_resumes() -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f".ci/slurm_test.sh failed (rc={proc.returncode}):\n{out[-12000:]}"
     assert "PASS" in out and "resumed from step_" in out, out[-4000:]
+    # the requeued run's per-step metrics equal an uninterrupted run's (the script compares them exactly)
+    assert "requeued == uninterrupted on every metric" in out, out[-4000:]
     # the trap stopped every daemon it started (they ran with the script's state folder in their arguments)
     left = subprocess.run(["pgrep", "-af", "nemo-lpo-slurm"], capture_output=True, text=True).stdout
     daemons = [line for line in left.splitlines()

@@ -175,13 +175,22 @@ def test_recompute_recomputes_the_gathered_attention(megatron_single, recompute)
 
     preset = PRESETS["tiny-mistral"]
     batch = collate_shared_prompt(make_items(seed=31, ks=(3, 2)), PAD, pad_to_multiple_of=8)
-    results = []
+    results, forwards = [], []
     for setting in (None, recompute):
         torch.manual_seed(0)
         model = build_gpt_model(preset, transformer_config(preset, recompute=setting)).train()
+        # the gathered core attention of every layer counts its forwards: recompute runs each one again in backward
+        count = [0]
+        for layer in model.decoder.layers:
+            layer.self_attention.core_attention.register_forward_hook(
+                lambda module, args, output, count=count: count.__setitem__(0, count[0] + 1))
         logps = SharedPromptLayout().logps(model, batch)
+        after_forward = count[0]
         logps[batch["response_mask"]].sum().backward()
+        forwards.append((after_forward, count[0]))
         results.append((logps.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
+    layers = preset.num_layers
+    assert forwards == [(layers, layers), (layers, 2 * layers)]  # recompute really ran (once per layer)
     (plain, plain_grads), (again, again_grads) = results
     assert (again - plain).abs().max().item() <= 1e-6 * plain.abs().max().item()
     assert (again_grads - plain_grads).abs().max().item() <= 1e-5 * plain_grads.abs().max().item()

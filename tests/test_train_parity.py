@@ -1,12 +1,16 @@
 """LPO training is layout-invariant, and step 1 equals the closed form.
 
-TP2+SP, PP2, EP2 (alltoall), DP2 (+ distributed optimizer), PP2 x virtual pipeline 2 (4-layer variant,
-also resuming a 1-process checkpoint; with TP2+SP or DP2 + distributed optimizer on 4 processes), PP4 x VPP2
-(8-layer variant), micro-batch splits and precomputed vs online reference all reproduce
-the single-process run.
+TP2+SP, PP2, EP2 (alltoall), DP2 (+ distributed optimizer, also with overlapped gradient reduce and parameter
+gather), PP2 x virtual pipeline 2 (4-layer variant, also resuming a 1-process checkpoint; with TP2+SP or DP2 +
+distributed optimizer on 4 processes), PP4 x VPP2 (8-layer variant), EP2 x PP2 (with and without VPP2),
+TP2+SP x EP2, the full training state across EP2 x PP2 and 1 process in both directions, micro-batch splits and
+precomputed vs online reference all reproduce the single-process run.
 
-Three torchrun launches (1, 2 and 4 processes) run every scenario of tests/dist/train_parity.py on the same
-packed lists and the same starting weights (a dist checkpoint written by the single-process launch).
+Every scenario trains on the ragged lists of ``train_common.RAGGED_SPEC`` (K = 2..8, ties, lists with no
+ordered pair, responses of 2..200 tokens), from the same starting weights (a dist checkpoint written by the
+single-process launch), and is compared step by step with 1 process on EVERY logged metric and on a
+per-parameter gradient checksum (``tests/dist/grad_checksums.py``: Σg and Σg² of each parameter, by its global
+checkpoint key). Four torchrun launches (1, 2, 4, then 1 process again for the way back from EP2 x PP2).
 """
 
 from __future__ import annotations
@@ -17,12 +21,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.dist.train_common import DEMO_LISTS, pack_lists, results
+from tests.dist.train_common import RAGGED_SPEC, pack_lists, results, without_timings, write_ragged_lists
 from tests.torchrun import run_torchrun
 
 WORKER = Path(__file__).parent / "dist" / "train_parity.py"
 TOL = 1e-5
-LAYOUTS = ["tp2", "pp2", "dp2", "ep2"]
+# Later steps: megatron's grad norm on CPU (its local multi_tensor_l2norm: torch.norm of each fp32 gradient) is
+# off by up to ~3e-5 relative from the fp64 norm of the same gradients (measured: a 2M-element fp32 vector,
+# torch.norm 1430.2379 vs 1430.2790 in fp64), differently for each way the gradients are split; every step here
+# clips (norms 4-11 > clip 1.0), so that error scales each layout's update a little differently and the weights
+# of step 2 on differ by that much. The FIRST step of each comparison starts from the same weights (init or
+# checkpoint): its gradients are held to TOL; the logged grad norm and later steps' gradients to LATER_TOL.
+LATER_TOL = 1e-4
+LAYOUTS = ["tp2", "pp2", "dp2", "ep2", "dp2_overlap"]
+EXACT = ("step", "lists/valid", "tokens")  # counts: equal, not close
+MEASURED: dict[str, dict[str, float]] = {}  # scenario -> max differences, printed at the end (pytest -s)
 
 pytestmark = pytest.mark.distributed
 
@@ -30,7 +43,15 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("parity")
-    return root, pack_lists(DEMO_LISTS, root / "data" / "lists", 16)
+    src = write_ragged_lists(root / "ragged.jsonl")
+    return root, pack_lists(src, root / "data" / "lists", len(RAGGED_SPEC))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_measured():
+    yield
+    for name, diffs in sorted(MEASURED.items()):
+        print(f"parity {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(diffs.items())))
 
 
 @pytest.fixture(scope="module")
@@ -54,101 +75,188 @@ def four_processes(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base4"], single["base4"].get("error")
     return results(run_torchrun(WORKER, 4, str(root), str(prefix), "tp2_pp2", "tp2_pp2_vpp2",
-                                "dp2_pp2_vpp2", "pp4_vpp2"))
+                                "dp2_pp2_vpp2", "pp4_vpp2", "ep2_pp2", "ep2_pp2_vpp2", "tp2_ep2", "ep2_pp2_resume"))
+
+
+@pytest.fixture(scope="module")
+def back_to_one(work, layouts, four_processes) -> dict:
+    """1 process again: the EP2 x PP2 step-5 checkpoint resumed for step 6, the DP2-overlap one for step 3."""
+    root, prefix = work
+    assert "lines" in four_processes["ep2_pp2_resume"], four_processes["ep2_pp2_resume"].get("error")
+    return results(run_torchrun(WORKER, 1, str(root), str(prefix), "init", "base4_from_ep2_pp2",
+                                "base_from_dp2_overlap"))
+
+
+def steps_of(found: dict, name: str) -> list[dict]:
+    """The run's steps: each its metrics line with ``grads``, the per-parameter checksums of that step."""
+    assert name in found, f"scenario {name} printed no result"
+    assert "error" not in found[name], f"scenario {name} failed:\n{found[name]['error']}"
+    lines, grads = [line for line in found[name]["lines"] if "loss" in line], found[name]["grads"]
+    assert len(grads) == len(lines), (name, len(grads), len(lines))
+    return [{**line, "grads": g} for line, g in zip(lines, grads, strict=True)]
 
 
 def lines_of(found: dict, name: str) -> list[dict]:
-    assert name in found, f"scenario {name} printed no result"
-    assert "error" not in found[name], f"scenario {name} failed:\n{found[name]['error']}"
+    """Every metrics line of the run (a validation-only line at step 0 too)."""
+    steps_of(found, name)  # the run reported no error
     return found[name]["lines"]
 
 
-def assert_same_run(got: list[dict], want: list[dict], tol: float = TOL, steps=(1, 2, 3)) -> None:
+def _close(got: float, want: float, tol: float) -> bool:
+    return abs(got - want) <= tol * max(1.0, abs(want))
+
+
+def assert_same_run(got: list[dict], want: list[dict], tol: float = TOL, steps=(1, 2, 3), name: str = "",
+                    skip: tuple[str, ...] = ()) -> None:
+    """Step by step: every logged metric (counts exactly) and every parameter's gradient checksums.
+
+    loss within ``tol`` (relative above 1), each parameter's gradient sums within ``tol`` on the first step
+    and LATER_TOL after, grad_norm within LATER_TOL, lr within 1e-12, the other metrics within 1e-4 (as before:
+    means of log-prob sums over up to 200 tokens), all relative above 1.
+    """
     assert [line["step"] for line in got] == [line["step"] for line in want] == list(steps)
+    diffs: dict[str, float] = {}
     for g, w in zip(got, want, strict=True):
-        assert abs(g["loss"] - w["loss"]) < tol, (g["step"], g["loss"], w["loss"])
-        assert abs(g["grad_norm"] - w["grad_norm"]) < tol, (g["step"], g["grad_norm"], w["grad_norm"])
-        assert g["lists/valid"] == w["lists/valid"] and g["tokens"] == w["tokens"]
-        for key in ("rewards/accuracies", "rewards/margins", "logps/chosen"):
-            assert abs(g[key] - w[key]) < 1e-4 * max(1.0, abs(w[key])), (key, g[key], w[key])
+        gl, wl = without_timings(g), without_timings(w)
+        assert gl.keys() == wl.keys(), (gl.keys() ^ wl.keys())
+        for key in wl:
+            if key in skip or key == "grads":
+                continue
+            if key in EXACT:
+                assert gl[key] == wl[key], (g["step"], key, gl[key], wl[key])
+                continue
+            limit = tol if key == "loss" else LATER_TOL if key == "grad_norm" else 1e-12 if key == "lr" else 1e-4
+            assert _close(gl[key], wl[key], limit), (g["step"], key, gl[key], wl[key])
+            diffs[key] = max(diffs.get(key, 0.0), abs(gl[key] - wl[key]))
+        if "grads" in w:
+            first = g["step"] == steps[0]
+            assert g["grads"].keys() == w["grads"].keys(), sorted(g["grads"].keys() ^ w["grads"].keys())
+            for key, (s, s2) in w["grads"].items():
+                gs, gs2 = g["grads"][key]
+                limit = tol if first else LATER_TOL
+                assert _close(gs, s, limit) and _close(gs2, s2, limit), (g["step"], key, (gs, gs2), (s, s2))
+                name_of = "grad sums, first step" if first else "grad sums, later"
+                diffs[name_of] = max(diffs.get(name_of, 0.0), abs(gs - s) / max(1.0, abs(s)),
+                                     abs(gs2 - s2) / max(1.0, abs(s2)))
+    if name:
+        MEASURED[name] = diffs
+
+
+def test_ragged_dataset_is_what_the_scenarios_claim(work):
+    """The packed lists: K = 2..8, ties, lists without an ordered pair, responses of 2 to 200 tokens."""
+    from nemo_lpo.data import ListwiseDataset
+
+    _, prefix = work
+    dataset = ListwiseDataset(prefix)
+    items = [dataset[i] for i in range(len(dataset))]
+    ks = [len(item["rewards"]) for item in items]
+    lengths = [len(r) for item in items for r in item["response_ids"]]
+    assert min(ks) == 2 and max(ks) == 8 and len(set(ks)) == 7
+    assert min(lengths) == 2 and max(lengths) == 200
+    ordered = [bool((item["rewards"][:, None] > item["rewards"][None, :]).any()) for item in items]
+    assert ordered.count(False) == 2  # valid lists (K >= 2) whose loss is 0
+    assert sum(len(set(item["rewards"].tolist())) < len(item["rewards"]) for item in items) >= 4  # ties
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_reproduces_single_process(layouts, single, layout):
-    base = lines_of(single, "base")
+    base = steps_of(single, "base")
     assert base[0]["loss"] != base[2]["loss"]  # the run actually trains
-    assert_same_run(lines_of(layouts, layout), base)
+    assert_same_run(steps_of(layouts, layout), base, name=layout)
 
 
 def test_microbatch_split_invariance(single):
     # 4 micro-batches of 1 list vs 1 micro-batch of 4 lists (the MoE aux loss is off: megatron defines it
     # per micro-batch, so it is not split-invariant by construction).
-    assert_same_run(lines_of(single, "mb4_noaux"), lines_of(single, "base_noaux"))
+    assert_same_run(steps_of(single, "mb4_noaux"), steps_of(single, "base_noaux"), name="mb4_noaux")
 
 
 def test_precomputed_reference_equals_online(single):
-    assert_same_run(lines_of(single, "precomputed"), lines_of(single, "base"), tol=1e-6)
+    assert_same_run(steps_of(single, "precomputed"), steps_of(single, "base"), tol=1e-6, name="precomputed")
 
 
 def test_full_recompute_changes_nothing(single):
-    assert_same_run(lines_of(single, "recompute"), lines_of(single, "base"))
+    assert_same_run(steps_of(single, "recompute"), steps_of(single, "base"), name="recompute")
+    # and it really recomputed: the first layer's core attention ran twice per micro-batch (4 x 3), once without
+    assert single["base"]["microbatches"] == single["recompute"]["microbatches"] == 12
+    assert single["base"]["attention_forwards"] == 12
+    assert single["recompute"]["attention_forwards"] == 24
 
 
 def test_shared_prompt_packing_matches_unpacked(single):
     """data.shared_prompt: one row per list, the prompt computed once; same losses and gradients."""
-    shared, base = lines_of(single, "shared_noaux"), lines_of(single, "base_noaux")
-    for got, want in zip(shared, base, strict=True):
-        assert abs(got["loss"] - want["loss"]) < TOL and abs(got["grad_norm"] - want["grad_norm"]) < TOL
-        assert got["rewards/accuracies"] == pytest.approx(want["rewards/accuracies"], abs=1e-6)
-        assert got["tokens"] < want["tokens"]  # each prompt once instead of K times
+    shared, base = steps_of(single, "shared_noaux"), steps_of(single, "base_noaux")
+    assert_same_run(shared, base, skip=("tokens",), name="shared_noaux")
+    assert all(got["tokens"] < want["tokens"] for got, want in zip(shared, base, strict=True))  # prompts once
 
 
 def test_shared_prompt_under_pp2(layouts, single):
     """Shared-prompt rows (their per-token positions and list mask on both stages) through the PP2 pipeline."""
-    shared = lines_of(single, "shared_noaux")
+    shared = steps_of(single, "shared_noaux")
     assert shared[0]["loss"] != shared[2]["loss"]
-    assert_same_run(lines_of(layouts, "pp2_shared_noaux"), shared)
+    assert_same_run(steps_of(layouts, "pp2_shared_noaux"), shared, name="pp2_shared_noaux")
 
 
 def test_virtual_pipeline_reproduces_single_process(layouts, single):
     """PP2 x VPP2 (megatron's interleaved 1F1B, 4 layers: one per chunk) vs 1 process.
 
-    Its micro-batches are padded to the step's longest, which changes nothing.
+    Its micro-batches are padded to the step's longest (and to the step's most sequences), which changes nothing.
     """
-    base = lines_of(single, "base4")
+    base = steps_of(single, "base4")
     assert base[0]["loss"] != base[2]["loss"]
-    assert_same_run(lines_of(layouts, "pp2_vpp2"), base[:3])
+    assert_same_run(steps_of(layouts, "pp2_vpp2"), base[:3], name="pp2_vpp2")
 
 
 def test_tensor_and_pipeline_parallel_moe(four_processes, single):
     """TP2 + sequence parallel x PP2 on the MoE model: later stages get their share of the padding mask."""
-    assert_same_run(lines_of(four_processes, "tp2_pp2"), lines_of(single, "base"))
+    assert_same_run(steps_of(four_processes, "tp2_pp2"), steps_of(single, "base"), name="tp2_pp2")
 
 
-@pytest.mark.parametrize("scenario", ["tp2_pp2_vpp2", "dp2_pp2_vpp2"])
-def test_virtual_pipeline_with_tensor_or_data_parallelism(four_processes, single, scenario):
-    """4 processes: PP2 x VPP2 with TP2 + sequence parallel, and with DP2 + the distributed optimizer."""
-    assert_same_run(lines_of(four_processes, scenario), lines_of(single, "base4")[:3])
+@pytest.mark.parametrize("scenario", ["tp2_pp2_vpp2", "dp2_pp2_vpp2", "ep2_pp2_vpp2"])
+def test_virtual_pipeline_with_tensor_data_or_expert_parallelism(four_processes, single, scenario):
+    """4 processes: PP2 x VPP2 with TP2 + SP, with DP2 + the distributed optimizer, and with EP2 (dp 2)."""
+    assert_same_run(steps_of(four_processes, scenario), steps_of(single, "base4")[:3], name=scenario)
+
+
+@pytest.mark.parametrize("scenario", ["ep2_pp2", "tp2_ep2"])
+def test_expert_parallel_with_pipeline_or_tensor_parallelism(four_processes, single, scenario):
+    """4 processes: EP2 x PP2 (the shipped Mixtral layout's kind) and TP2 + SP x EP2, alltoall dispatcher."""
+    assert_same_run(steps_of(four_processes, scenario), steps_of(single, "base"), name=scenario)
 
 
 def test_virtual_pipeline_four_stages(four_processes, single):
     """PP4 x VPP2 on an 8-layer variant (one layer per chunk) reproduces its 1-process run."""
-    assert_same_run(lines_of(four_processes, "pp4_vpp2"), lines_of(single, "base8"))
+    assert_same_run(steps_of(four_processes, "pp4_vpp2"), steps_of(single, "base8"), name="pp4_vpp2")
 
 
 def test_virtual_pipeline_reference_pass(layouts, single):
     """ref-logps through the interleaved schedule, then training on the sidecar: the online 1-process run."""
-    assert_same_run(lines_of(layouts, "pp2_vpp2_precomputed"), lines_of(single, "base4")[:3])
+    assert_same_run(steps_of(layouts, "pp2_vpp2_precomputed"), steps_of(single, "base4")[:3],
+                    name="pp2_vpp2_precomputed")
 
 
 def test_virtual_pipeline_resumes_single_process_checkpoint(layouts, single):
     """The 1-process step-3 checkpoint (model + optimizer) resumed as two chunks per rank at PP2 x VPP2."""
-    assert_same_run(lines_of(layouts, "pp2_vpp2_resume"), lines_of(single, "base4")[3:], steps=(4, 5, 6))
+    assert_same_run(steps_of(layouts, "pp2_vpp2_resume"), steps_of(single, "base4")[3:], steps=(4, 5, 6),
+                    name="pp2_vpp2_resume")
 
 
 def test_virtual_pipeline_checkpoint_resumes_without_chunks(layouts, single):
     """The PP2 x VPP2 step-5 checkpoint (chunks model0/model1 per rank) resumed at plain PP2 for step 6."""
-    assert_same_run(lines_of(layouts, "pp2_from_vpp2"), lines_of(single, "base4")[5:], steps=(6,))
+    assert_same_run(steps_of(layouts, "pp2_from_vpp2"), steps_of(single, "base4")[5:], steps=(6,),
+                    name="pp2_from_vpp2")
+
+
+def test_full_state_resumes_at_expert_and_pipeline_parallel(four_processes, single):
+    """The 1-process step-3 checkpoint (model, Adam state, scheduler, data position) resumed at EP2 x PP2."""
+    assert_same_run(steps_of(four_processes, "ep2_pp2_resume"), steps_of(single, "base4")[3:], steps=(4, 5, 6),
+                    name="ep2_pp2_resume")
+
+
+def test_expert_and_pipeline_parallel_checkpoint_resumes_at_one_process(back_to_one, single):
+    """And back: the EP2 x PP2 step-5 checkpoint (experts and stages merged) resumed by 1 process for step 6."""
+    assert_same_run(steps_of(back_to_one, "base4_from_ep2_pp2"), steps_of(single, "base4")[5:], steps=(6,),
+                    name="base4_from_ep2_pp2")
 
 
 def test_bf16_tracks_fp32(single):
@@ -190,3 +298,13 @@ def test_validation_under_pp2_equals_single_process(layouts, single):
                 assert g[key] is None, key
             else:
                 assert abs(g[key] - w[key]) < 1e-4 * max(1.0, abs(w[key])), (g["step"], key, g[key], w[key])
+
+
+def test_checkpoint_saved_with_deferred_parameter_gather_resumes(back_to_one, single):
+    """A DP2 + distributed optimizer + overlap_param_gather checkpoint resumes by 1 process, exactly as trained.
+
+    Its step-2 save runs while each rank holds only its own slice of the stepped weights (the all-gather
+    waits for the next forward); 1 process resumes it for step 3.
+    """
+    assert_same_run(steps_of(back_to_one, "base_from_dp2_overlap"), steps_of(single, "base")[2:], steps=(3,),
+                    name="base_from_dp2_overlap")

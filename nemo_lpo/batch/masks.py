@@ -59,4 +59,8 @@ def padding_token_mask(batch: dict) -> torch.Tensor:
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     if "cu_seqlens" in batch:
         return (positions >= batch["cu_seqlens"][-1].to(tokens.device))[None].expand_as(tokens)
-    return positions[None, :] >= batch["seq_lengths"].to(tokens.device)[:, None]
+    mask = positions[None, :] >= batch["seq_lengths"].to(tokens.device)[:, None]
+    # a virtual-pipeline step's filler rows (PaddedLayout.fill_rows, the last rows) hold one pad token that
+    # counts in their seq_lengths; it is padding too, or the MoE load-balancing loss would route it
+    mask[mask.shape[0] - int(batch.get("empty_rows", 0)):] = True
+    return mask

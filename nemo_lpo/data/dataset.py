@@ -10,6 +10,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from nemo_lpo.data import layout
+from nemo_lpo.killpoint import kill_point
 
 
 def _indexed_dataset(part_prefix: str):
@@ -149,6 +150,7 @@ def write_reference_logps(prefix: str | os.PathLike, per_list_logps: Iterable[np
         layout.remove_quietly([meta_path])
         for temp, final in zip(temp_files, layout.indexed_files(final_part), strict=True):
             os.replace(temp, final)
+        kill_point("ref-logps/before_metadata")  # a test hook (nemo_lpo.killpoint); nothing unless a test sets it
         os.replace(temp_meta, meta_path)
     except BaseException:
         layout.remove_quietly([*temp_files, temp_meta])

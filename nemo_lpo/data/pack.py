@@ -27,6 +27,7 @@ from nemo_lpo.data.examples import DUPLICATE_ID, TIED_REWARDS, TOO_LONG
 from nemo_lpo.data.pack_config import PackConfig, PackError
 from nemo_lpo.data.readers import get_reader, iter_lines, iter_records, parse_input, sniff_format
 from nemo_lpo.data.workers import ordered_map, start_pool
+from nemo_lpo.killpoint import kill_point
 
 # PackConfig / PackError are defined in pack_config (the workers read the config too) and exported from here.
 __all__ = ["PackConfig", "PackError", "pack"]
@@ -213,6 +214,7 @@ def _publish(prefix: str, parts: dict, temp_manifest: str) -> None:
         for src, dst in zip(layout.indexed_files(temp), layout.indexed_files(layout.part_prefix(prefix, part)),
                             strict=True):
             os.replace(src, dst)
+    kill_point("pack/before_manifest")  # a test hook (nemo_lpo.killpoint); nothing unless a test sets it
     os.replace(temp_manifest, layout.manifest_path(prefix))
 
 

@@ -18,6 +18,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from nemo_lpo.killpoint import kill_point
 from nemo_lpo.train.lpo_model import LPOModel
 from nemo_lpo.train.task import chunk_iterators, count_valid_lists
 
@@ -92,6 +93,7 @@ def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) ->
     opt_start = time.perf_counter()
     timings["forward_backward"] = opt_start - fb_start
     lr = optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves it after)
+    kill_point("train/before_optimizer_step")  # a test hook (nemo_lpo.killpoint); nothing unless a test sets it
     success, grad_norm, _ = optimizer.step()
     if success:
         scheduler.step(increment=1)

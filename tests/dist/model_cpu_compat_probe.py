@@ -112,7 +112,10 @@ def scenario_recompute():
     _init()
     model = _tiny(recompute="full").train()
     batch = _batch()
+    forwards = []  # layer 0 runs in the checkpointed forward, and again in backward (the recompute)
+    model.decoder.layers[0].register_forward_hook(lambda module, args, output: forwards.append(torch.is_grad_enabled()))
     (sequence_layout_of(batch).token_logps(model, batch) * batch["loss_mask"]).sum().backward()
+    assert forwards == [False, True], forwards  # no graph kept in the forward; rebuilt for backward
     assert model.decoder.layers[0].self_attention.linear_qkv.weight.grad.abs().sum() > 0
 
 

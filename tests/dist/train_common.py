@@ -42,3 +42,40 @@ def metrics_lines(path: Path) -> list[dict]:
 def without_timings(line: dict) -> dict:
     """A metrics line without the wall-clock fields (they differ between identical runs)."""
     return {k: v for k, v in line.items() if not (k.startswith("time/") or k in ("step_time", "tokens_per_s"))}
+
+
+# The ragged parity lists: (rewards, response lengths in words). K runs from 2 to 8, several lists have tied
+# rewards, list 2 (and list 9, a pair) has NO strictly ordered pair (valid, loss 0), and the responses run from
+# 1 word to 199 words: 2 to 200 tokens with the EOS (an empty response, EOS alone, is refused by `pack`). Every
+# parallel layout sees ragged K, ragged lengths, empty pair sets and micro-batches of mostly padding.
+RAGGED_SPEC = [
+    ([1.0, 0.0], [1, 199]),
+    ([0.9, 0.5, 0.5, 0.1, 0.9, 0.3, 0.0, 0.7], [3, 17, 1, 40, 8, 25, 2, 60]),
+    ([0.5, 0.5, 0.5], [12, 4, 30]),
+    ([0.2, 0.8, 0.4, 0.6, 0.0], [5, 9, 120, 2, 14]),
+    ([0.7, 0.7, 0.1, 0.3], [6, 1, 22, 11]),
+    ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], [2, 3, 4, 5, 6, 7, 8]),
+    ([0.0, 1.0, 0.5, 0.5, 0.25, 0.75], [44, 1, 9, 9, 70, 3]),
+    ([0.6, 0.3], [15, 150]),
+    ([0.4, 0.9, 0.4], [7, 2, 33]),
+    ([0.8, 0.8], [10, 5]),
+    ([0.3, 0.0, 1.0, 0.6, 0.6, 0.9, 0.2, 0.1], [1, 13, 26, 5, 90, 4, 18, 2]),
+    ([0.5, 0.0, 0.25, 1.0], [11, 3, 1, 55]),
+]
+_WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "red", "blue", "one", "two", "and", "big", "sun", "sky"]
+
+
+def write_ragged_lists(path: Path) -> Path:
+    """Write the RAGGED_SPEC lists as listwise JSONL (prompts 3-12 words; each word one Mistral token)."""
+    import random
+
+    rng = random.Random(17)
+    records = []
+    for i, (rewards, lengths) in enumerate(RAGGED_SPEC):
+        prompt = "Say: " + " ".join(rng.choice(_WORDS) for _ in range(3 + i % 10))
+        responses = [{"text": " ".join(rng.choice(_WORDS) for _ in range(n)), "reward": r}
+                     for r, n in zip(rewards, lengths, strict=True)]
+        records.append(json.dumps({"id": f"ragged-{i}", "prompt": prompt, "responses": responses}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(records) + "\n")
+    return path

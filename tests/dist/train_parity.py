@@ -16,7 +16,13 @@ resumed at PP2 x VPP2, vs base4's steps 4-6; it saves step 5), pp2_from_vpp2 (th
 PP2 without VPP, vs base4's step 6); 4 processes: tp2_pp2 (TP2+SP x PP2, vs base), tp2_pp2_vpp2 (TP2+SP x PP2 x VPP2) and dp2_pp2_vpp2 (DP2 +
 distributed optimizer x PP2 x VPP2), vs base4's first 3 steps; base8 (an 8-layer variant, 1 process) and
 pp4_vpp2 (PP4 x VPP2 on it, 4 processes); val / pp2_val (validation every 2 steps on the
-first 6 lists, 1 process / PP2). ``init`` only writes WORK_DIR/init (for other tests' runs).
+first 6 lists, 1 process / PP2); ep2_pp2 and tp2_ep2 (TP2+SP x EP2) vs base, ep2_pp2_vpp2 vs base4,
+ep2_pp2_resume (base4's step-3 checkpoint at EP2 x PP2, saves step 5) and base4_from_ep2_pp2 (that checkpoint
+back at 1 process); dp2_overlap (2 processes: distributed optimizer, overlapped grad reduce and param gather;
+saves step 2) and base_from_dp2_overlap (that checkpoint resumed by 1 process for step 3). A resume scenario
+needs the process group: launch it after another scenario (``init`` will do).
+``init`` only writes WORK_DIR/init (for other tests' runs). With the metrics lines, the RESULT holds each step's
+per-parameter gradient checksums (``grad_checksums.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ TINY8 = "tiny-mixtral-8layers"
 COMMON = ["optim.lr=1e-3", "optim.warmup_steps=0", "optim.clip_grad=1.0", "data.global_batch_size=4",
           "data.micro_batch_size=1", "data.shuffle=true", "reference.mode=online", "checkpoint.save_at_end=false",
           "checkpoint.resume=false", "logging.tensorboard=false", f"train.max_steps={STEPS}"]
+EP2 = ["parallel.ep=2", "model.moe_token_dispatcher=alltoall"]
 SCENARIOS = {
     "base": [],
     "base_noaux": ["model.moe_aux_loss_coeff=0.0"],
@@ -44,7 +51,7 @@ SCENARIOS = {
     "bf16": ["model.params_dtype=bf16"],
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2"],
-    "ep2": ["parallel.ep=2", "model.moe_token_dispatcher=alltoall"],
+    "ep2": EP2,
     "dp2": ["parallel.distributed_optimizer=true"],
     "pp2_shared_noaux": ["parallel.pp=2", "model.moe_aux_loss_coeff=0.0", "data.shared_prompt=true"],
     "init": [],
@@ -78,8 +85,31 @@ SCENARIOS = {
     # and back: pp2_vpp2_resume's step-5 checkpoint (two chunks per rank) resumed at PP2 without VPP for step 6
     "pp2_from_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", "parallel.pp=2",
                       f"train.max_steps={2 * STEPS}", f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
+    # 4 processes: the shipped Mixtral layout's kind (experts x pipeline), with and without interleaving, and
+    # experts under tensor + sequence parallelism (dp = 2 in each: the experts split the data-parallel ranks)
+    "ep2_pp2": [*EP2, "parallel.pp=2"],
+    "ep2_pp2_vpp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", *EP2, "parallel.pp=2", "parallel.vpp=2",
+                     f"optim.decay_steps={2 * STEPS}"],
+    # experts not tensor-split (etp 1, as the shipped Mixtral layouts): with etp 2 the alltoall dispatcher
+    # all-gathers uneven token counts over TP, which gloo refuses (CPU only; NCCL takes uneven sizes)
+    "tp2_ep2": [*EP2, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=1"],
+    # 2 processes: the DP gradient reduce overlapped with backward, the parameter all-gather with the forward
+    # (its step-2 checkpoint, saved while the parameter all-gather is deferred, resumed by 1 process: next)
+    "dp2_overlap": ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+                    "parallel.overlap_param_gather=true", "checkpoint.save_interval=2"],
+    "base_from_dp2_overlap": ["checkpoint.resume=true"],
+    # full state across EP2 x PP2: base4's step-3 checkpoint resumed at EP2 x PP2 (4 processes, saves step 5),
+    # and that step-5 checkpoint resumed by 1 process for step 6
+    "ep2_pp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", *EP2, "parallel.pp=2",
+                       f"train.max_steps={2 * STEPS}", f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true",
+                       "checkpoint.save_interval=5"],
+    "base4_from_ep2_pp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", f"train.max_steps={2 * STEPS}",
+                           f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
 }
-RESUMES = {"pp2_vpp2_resume": "base4/checkpoints/step_0000003", "pp2_from_vpp2": "pp2_vpp2_resume/checkpoints/step_0000005"}
+RESUMES = {"pp2_vpp2_resume": "base4/checkpoints/step_0000003", "pp2_from_vpp2": "pp2_vpp2_resume/checkpoints/step_0000005",
+           "ep2_pp2_resume": "base4/checkpoints/step_0000003",
+           "base4_from_ep2_pp2": "ep2_pp2_resume/checkpoints/step_0000005",
+           "base_from_dp2_overlap": "dp2_overlap/checkpoints/step_0000002"}
 
 
 def register_tiny4() -> None:
@@ -99,6 +129,7 @@ def run(work: Path, prefix: str, name: str) -> None:
     from nemo_lpo.config import load_config
     from nemo_lpo.train.checkpoint import save_model_weights
     from nemo_lpo.train.loop import Trainer, init_parallel
+    from tests.dist.grad_checksums import record_grad_checksums
 
     register_tiny4()
     destroy_moe_metrics_tracker()  # megatron's process-global MoE tracker is sized by the first model's depth
@@ -139,10 +170,21 @@ def run(work: Path, prefix: str, name: str) -> None:
         write_reference(cfg)
     trainer = Trainer(cfg)
     trainer.resume()  # checkpoint.resume=false: starts at step 0 and clears an old metrics file
+    grads = record_grad_checksums(trainer)
+    # forwards of the first layer's core attention (this rank's first chunk): one per micro-batch, two under
+    # activation recompute (the checkpointed forward and its re-run in backward)
+    attention_forwards = [0]
+    gpt = trainer.lpo.modules[0]
+    while not hasattr(gpt, "decoder"):  # bf16: inside megatron's Float16Module
+        gpt = gpt.module
+    gpt.decoder.layers[0].self_attention.core_attention.register_forward_hook(
+        lambda module, args, output: attention_forwards.__setitem__(0, attention_forwards[0] + 1))
     trainer.run()
     if torch.distributed.get_rank() == 0:
         lines = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-        print("RESULT " + json.dumps({"scenario": name, "lines": lines}), flush=True)
+        print("RESULT " + json.dumps({"scenario": name, "lines": lines, "grads": grads,
+                                      "attention_forwards": attention_forwards[0],
+                                      "microbatches": len(grads) * trainer.feeder.num_microbatches}), flush=True)
 
 
 def main() -> None:
