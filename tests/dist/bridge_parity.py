@@ -22,7 +22,6 @@ import dataclasses
 import json
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
 STEPS = 3
@@ -172,25 +171,7 @@ def run(work: Path, prefix: str, name: str) -> None:
               flush=True)
 
 
-def main() -> None:
-    from nemo_lpo.model.parallel import destroy_parallel
-
-    work, prefix, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    try:
-        for name in names:
-            try:
-                run(work, prefix, name)
-            except Exception:  # report and go on: the other scenarios still give their numbers
-                import torch
-
-                if torch.distributed.get_rank() == 0:
-                    print("RESULT " + json.dumps({"scenario": name, "error": traceback.format_exc()}), flush=True)
-                else:
-                    print(f"rank {torch.distributed.get_rank()}: scenario {name} failed:\n{traceback.format_exc()}",
-                          file=sys.stderr, flush=True)
-    finally:
-        destroy_parallel()
-
-
 if __name__ == "__main__":
-    main()
+    from tests.dist.scenarios import run_scenarios
+
+    run_scenarios(run)

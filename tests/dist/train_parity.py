@@ -31,7 +31,6 @@ import dataclasses
 import json
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
 STEPS = 3
@@ -187,25 +186,7 @@ def run(work: Path, prefix: str, name: str) -> None:
                                       "microbatches": len(grads) * trainer.feeder.num_microbatches}), flush=True)
 
 
-def main() -> None:
-    from nemo_lpo.model.parallel import destroy_parallel
-
-    work, prefix, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    try:
-        for name in names:
-            try:
-                run(work, prefix, name)
-            except Exception:  # report and go on: the other scenarios still give their numbers
-                import torch
-
-                if torch.distributed.get_rank() == 0:
-                    print("RESULT " + json.dumps({"scenario": name, "error": traceback.format_exc()}), flush=True)
-                else:  # another rank's failure would otherwise only show as rank 0 waiting for it
-                    print(f"rank {torch.distributed.get_rank()}: scenario {name} failed:\n{traceback.format_exc()}",
-                          file=sys.stderr, flush=True)
-    finally:
-        destroy_parallel()
-
-
 if __name__ == "__main__":
-    main()
+    from tests.dist.scenarios import run_scenarios
+
+    run_scenarios(run)
