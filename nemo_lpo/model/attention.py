@@ -20,6 +20,7 @@ module has no parameters).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -173,6 +174,21 @@ def plan_attention(layout: torch.Tensor) -> list[PartBatch]:
         batches.append(_response_batch(start[bucket], length[bucket], starts[own_prompt][bucket],
                                        lengths[own_prompt][bucket]))
     return batches
+
+
+def with_core_attention(block_spec, expected: type, replacement: type):
+    """A copy of a decoder block spec whose layers' core attention ``expected`` becomes ``replacement``.
+
+    Raises:
+        TypeError: a layer holds another core attention (the spec is not the one the caller expects).
+    """
+    block_spec = copy.deepcopy(block_spec)  # layers may share one submodules object: set once, seen by all
+    for layer in block_spec.layer_specs:
+        attention = layer.submodules.self_attention.submodules
+        if attention.core_attention not in (expected, replacement):
+            raise TypeError(f"expected {expected.__name__} in the layer spec, got {attention.core_attention}")
+        attention.core_attention = replacement
+    return block_spec
 
 
 class GatheredDotProductAttention(DotProductAttention):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from nemo_lpo.model.attention import GatheredDotProductAttention
+from nemo_lpo.model.attention import GatheredDotProductAttention, with_core_attention
 from nemo_lpo.model.gpt import GPTModelWithPositions, unwrapped_attribute
 from nemo_lpo.model.presets import ModelPreset
 
@@ -97,14 +95,7 @@ def with_gathered_attention(block_spec):
     It is megatron's ``DotProductAttention`` for boolean masks and computes shared-prompt / packed rows part
     by part when handed an ``attention_layout`` (nemo_lpo/model/attention.py); no parameters change.
     """
-    block_spec = copy.deepcopy(block_spec)  # layers may share one submodules object: set once, seen by all
-    for layer in block_spec.layer_specs:
-        attention = layer.submodules.self_attention.submodules
-        if attention.core_attention not in (DotProductAttention, GatheredDotProductAttention):
-            raise TypeError(f"expected megatron's local DotProductAttention in the layer spec, got "
-                            f"{attention.core_attention}")
-        attention.core_attention = GatheredDotProductAttention
-    return block_spec
+    return with_core_attention(block_spec, DotProductAttention, GatheredDotProductAttention)
 
 
 def build_gpt_model(

@@ -38,9 +38,8 @@ Any other ``attention_mask`` (None, boolean) takes ``TEDotProductAttention.forwa
 from __future__ import annotations
 
 import contextlib
-import copy
 
-from nemo_lpo.model.attention import is_attention_layout
+from nemo_lpo.model.attention import is_attention_layout, with_core_attention
 from nemo_lpo.model.varlen import VarlenPlan, cached_varlen_plan, gathered_varlen_attention
 
 try:  # TE raises RuntimeError / OSError (not only ImportError) where it is installed but unusable
@@ -116,11 +115,4 @@ def with_te_gathered_attention(block_spec):
     """
     if TEGatheredDotProductAttention is None:
         raise RuntimeError("with_te_gathered_attention needs Transformer Engine, which does not import here")
-    block_spec = copy.deepcopy(block_spec)  # layers may share one submodules object: set once, seen by all
-    for layer in block_spec.layer_specs:
-        attention = layer.submodules.self_attention.submodules
-        if attention.core_attention not in (TEDotProductAttention, TEGatheredDotProductAttention):
-            raise TypeError(f"expected megatron's TEDotProductAttention in the layer spec, got "
-                            f"{attention.core_attention}")
-        attention.core_attention = TEGatheredDotProductAttention
-    return block_spec
+    return with_core_attention(block_spec, TEDotProductAttention, TEGatheredDotProductAttention)
