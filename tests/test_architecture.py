@@ -102,7 +102,7 @@ LAZY_IMPORTS = {
     "nemo_lpo.model.te_attention": "Transformer Engine is optional (absent on CPU machines)",
     "nemo_lpo.train.metrics": "TensorBoard and Weights & Biases are optional loggers",
     "nemo_lpo.demo.plots": "matplotlib's Agg backend must be chosen before pyplot is imported",
-    "nemo_lpo.config.schema": "the loss registry imports torch: only when a loss is validated, not at `--help`",
+    "nemo_lpo.config.loss_options": "the loss registry imports torch: only when a loss is validated, not at `--help`",
 }
 
 
