@@ -85,7 +85,7 @@ class ParallelConfig:
             pp > 1, num_layers divisible by pp * vpp and micro-batches per step (per data-parallel rank) a
             multiple of pp; every micro-batch of a step is padded to the step's longest sequence.
         ep: Expert-parallel size (MoE models).
-        etp: Expert tensor-parallel size; None means 1 when ep > 1, else tp.
+        etp: Expert tensor-parallel size; None means megatron's default, equal to tp (set 1 to keep experts whole under TP).
         sequence_parallel: Shard activations along the sequence over TP (required for MoE with tp > 1).
         distributed_optimizer: Megatron's DistributedOptimizer (optimizer state sharded over DP).
         overlap_grad_reduce: Overlap the DP gradient reduce with backward.
