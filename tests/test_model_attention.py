@@ -71,7 +71,8 @@ def _qkv(seq: int, rows: int, seed: int):
     return q, k, v
 
 
-def _real_token_outputs_and_grads(module, q, k, v, mask, real: torch.Tensor):
+def real_token_outputs_and_grads(module, q, k, v, mask, real: torch.Tensor):
+    """``module(q, k, v, mask)`` at the real tokens, and q/k/v gradients of a fixed weighting of them."""
     out = module(q, k, v, mask)  # [S, R, heads * dim]
     weight = torch.linspace(-1, 1, out.numel()).view_as(out) * real.T[:, :, None]
     (out * weight).sum().backward()
@@ -92,9 +93,9 @@ def test_equals_the_dense_masked_path(attention_modules, packed):
     rows, seq = batch["tokens"].shape
     real = batch["segment_ids"] >= 0
     q, k, v = _qkv(seq, rows, seed=3)
-    expected, expected_grads = _real_token_outputs_and_grads(dense, q, k, v, shared_prompt_mask(batch), real)
+    expected, expected_grads = real_token_outputs_and_grads(dense, q, k, v, shared_prompt_mask(batch), real)
     layout = attention_layout(batch["segment_ids"], batch["part_ids"])
-    got, got_grads = _real_token_outputs_and_grads(gathered, q, k, v, layout, real)
+    got, got_grads = real_token_outputs_and_grads(gathered, q, k, v, layout, real)
     assert (got - expected).abs().max().item() < 1e-5
     for g, e in zip(got_grads, expected_grads, strict=True):
         assert (g - e).abs().max().item() < 1e-5
@@ -114,8 +115,8 @@ def test_packed_sequences_layout_equals_the_block_diagonal_mask(attention_module
     segment = torch.where(positions < cu_seqlens[-1], segment, -1)[None]
     q, k, v = _qkv(seq, 1, seed=5)
     real = segment >= 0
-    expected, expected_grads = _real_token_outputs_and_grads(dense, q, k, v, packed_causal_mask(cu_seqlens, seq), real)
-    got, got_grads = _real_token_outputs_and_grads(gathered, q, k, v, attention_layout(segment, torch.zeros_like(segment)),
+    expected, expected_grads = real_token_outputs_and_grads(dense, q, k, v, packed_causal_mask(cu_seqlens, seq), real)
+    got, got_grads = real_token_outputs_and_grads(gathered, q, k, v, attention_layout(segment, torch.zeros_like(segment)),
                                                    real)
     assert (got - expected).abs().max().item() < 1e-5
     for g, e in zip(got_grads, expected_grads, strict=True):

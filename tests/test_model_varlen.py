@@ -18,6 +18,7 @@ from nemo_lpo.model.varlen import (
     reference_varlen_kernel,
     varlen_plan,
 )
+from tests.test_model_attention import real_token_outputs_and_grads
 from tests.test_shared_prompt import PAD, make_items
 
 ITEMS = [{"prompt_ids": [5, 6, 7], "response_ids": [[8, 2], [9, 10, 2]], "rewards": [1.0, 0.0], "index": 7},
@@ -119,16 +120,6 @@ def _qkv(seq: int, rows: int, seed: int):
             torch.randn(seq, rows, 2, 8, generator=g, requires_grad=True))
 
 
-def _outputs_and_grads(attend, q, k, v, real: torch.Tensor):
-    out = attend(q, k, v)  # [S, R, heads * dim]
-    weight = torch.linspace(-1, 1, out.numel()).view_as(out) * real.T[:, :, None]
-    (out * weight).sum().backward()
-    grads = [x.grad.clone() for x in (q, k, v)]
-    for x in (q, k, v):
-        x.grad = None
-    return out * real.T[:, :, None], grads
-
-
 def _assert_close(got, expected):
     (out, grads), (out_e, grads_e) = got, expected
     assert (out - out_e).abs().max().item() < 1e-5
@@ -147,9 +138,10 @@ def test_varlen_plan_equals_the_dense_masked_path(dense_attention_module, packed
     real = batch["segment_ids"] >= 0
     q, k, v = _qkv(seq, rows, seed=3)
     mask = shared_prompt_mask(batch)
-    expected = _outputs_and_grads(lambda *x: dense_attention_module(*x, mask), q, k, v, real)
+    expected = real_token_outputs_and_grads(dense_attention_module, q, k, v, mask, real)
     plan = varlen_plan(attention_layout(batch["segment_ids"], batch["part_ids"]))
-    got = _outputs_and_grads(lambda *x: gathered_varlen_attention(*x, plan, reference_varlen_kernel()), q, k, v, real)
+    got = real_token_outputs_and_grads(lambda q, k, v, _: gathered_varlen_attention(q, k, v, plan, reference_varlen_kernel()),
+                                       q, k, v, None, real)
     _assert_close(got, expected)
 
 
@@ -161,10 +153,11 @@ def test_packed_layout_through_the_varlen_plan_equals_the_block_diagonal_mask(de
     real = packed_layout(cu_seqlens, seq)[:, 0] >= 0
     q, k, v = _qkv(seq, 1, seed=5)
     mask = packed_causal_mask(cu_seqlens, seq)
-    expected = _outputs_and_grads(lambda *x: dense_attention_module(*x, mask), q, k, v, real)
+    expected = real_token_outputs_and_grads(dense_attention_module, q, k, v, mask, real)
     plan = varlen_plan(packed_layout(cu_seqlens, seq))
     assert plan.cu_seqlens_q.tolist() == plan.cu_seqlens_kv.tolist() == [0, 5, 6, 13, 21]
-    got = _outputs_and_grads(lambda *x: gathered_varlen_attention(*x, plan, reference_varlen_kernel()), q, k, v, real)
+    got = real_token_outputs_and_grads(lambda q, k, v, _: gathered_varlen_attention(q, k, v, plan, reference_varlen_kernel()),
+                                       q, k, v, None, real)
     _assert_close(got, expected)
 
 

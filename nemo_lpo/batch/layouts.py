@@ -35,7 +35,7 @@ from nemo_lpo.batch.shared_prompt import SharedPromptCollator
 from nemo_lpo.model.attention import attention_layout, packed_layout, takes_attention_layout
 from nemo_lpo.model.build import uses_transformer_engine
 from nemo_lpo.model.gpt import unwrapped_attribute
-from nemo_lpo.model.varlen import packed_model_inputs
+from nemo_lpo.model.varlen import thd_attention_inputs
 
 BACKENDS = ("gathered", "dense", "te")
 
@@ -228,7 +228,7 @@ class PackedLayout(_SequenceLayout):
         if tokens.shape[0] != 1:
             raise ValueError(f"a packed batch has tokens of shape [1, S], got {tuple(tokens.shape)}")
         if backend == "te":  # megatron's THD path: PackedSeqParams, RoPE restarting at every cu_seqlens boundary
-            return {**packed_model_inputs(batch, model), "labels": batch["labels"]}
+            return {**thd_attention_inputs(batch, model), "labels": batch["labels"]}
         cu_seqlens = batch["cu_seqlens"].to(tokens.device)
         mask = packed_layout(cu_seqlens, tokens.shape[1]) if backend == "gathered" else \
             packed_causal_mask(cu_seqlens, tokens.shape[1])

@@ -106,14 +106,14 @@ def packed_seq_params(cu_seqlens: torch.Tensor, seq_len: int, *, tp: int = 1, se
                            max_seqlen_kv=longest)
 
 
-def packed_model_inputs(batch: dict, model=None, *, with_labels: bool = True, fp8_recipe: str | None = None) -> dict:
-    """Keyword arguments of ``GPTModel.forward`` for a packed batch on TE's layer spec (THD, no mask).
+def thd_attention_inputs(batch: dict, model=None, *, fp8_recipe: str | None = None) -> dict:
+    """The attention arguments of ``GPTModel.forward`` for a packed batch on TE's layer spec (THD, no mask).
+
+    ``PackedLayout.model_inputs`` adds tokens, labels and the MoE padding mask around them.
 
     Args:
-        batch: the packed collator's batch (``tokens`` ``[1, S]``, ``cu_seqlens``, ``labels``), on the model's
-            device.
-        model: the (wrapped) model: its config gives tp / sequence parallelism / MoE; None: one process, dense.
-        with_labels: pass ``labels`` so that the model returns ``-log p(label)`` per token.
+        batch: the packed collator's batch (``tokens`` ``[1, S]``, ``cu_seqlens``), on the model's device.
+        model: the (wrapped) model: its config gives tp / sequence parallelism; None: one process.
         fp8_recipe: the FP8 recipe when FP8 runs (default: read from the model's config when ``fp8`` is set).
 
     ``position_ids`` is left out on purpose: megatron's THD RoPE restarts the angles at every sequence
@@ -131,13 +131,7 @@ def packed_model_inputs(batch: dict, model=None, *, with_labels: bool = True, fp
                                tp=getattr(config, "tensor_model_parallel_size", 1),
                                sequence_parallel=getattr(config, "sequence_parallel", False),
                                cp=getattr(config, "context_parallel_size", 1), fp8_recipe=fp8_recipe)
-    inputs = {"input_ids": tokens, "position_ids": None, "attention_mask": None, "packed_seq_params": params}
-    if with_labels:
-        inputs["labels"] = batch["labels"]
-    if getattr(config, "num_moe_experts", None):
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        inputs["padding_mask"] = (positions >= batch["cu_seqlens"][-1].to(tokens.device))[None]
-    return inputs
+    return {"position_ids": None, "attention_mask": None, "packed_seq_params": params}
 
 
 @dataclasses.dataclass
