@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from nemo_lpo import quiet
+from nemo_lpo import killpoint, quiet
 
 # Modules that contribute commands (each has ``register(subparsers)``).
 COMMAND_MODULES = (
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    killpoint.warn_if_set()  # a leaked crash-test variable is said once, at the start (rank 0)
     # before any command imports megatron / torch; every rank of a torchrun / srun launch passes here
     quiet.install(verbose=args.show_all_warnings or getattr(args, "verbose", False))
     result = args.func(args)

@@ -1,14 +1,20 @@
 """SIGKILL at the worst moments, on 2 ranks (PP2), and the restarted command continues exactly.
 
-Deterministic kill points (``nemo_lpo/killpoint.py``: ``NEMO_LPO_TEST_KILL_AT``) and one timed kill (shards of a
-save half-written: the first shard file seen). After each kill the test checks that nothing half-written is
-taken for complete (``latest``, the packed dataset's manifest, the reference sidecar's metadata), and the
-restarted command's per-step metrics equal an uninterrupted run's EXACTLY (every logged value but timings).
+Deterministic kill points (``nemo_lpo/killpoint.py``: ``NEMO_LPO_TEST_KILL_AT`` with ``NEMO_LPO_CRASH_TEST=1``),
+one of them between two shard writes of a save. Each kill is checked to be what was planned: the process said
+``killpoint: SIGKILL at NAME`` and torchrun's failure report gives that rank's exit as -9 (a pack killed alone:
+its exit status -9); and NOTHING of the killed run is left (no worker, no helper process such as the
+multiprocessing Manager megatron's checkpoint writer used to start). After each kill the test checks that
+nothing half-written is taken for complete (``latest``, the packed dataset's manifest, the reference sidecar's
+metadata), and the restarted command's per-step metrics equal an uninterrupted run's EXACTLY (every logged value
+but timings).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from nemo_lpo import killpoint
 from tests.dist.train_common import REPO, TINY_CONF, metrics_lines, without_timings, write_ragged_lists
 from tests.torchrun import free_port
 
@@ -30,23 +37,24 @@ COMMON = ["parallel.pp=2", "reference.mode=online", f"train.max_steps={STEPS}", 
           "optim.lr=1e-3", "optim.warmup_steps=0", "data.global_batch_size=4", "data.micro_batch_size=1",
           "checkpoint.save_interval=2", "checkpoint.keep_last=0", "logging.tensorboard=false"]
 
+TAG_ENV = "NEMO_LPO_TEST_RUN_TAG"  # inherited by every process a launch starts, helpers included
+TAG = f"{os.getpid()}-{time.time_ns()}"
 
-TAG = f"{os.getpid()}-{time.time_ns()}"  # inherited by every process a launch starts (see reap)
 
-
-def env_with(kill_at: str | None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "NEMO_LPO_CRASH_TEST": TAG,
+def env_with(kill_at: str | None, tag: str = TAG) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", TAG_ENV: tag,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("NEMO_LPO_TEST_KILL_AT", None)
+    env.pop(killpoint.ENV, None)
+    env.pop(killpoint.ARM_ENV, None)
     if kill_at:
-        env["NEMO_LPO_TEST_KILL_AT"] = kill_at
+        env.update({killpoint.ENV: kill_at, killpoint.ARM_ENV: "1"})
     return env
 
 
 def launch(nproc: int, *args: str, kill_at: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(CLI), *args]
-    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the test polls, and a full pipe blocks
+    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the run goes on, and a full pipe blocks
     proc = subprocess.Popen(cmd, env=env_with(kill_at), stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
     return proc
@@ -57,44 +65,50 @@ def output(proc: subprocess.Popen) -> str:
     return proc.log.read()
 
 
-def reap() -> None:
-    """SIGKILL what a killed launch left running (they carry this module's TAG in their environment).
+def left_behind(tag: str = TAG, grace: float = 30.0) -> list[str]:
+    """The processes still carrying ``tag`` after ``grace`` seconds (exiting ones get that long to go)."""
+    deadline = time.monotonic() + grace
+    while True:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get(TAG_ENV) == tag and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(f"pid {process.pid} (parent {process.ppid()}): {' '.join(process.cmdline())[:200]}")
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
-    The workers' helper processes (multiprocessing spawn children) outlive a SIGKILLed parent.
-    """
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("NEMO_LPO_CRASH_TEST") == TAG:
-                process.send_signal(signal.SIGKILL)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
+
+def assert_sigkilled_at(out: str, kill_at: str, *, torchrun: bool = True) -> None:
+    """The run died where planned: the kill point said so, and (torchrun) its report gives that rank exit -9."""
+    point, _, rank = kill_at.partition("@")
+    said = re.findall(r"killpoint: SIGKILL at (\S+) \(#\d+, rank (\d+)", out)
+    assert len(said) == 1 and said[0][0] == point.partition("#")[0], f"not killed at {kill_at}:\n{out[-4000:]}"
+    assert not rank or said[0][1] == rank, said
+    if torchrun:  # the first observed failure (the others were stopped by torchrun): that rank, signal 9
+        root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", out, re.S)
+        assert root and root.groups() == (said[0][1], "-9"), f"torchrun's report:\n{out[-3000:]}"
 
 
-def finish(proc: subprocess.Popen, *, killed: bool) -> str:
-    proc.wait(timeout=600)
-    reap()
+def finish(proc: subprocess.Popen, kill_at: str | None = None) -> str:
+    """Wait for the launch; it ended as planned (killed at ``kill_at``, or rc 0) and left no process behind."""
+    proc.wait(timeout=900)
     out = output(proc)
-    if killed:
+    if kill_at:
         assert proc.returncode != 0, f"the run was not killed:\n{out[-4000:]}"
+        assert_sigkilled_at(out, kill_at)
     else:
         assert proc.returncode == 0, f"rc={proc.returncode}:\n{out[-6000:]}"
+    left = left_behind()
+    assert not left, "processes of the finished run are still alive:\n" + "\n".join(left)
     return out
 
 
 def train(prefix: Path, run: Path, *extra: str, kill_at: str | None = None) -> str:
     args = ["train", str(TINY_CONF), f"data.train_prefix={prefix}", f"logging.run_dir={run}", *COMMON, *extra]
-    return finish(launch(2, *args, kill_at=kill_at), killed=kill_at is not None)
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun's workers (sessions of their own) and torchrun itself."""
-    for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        try:
-            child.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=60)
-    reap()
+    return finish(launch(2, *args, kill_at=kill_at), kill_at)
 
 
 def pack(src: Path, prefix: Path, kill_at: str | None = None) -> None:
@@ -102,6 +116,7 @@ def pack(src: Path, prefix: Path, kill_at: str | None = None) -> None:
                            "--no-progress"], env=env_with(kill_at), capture_output=True, text=True, timeout=300)
     if kill_at:
         assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+        assert_sigkilled_at(proc.stderr, kill_at, torchrun=False)
     else:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -144,17 +159,11 @@ def test_kills_during_a_step_and_during_saves(data, straight, tmp_path):
     assert [line["step"] for line in metrics_lines(run / "metrics.jsonl")] == [1, 2]
     same_lines(run, straight, [1, 2])
 
-    # 2. restarted; killed (every process) while the step-4 save writes its shards: the first shard file seen
-    proc = launch(2, "train", str(TINY_CONF), f"data.train_prefix={prefix}", f"logging.run_dir={run}", *COMMON)
+    # 2. restarted; rank 0 killed in the step-4 save between its two shard writes (megatron writes a rank's last
+    # shard file first, then the others in threads: one of rank 0's files is on disk, the other never started)
+    train(prefix, run, kill_at="checkpoint/between_shard_writes@0")
     saving = run / "checkpoints" / "step_0000004.tmp"
-    try:
-        deadline = time.monotonic() + 600
-        while not (saving.is_dir() and list(saving.glob("*.distcp"))):
-            assert proc.poll() is None, f"the restarted run ended before its step-4 save:\n{output(proc)[-4000:]}"
-            assert time.monotonic() < deadline, "the step-4 save never started"
-            time.sleep(0.001)
-    finally:
-        kill_tree(proc)
+    assert len(list(saving.glob("__0_*.distcp"))) == 1, sorted(p.name for p in saving.iterdir())
     assert not (saving / "metadata.json").exists(), "killed too late: the save had completed"
     assert latest(run) == "step_0000002"  # the half-written save is not named
     same_lines(run, straight, [1, 2, 3, 4])  # the restart resumed at step 2: steps 3, 4 as the straight run
@@ -190,11 +199,43 @@ def test_kills_during_pack_and_ref_logps(data, straight, tmp_path):
         assert (prefix.parent / want.name).read_bytes() == want.read_bytes(), want.name
 
     ref = ["ref-logps", str(TINY_CONF), f"data.train_prefix={prefix}", *COMMON]
-    finish(launch(2, *ref, kill_at="ref-logps/before_metadata"), killed=True)
+    finish(launch(2, *ref, kill_at="ref-logps/before_metadata"), "ref-logps/before_metadata")
     assert list(prefix.parent.glob("lists.ref_logps*.bin"))  # the arrays were in place ...
     assert not ListwiseDataset(prefix).has_ref_logps  # ... without the metadata that marks them complete
-    finish(launch(2, *ref), killed=False)
+    finish(launch(2, *ref))
     assert ListwiseDataset(prefix).has_ref_logps
     run = tmp_path / "run"
     train(prefix, run, "reference.mode=precomputed", f"train.max_steps={STEPS // 2}")
     same_lines(run, straight, [1, 2])  # precomputed from the rerun sidecar == the online reference, exactly
+
+
+def test_the_leftover_check_sees_an_orphaned_helper():
+    """The check of ``finish`` on a planted orphan, which it must name.
+
+    A process that starts a multiprocessing Manager (as megatron's checkpoint writer did) and is SIGKILLed leaves
+    the Manager behind.
+    """
+    tag = f"{TAG}-planted"
+    code = ("import multiprocessing, os, signal\n"
+            "manager = multiprocessing.get_context('spawn').Manager()\n"
+            "print(manager._process.pid, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    with tempfile.TemporaryFile("w+") as out:  # not a pipe: the orphan would hold it open
+        proc = subprocess.run([sys.executable, "-c", code], env=env_with(None, tag), stdout=out,
+                              stderr=subprocess.STDOUT, text=True, timeout=300)
+        out.seek(0)
+        printed = out.read()
+    assert proc.returncode == -signal.SIGKILL, printed
+    orphan = int(printed.split()[0])
+    try:
+        left = left_behind(tag, grace=2.0)
+        assert any(line.startswith(f"pid {orphan} ") for line in left), left
+    finally:  # the planted orphans (the Manager, and the resource tracker spawn starts), by their pids
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get(TAG_ENV) == tag:
+                    os.kill(process.pid, signal.SIGKILL)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+    assert not left_behind(tag)
+    assert not multiprocessing.active_children()

@@ -2,17 +2,22 @@
 
 Each parameter is named by its megatron dist-checkpoint key and its offsets along the stacked layer and expert
 axes (GLOBAL layer and expert numbers: the same name under any TP / PP / VPP / EP layout) and summarised by
-``(Σg, Σg²)`` of its reduced gradient (``main_grad``, what the optimizer steps with). Both sums add over the
-shards of a tensor-parallel split, so the pieces of a name are summed over ranks; a replicated copy is counted
-once (megatron's "main replica", as a save writes it). With the DistributedOptimizer a rank holds the reduced
-gradient only in the slice it owns: the whole gradient is rebuilt from the owned slices over the optimizer's
-data-parallel group.
+``CHECKSUMS`` of its reduced gradient (``main_grad``, what the optimizer steps with): Σg, Σg², Σ|g| and
+``<r, g>`` = Σ r·g, where ``r`` is a fixed pseudo-random weight of each element's index in the WHOLE (unsharded)
+tensor, found through the piece's global offsets. The first three do not change when elements move (a swapped
+tensor-parallel shard, a distributed-optimizer slice put back at the wrong offset); ``<r, g>`` does. All four add
+over the shards of a tensor-parallel split, so the pieces of a name are summed over ranks; a replicated copy is
+counted once (megatron's "main replica", as a save writes it). With the DistributedOptimizer a rank holds the
+reduced gradient only in the slice it owns: the whole gradient is rebuilt from the owned slices (at their
+offsets in the parameter) over the optimizer's data-parallel group.
 """
 
 from __future__ import annotations
 
 import torch
 
+CHECKSUMS = ("sum g", "sum g^2", "sum |g|", "<r, g>")
+_HASH = 2654435761  # Knuth's multiplicative hash: neighbouring indices get unrelated weights
 
 def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
@@ -53,8 +58,31 @@ def _pieces(item, grad: torch.Tensor) -> list:
     return [(item, grad)] if isinstance(item, ShardedTensor) else []
 
 
+def index_weights(piece, local_shape: torch.Size) -> torch.Tensor:
+    """``r`` in [-0.5, 0.5) for each element of ``piece``: a hash of its flat index in the unsharded tensor.
+
+    The index is taken over the axes after the stacked (prepended) layer / expert axes, which name the checksum.
+    """
+    assert piece.flattened_range is None, f"{piece.key}: a flattened piece (not a model parameter's layout)"
+    axes = len(local_shape)
+    shape, offset = piece.global_shape[-axes:] if axes else (), piece.global_offset[-axes:] if axes else ()
+    index = torch.zeros(local_shape, dtype=torch.int64)
+    stride = 1
+    for axis in reversed(range(axes)):
+        coord = torch.arange(local_shape[axis], dtype=torch.int64) + offset[axis]
+        index += (coord * stride).view([-1 if a == axis else 1 for a in range(axes)])
+        stride *= shape[axis]
+    return ((index * _HASH) % 2**32).double() / 2**32 - 0.5
+
+
+def _sums(piece, g: torch.Tensor) -> list[float]:
+    g = g.double()
+    return [g.sum().item(), (g**2).sum().item(), g.abs().sum().item(),
+            (index_weights(piece, g.shape) * g).sum().item()]
+
+
 def grad_checksums(chunks: list, optimizer) -> dict[str, list[float]]:
-    """{global key[layer, expert]: [Σg, Σg²]} of the reduced gradients; the same dict on every rank.
+    """{global key[layer, expert]: CHECKSUMS} of the reduced gradients; the same dict on every rank.
 
     Megatron stacks the layers (and experts) of a parameter under one key; the offsets along those stacked
     ("prepended") axes name the layer and the expert, so they are part of the name here.
@@ -76,17 +104,14 @@ def grad_checksums(chunks: list, optimizer) -> dict[str, list[float]]:
                 if not is_main_replica(piece.replica_id):
                     continue
                 name = f"{piece.key}{list(piece.global_offset[:piece.prepend_axis_num])}"
-                total = local.setdefault(name, [0.0, 0.0])
-                total[0] += g.double().sum().item()
-                total[1] += (g.double() ** 2).sum().item()
+                local[name] = [a + b for a, b in zip(local.get(name, [0.0] * len(CHECKSUMS)), _sums(piece, g),
+                                                     strict=True)]
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, local)
     merged: dict[str, list[float]] = {}
     for part in gathered:
-        for key, (s, s2) in part.items():
-            total = merged.setdefault(key, [0.0, 0.0])
-            total[0] += s
-            total[1] += s2
+        for key, sums in part.items():
+            merged[key] = [a + b for a, b in zip(merged.get(key, [0.0] * len(CHECKSUMS)), sums, strict=True)]
     return dict(sorted(merged.items()))
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 STEPS = 3
@@ -49,6 +48,10 @@ SCENARIOS = {
     "shared_noaux": ["model.moe_aux_loss_coeff=0.0", "data.shared_prompt=true"],
     "bf16": ["model.params_dtype=bf16"],
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    # a PLANTED fault: tp2 for one step with the two ranks' shards of one column-parallel weight's gradient
+    # swapped before the checksums (plant_swapped_tp_shards); its comparison with base must fail on <r, g>
+    "tp2_swapped_shards": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.max_steps=1",
+                           f"optim.decay_steps={STEPS}"],
     "pp2": ["parallel.pp=2"],
     "ep2": EP2,
     "dp2": ["parallel.distributed_optimizer=true"],
@@ -121,6 +124,30 @@ def register_tiny4() -> None:
     PRESETS.setdefault(TINY8, dataclasses.replace(PRESETS["tiny-mixtral"], name=TINY8, num_layers=8))
 
 
+def plant_swapped_tp_shards(trainer) -> str:
+    """Before each optimizer step, swap the TP ranks' gradient shards of the first column-parallel weight.
+
+    Returns that parameter's name. A fault of the kind a wrong sharding offset makes: every element's value is
+    still there (Σg, Σg² and Σ|g| of the whole tensor unchanged), in the wrong place.
+    """
+    import torch
+    from megatron.core import parallel_state
+
+    name, param = next((n, p) for n, p in trainer.lpo.modules[0].named_parameters()
+                       if getattr(p, "tensor_model_parallel", False) and p.partition_dim == 0)
+    group = parallel_state.get_tensor_model_parallel_group()
+    step = trainer.optimizer.step
+
+    def swapped_step(*args, **kwargs):
+        shards = [torch.empty_like(param.main_grad) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(shards, param.main_grad.contiguous(), group=group)
+        param.main_grad.copy_(shards[::-1][torch.distributed.get_rank(group)])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = swapped_step
+    return name
+
+
 def run(work: Path, prefix: str, name: str) -> None:
     import torch
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
@@ -170,6 +197,7 @@ def run(work: Path, prefix: str, name: str) -> None:
     trainer = Trainer(cfg)
     trainer.resume()  # checkpoint.resume=false: starts at step 0 and clears an old metrics file
     grads = record_grad_checksums(trainer)
+    swapped = plant_swapped_tp_shards(trainer) if name == "tp2_swapped_shards" else None  # runs first, then grads
     # forwards of the first layer's core attention (this rank's first chunk): one per micro-batch, two under
     # activation recompute (the checkpointed forward and its re-run in backward)
     attention_forwards = [0]
@@ -182,7 +210,7 @@ def run(work: Path, prefix: str, name: str) -> None:
     if torch.distributed.get_rank() == 0:
         lines = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
         print("RESULT " + json.dumps({"scenario": name, "lines": lines, "grads": grads,
-                                      "attention_forwards": attention_forwards[0],
+                                      "attention_forwards": attention_forwards[0], "swapped": swapped,
                                       "microbatches": len(grads) * trainer.feeder.num_microbatches}), flush=True)
 
 
