@@ -1,9 +1,12 @@
 """Hand-worked values and properties of the Plackett-Luce losses ``listmle`` and ``kpo`` (nemo_lpo.losses).
 
 Most cases pick implicit rewards s = ln(w) (beta = 1, reference 0), so that exp(s) = w are small integers and
-each Plackett-Luce factor exp(s_i) / sum exp(s_j) is a fraction worked by hand in the docstrings. Independent
-reference: :func:`top_k_probability`, which sums the probabilities of whole permutations (itertools) whose
-first k entries follow the annotated order -- the marginal that a top-k Plackett-Luce model assigns.
+each Plackett-Luce factor exp(s_i) / sum exp(s_j) is a fraction worked by hand in the docstrings: 9 tests hold
+hand-worked values (13 lists; 4 of them with ties, 2 ragged). Independent references over whole permutations
+(itertools), not over the loss code's formula: :func:`top_k_probability` (the probability of the annotated top-k
+prefix; 5 cases, K = 5, distinct rewards) and :func:`tied_reference` (with ties and ragged lists: each term is the
+probability that a response is placed before every response rewarded below it; 8 lists of K = 2..6 valid
+responses, with ties, for listmle and kpo k = 1, 2, 3: 32 cases).
 """
 
 import itertools
@@ -51,6 +54,34 @@ def top_k_probability(scores, order, k):
             prob *= math.exp(scores[perm[place]]) / sum(math.exp(scores[j]) for j in perm[place:])
         total += prob
     return total
+
+
+def _placement_probability(scores, perm) -> float:
+    prob = 1.0
+    for place in range(len(perm)):
+        prob *= math.exp(scores[perm[place]]) / sum(math.exp(scores[j]) for j in perm[place:])
+    return prob
+
+
+def tied_reference(scores, rewards, valid, k=None) -> float:
+    """-log of the Plackett-Luce probabilities that each response is placed before every response rewarded below it.
+
+    Over all orders of the list's VALID responses (whole permutations, each with its Plackett-Luce probability);
+    tied responses are not ordered against each other. Only responses at positions <= k count (position: 1 + the
+    number rewarded above it; ties share one), as top-k. With distinct rewards the terms multiply to the
+    probability of the annotated order (of its top-k prefix).
+    """
+    slots = [i for i in range(len(scores)) if valid[i]]
+    orders = [(perm, _placement_probability(scores, perm)) for perm in itertools.permutations(slots)]
+    assert sum(prob for _, prob in orders) == pytest.approx(1.0, abs=1e-12)
+    loss = 0.0
+    for i in slots:
+        position = 1 + sum(rewards[j] > rewards[i] for j in slots)
+        if k is not None and position > k:
+            continue
+        below = [j for j in slots if rewards[j] < rewards[i]]
+        loss -= math.log(sum(prob for perm, prob in orders if all(perm.index(i) < perm.index(j) for j in below)))
+    return loss
 
 
 def test_listmle_k3_hand_worked():
@@ -233,3 +264,18 @@ def test_bad_k_is_a_clear_error(k):
     with pytest.raises(ValueError, match="option k"):
         listwise_loss("kpo", policy, policy, torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3, dtype=torch.bool), 0.1,
                       k=k)
+
+
+@pytest.mark.parametrize(("loss_type", "k"), [("listmle", None), ("kpo", 1), ("kpo", 2), ("kpo", 3)])
+def test_ties_and_ragged_lists_equal_the_whole_permutation_reference(loss_type, k):
+    """8 lists with rewards from 3 levels (ties) and ragged masks (K = 2..6 valid) against ``tied_reference``."""
+    policy, reference, rewards, _ = random_lists(8, 6, seed=21, ties=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 1, 0], [1, 0, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1],
+                         [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 0, 0, 1, 1, 1], [1, 1, 1, 0, 1, 1]]).bool()
+    beta = 0.7
+    loss, _ = listwise_loss(loss_type, policy, reference, rewards, mask, beta, **({"k": k} if k else {}))
+    scores = (beta * (policy - reference)).tolist()
+    expected = [tied_reference(scores[b], rewards[b].tolist(), mask[b].tolist(), k) for b in range(8)]
+    assert sorted({int(m.sum()) for m in mask}) == [2, 3, 4, 5, 6]  # ragged: every K from 2 to 6
+    assert sum(len(set(r[m].tolist())) < int(m.sum()) for r, m in zip(rewards, mask, strict=True)) >= 4  # ties
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-10)
