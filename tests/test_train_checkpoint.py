@@ -1,6 +1,9 @@
-"""Checkpoints through the real CLI (torchrun + `nemo-lpo train`).
+"""Checkpoints through the real CLI (torchrun + `nemo-lpo train`): save, keep, and resume exactly.
 
-Exact resume and resume under another layout (kills during steps and saves: tests/test_train_crash.py).
+Resumes under another layout (a 1-process checkpoint at TP2, PP2, EP2, DP2 + distributed optimizer, and PP2 / DP2
+checkpoints back at 1 process) run in tests/test_train_parity.py's launches (scenarios ``*_resume`` and
+``base4_from_*``), compared there on every metric and per-parameter gradient; kills during steps and saves:
+tests/test_train_crash.py.
 """
 
 from __future__ import annotations
@@ -67,64 +70,3 @@ def test_resume_gives_identical_metrics(straight, prefix, tmp_path):
     want = [without_timings(line) for line in metrics_lines(straight / "metrics.jsonl")[3:]]
     got = [without_timings(line) for line in metrics_lines(tmp_path / "metrics.jsonl")]
     assert got == want  # bit-identical: model, Adam state, scheduler, data position and RNG restored
-
-
-# Resume layouts (2 processes each): model AND optimizer state resharded by megatron dist checkpointing.
-RESUME_LAYOUTS = {
-    "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
-    "pp2": ["parallel.pp=2"],
-    "ep2": ["parallel.ep=2"],
-    # DP2: the DistributedOptimizer shards Adam's state over the two ranks (fully_sharded_model_space slices)
-    "dp2_distopt": ["parallel.distributed_optimizer=true"],
-}
-_resumed: dict[str, Path] = {}
-
-
-REVERSE_FROM = ["pp2", "dp2_distopt"]  # these resumed runs also checkpoint step 4, resumed at 1 process below
-
-
-def resume_at(layout: str, straight: Path, prefix: Path, root: Path) -> Path:
-    """Resume the straight run's step-3 checkpoint under ``layout`` (once per module); returns the run folder."""
-    if layout not in _resumed:
-        _resumed[layout] = None  # a failure is reported once, by the first test that needs the run
-        run = root / layout
-        resumed_copy(straight, run)
-        saves = ["checkpoint.save_interval=4"] if layout in REVERSE_FROM else []
-        out = run_torchrun(CLI, 2, "train", str(TINY_CONF),
-                           *overrides(prefix, run, *RESUME_LAYOUTS[layout], *saves, "checkpoint.save_at_end=false"))
-        assert "resumed from" in out and "at step 3" in out
-        _resumed[layout] = run
-    if _resumed[layout] is None:
-        pytest.fail(f"the {layout} resume failed (see test_resume_under_another_layout[{layout}])")
-    return _resumed[layout]
-
-
-def assert_continues(got: list[dict], want: list[dict], steps: list[int]) -> None:
-    assert [g["step"] for g in got] == steps
-    for g, w in zip(got, want, strict=True):
-        assert g["tokens"] == w["tokens"] and g["lists/valid"] == w["lists/valid"]  # the same lists, in order
-        assert abs(g["loss"] - w["loss"]) < 1e-5 and abs(g["grad_norm"] - w["grad_norm"]) < 1e-5, (g, w)
-        assert g["lr"] == pytest.approx(w["lr"], rel=1e-12)
-
-
-@pytest.mark.parametrize("layout", list(RESUME_LAYOUTS))
-def test_resume_under_another_layout(straight, prefix, tmp_path_factory, layout):
-    """Saved at 1 process, resumed at 2 processes under ``layout``: steps 4-6 match the straight run."""
-    run = resume_at(layout, straight, prefix, tmp_path_factory.getbasetemp() / "resumed")
-    assert_continues(metrics_lines(run / "metrics.jsonl"), metrics_lines(straight / "metrics.jsonl")[3:], [4, 5, 6])
-
-
-@pytest.mark.parametrize("layout", REVERSE_FROM)
-def test_resume_at_one_process(straight, prefix, tmp_path_factory, tmp_path, layout):
-    """The reverse direction: a 2-process run's step-4 checkpoint resumed at 1 process (plain optimizer).
-
-    From pp2 each stage's half of the model and Adam state is merged; from dp2_distopt the Adam state was
-    saved as two flattened slices per parameter (DistributedOptimizer, fully_sharded_model_space).
-    """
-    source = resume_at(layout, straight, prefix, tmp_path_factory.getbasetemp() / "resumed")
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copytree(source / "checkpoints" / "step_0000004", tmp_path / "checkpoints" / "step_0000004")
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000004\n")
-    out = run_torchrun(CLI, 1, "train", str(TINY_CONF), *overrides(prefix, tmp_path, "checkpoint.save_at_end=false"))
-    assert "at step 4" in out
-    assert_continues(metrics_lines(tmp_path / "metrics.jsonl"), metrics_lines(straight / "metrics.jsonl")[4:], [5, 6])

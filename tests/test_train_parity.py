@@ -38,24 +38,26 @@ TOL = 1e-5
 # checkpoint): its gradients are held to TOL; the logged grad norm and later steps' gradients to LATER_TOL.
 LATER_TOL = 1e-4
 # Every tolerance is RELATIVE, per key: |got - want| <= rtol * |want|. Measured worst relative differences over
-# all the comparisons below (one run, 2 cores): loss 8e-7, grad_norm 3.5e-5, logps 8e-8, rewards 3.4e-5, kendall
-# tau 3e-8, accuracies 0. The implicit rewards are exactly 0 by construction at step 1 (policy == reference):
+# all the comparisons below (one run, 2 cores): loss 8e-7, grad_norm 3.5e-5, logps 8e-8, rewards 7.8e-5 (small
+# differences of log-prob sums: was 1e-4 absolute on values of 1e-2), kendall tau 3e-8, accuracies 0. The implicit rewards are exactly 0 by construction at step 1 (policy == reference):
 # there, and only there, the stated floor ZERO_FLOOR applies (measured: exactly 0 in every layout).
 METRIC_RTOL = {"loss": TOL, "grad_norm": LATER_TOL, "lr": 1e-12, "logps/chosen": 1e-6, "logps/rejected": 1e-6,
-               "rewards/chosen": 2e-4, "rewards/rejected": 2e-4, "rewards/margins": 2e-4,
+               "rewards/chosen": 5e-4, "rewards/rejected": 5e-4, "rewards/margins": 5e-4,
                "rewards/accuracies": 1e-6, "rewards/kendall_tau": 1e-6}
 DEFAULT_RTOL = 1e-4  # metrics not named above (validation's val/... use their training name's)
 ZERO_FLOOR = {"rewards/chosen": 1e-9, "rewards/rejected": 1e-9, "rewards/margins": 1e-9}
 # Gradient checksums (tests/dist/grad_checksums.py), per parameter key. Σg² and Σ|g| are relative to
-# themselves (measured worst: 3e-7 on a first step, 4.4e-6 later; the pre-MLP layer norm's Σg², 1e-5 in
+# themselves (measured worst: 5.3e-7 on a first step, 1.2e-5 later; the pre-MLP layer norm's Σg², 1e-5 in
 # size, is held to 1e-10 where it used to be held to 1e-5 absolute). The signed sums Σg and <r, g> cancel: 1 %
 # of the keys' Σg are 1e-3 to 1e-5 of their terms' size Σ|g|, and two are 0 by construction (the router's and the
 # output layer's: softmax gradients sum to 0 over the experts / the vocabulary; measured 1e-8 and 3e-9 of Σ|g|),
 # so their rounding noise is relative to Σ|g|, not to the value: they are held to tol * Σ|g| of the key (measured
-# worst: 1.5e-7 of Σ|g| on a first step, 2.3e-6 later), and never looser than the absolute bound tol * max(1,
+# worst: 1.6e-7 of Σ|g| on a first step, 4.9e-6 later), and never looser than the absolute bound tol * max(1,
 # |want|) of before.
 SIGNED = ("sum g", "<r, g>")
 LAYOUTS = ["tp2", "pp2", "dp2", "ep2", "dp2_overlap"]
+RESUMES = ["tp2_resume", "pp2_resume", "ep2_resume", "dp2_resume"]  # base4's 1-process checkpoint at 2 processes
+RESUMED_BACK = ["pp2", "dp2"]  # and their step-5 checkpoints back at 1 process
 EXACT = ("step", "lists/valid", "tokens")  # counts: equal, not close
 MEASURED: dict[str, dict[str, float]] = {}  # scenario -> max relative differences, printed at the end (pytest -s)
 
@@ -88,7 +90,7 @@ def single(work) -> dict:
 def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
-    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "tp2_swapped_shards", "pp2_shared_noaux", "pp2_vpp2",
+    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "tp2_swapped_shards", *RESUMES, "pp2_shared_noaux", "pp2_vpp2",
                                 "pp2_vpp2_precomputed", "pp2_vpp2_resume", "pp2_from_vpp2", "pp2_val"))
 
 
@@ -102,11 +104,11 @@ def four_processes(work, single) -> dict:
 
 @pytest.fixture(scope="module")
 def back_to_one(work, layouts, four_processes) -> dict:
-    """1 process again: the EP2 x PP2 step-5 checkpoint resumed for step 6, the DP2-overlap one for step 3."""
+    """1 process again: the EP2 x PP2, PP2 and DP2 step-5 checkpoints resumed for step 6, the DP2-overlap one for 3."""
     root, prefix = work
     assert "lines" in four_processes["ep2_pp2_resume"], four_processes["ep2_pp2_resume"].get("error")
     return results(run_torchrun(WORKER, 1, str(root), str(prefix), "init", "base4_from_ep2_pp2",
-                                "base_from_dp2_overlap"))
+                                "base_from_dp2_overlap", *(f"base4_from_{layout}" for layout in RESUMED_BACK)))
 
 
 def steps_of(found: dict, name: str) -> list[dict]:
@@ -315,6 +317,27 @@ def test_full_state_resumes_at_expert_and_pipeline_parallel(four_processes, sing
     """The 1-process step-3 checkpoint (model, Adam state, scheduler, data position) resumed at EP2 x PP2."""
     assert_same_run(steps_of(four_processes, "ep2_pp2_resume"), steps_of(single, "base4")[3:], steps=(4, 5, 6),
                     name="ep2_pp2_resume")
+
+
+@pytest.mark.parametrize("scenario", RESUMES)
+def test_single_process_checkpoint_resumes_under_another_layout(layouts, single, scenario):
+    """The 1-process step-3 checkpoint resumed at 2 processes continues as the 1-process run (steps 4-6).
+
+    Model, Adam state, scheduler and data position, resharded to TP2 + SP, PP2, EP2 or DP2 + distributed optimizer
+    (which takes Adam's state as its slices). (Was tests/test_train_checkpoint.py's resume through the CLI, one launch each: now per-parameter gradients too.)
+    """
+    assert_same_run(steps_of(layouts, scenario), steps_of(single, "base4")[3:], steps=(4, 5, 6), name=scenario)
+
+
+@pytest.mark.parametrize("layout", RESUMED_BACK)
+def test_two_process_checkpoint_resumes_at_one_process(back_to_one, single, layout):
+    """The reverse: 2-process step-5 checkpoints resumed by 1 process for step 6.
+
+    From PP2 each stage's half of the model and Adam state is merged; from DP2 + distributed optimizer Adam's
+    state was saved from two slices per parameter.
+    """
+    assert_same_run(steps_of(back_to_one, f"base4_from_{layout}"), steps_of(single, "base4")[5:], steps=(6,),
+                    name=f"base4_from_{layout}")
 
 
 def test_expert_and_pipeline_parallel_checkpoint_resumes_at_one_process(back_to_one, single):

@@ -19,7 +19,10 @@ pp4_vpp2 (PP4 x VPP2 on it, 4 processes); val / pp2_val (validation every 2 step
 first 6 lists, 1 process / PP2); ep2_pp2 and tp2_ep2 (TP2+SP x EP2) vs base, ep2_pp2_vpp2 vs base4,
 ep2_pp2_resume (base4's step-3 checkpoint at EP2 x PP2, saves step 5) and base4_from_ep2_pp2 (that checkpoint
 back at 1 process); dp2_overlap (2 processes: distributed optimizer, overlapped grad reduce and param gather;
-saves step 2) and base_from_dp2_overlap (that checkpoint resumed by 1 process for step 3). A resume scenario
+saves step 2) and base_from_dp2_overlap (that checkpoint resumed by 1 process for step 3); tp2_resume, pp2_resume,
+ep2_resume, dp2_resume (base4's step-3 checkpoint at 2 processes, steps 4-6; pp2 and dp2 save step 5) and
+base4_from_pp2 / base4_from_dp2 (those back at 1 process for step 6); tp2_swapped_shards (a PLANTED fault: tp2's
+step 1 with two TP shards of a gradient swapped, which the checksums must see). A resume scenario
 needs the process group: launch it after another scenario (``init`` will do).
 ``init`` only writes WORK_DIR/init (for other tests' runs). With the metrics lines, the RESULT holds each step's
 per-parameter gradient checksums (``grad_checksums.py``).
@@ -105,13 +108,24 @@ SCENARIOS = {
     "ep2_pp2_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", *EP2, "parallel.pp=2",
                        f"train.max_steps={2 * STEPS}", f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true",
                        "checkpoint.save_interval=5"],
+    # base4's step-3 checkpoint (1 process, plain optimizer) resumed under each 2-process layout for steps 4-6:
+    # model AND optimizer state resharded by megatron dist checkpointing (under dp2 the DistributedOptimizer takes
+    # Adam's state as its slices); pp2 and dp2 save step 5, resumed by 1 process for step 6 (base4_from_*)
+    **{f"{layout}_resume": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", *extra, f"train.max_steps={2 * STEPS}",
+                            f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true", "checkpoint.save_interval=5"]
+       for layout, extra in {"tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pp=2"],
+                             "ep2": ["parallel.ep=2"], "dp2": ["parallel.distributed_optimizer=true"]}.items()},
+    **{f"base4_from_{layout}": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", f"train.max_steps={2 * STEPS}",
+                                f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"] for layout in ("pp2", "dp2")},
     "base4_from_ep2_pp2": [f"model.preset={TINY4}", "data.pad_to_multiple_of=1", f"train.max_steps={2 * STEPS}",
                            f"optim.decay_steps={2 * STEPS}", "checkpoint.resume=true"],
 }
 RESUMES = {"pp2_vpp2_resume": "base4/checkpoints/step_0000003", "pp2_from_vpp2": "pp2_vpp2_resume/checkpoints/step_0000005",
            "ep2_pp2_resume": "base4/checkpoints/step_0000003",
            "base4_from_ep2_pp2": "ep2_pp2_resume/checkpoints/step_0000005",
-           "base_from_dp2_overlap": "dp2_overlap/checkpoints/step_0000002"}
+           "base_from_dp2_overlap": "dp2_overlap/checkpoints/step_0000002",
+           **{f"{layout}_resume": "base4/checkpoints/step_0000003" for layout in ("tp2", "pp2", "ep2", "dp2")},
+           **{f"base4_from_{layout}": f"{layout}_resume/checkpoints/step_0000005" for layout in ("pp2", "dp2")}}
 
 
 def register_tiny4() -> None:
