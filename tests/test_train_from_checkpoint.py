@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from nemo_lpo.cli import main
 from nemo_lpo.config import ConfigError, load_config
 from nemo_lpo.convert.hf_to_mcore import convert_hf_to_mcore
+from nemo_lpo.losses import listwise_loss
 from nemo_lpo.model.presets import PRESETS
 from nemo_lpo.model.resolve import resolve_preset
 from tests.dist.train_common import DEMO_LISTS, REPO, TINY_CONF, metrics_lines, pack_lists
@@ -79,15 +80,32 @@ def test_from_checkpoint_needs_a_converted_checkpoint(tmp_path):
         resolve_preset(load_config(TINY_CONF, ["model.preset=tiny-mixtrall"]))
 
 
+def zero_reward_loss(cfg, dataset) -> float:
+    """The loss module's value for every list of ``dataset`` at implicit rewards 0 (policy == reference), averaged."""
+    lists = [dataset[i]["rewards"] for i in range(len(dataset))]
+    width = max(len(r) for r in lists)
+    rewards = torch.zeros(len(lists), width, dtype=torch.float64)
+    mask = torch.zeros(len(lists), width, dtype=torch.bool)
+    for row, r in enumerate(lists):
+        rewards[row, :len(r)], mask[row, :len(r)] = torch.as_tensor(r, dtype=torch.float64), True
+    zeros = torch.zeros_like(rewards)
+    return listwise_loss(cfg.loss.type, zeros, zeros, rewards, mask, cfg.loss.beta, **cfg.loss.options)[0].mean().item()
+
+
 @pytest.mark.distributed
 def test_reference_pass_and_training_step_from_checkpoint(converted, tmp_path):
+    """ref-logps and one training step of the converted model; step 1 is the closed form of the reference.
+
+    The reference pass and the policy are the same weights (the converted checkpoint): every implicit reward is
+    exactly 0, and the step-1 loss is the loss function's value at zero rewards for the step's lists (all 4).
+    """
     from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
     from nemo_lpo.data import ListwiseDataset
     from nemo_lpo.model.sidecar import read_checkpoint_preset
 
     prefix = pack_lists(DEMO_LISTS, tmp_path / "data" / "lists", 4)
     common = [str(TINY_CONF), f"data.train_prefix={prefix}", "model.preset=from_checkpoint",
-              f"model.init_checkpoint={converted}", "data.global_batch_size=2", "data.micro_batch_size=2"]
+              f"model.init_checkpoint={converted}", "data.global_batch_size=4", "data.micro_batch_size=2"]
     run_torchrun(CLI, 1, "ref-logps", *common)
     meta = ListwiseDataset(prefix).ref_meta  # the reference pass built the checkpoint's architecture
     assert meta["preset"] == read_checkpoint_preset(converted).name and meta["checkpoint"] == str(converted)
@@ -95,8 +113,10 @@ def test_reference_pass_and_training_step_from_checkpoint(converted, tmp_path):
     run_torchrun(CLI, 1, "train", *common, f"logging.run_dir={run}", "reference.mode=precomputed",
                  "train.max_steps=1", "optim.lr=1e-3", "optim.warmup_steps=0", "logging.tensorboard=false")
     (line,) = metrics_lines(run / "metrics.jsonl")
-    assert line["step"] == 1 and line["lists/valid"] == 2
-    assert torch.isfinite(torch.tensor(line["loss"])) and line["grad_norm"] > 0
+    assert line["step"] == 1 and line["lists/valid"] == 4 and line["grad_norm"] > 0
+    assert line["rewards/margins"] == 0.0 and line["rewards/chosen"] == 0.0 and line["rewards/rejected"] == 0.0
+    cfg = load_config(TINY_CONF, common[1:])
+    assert line["loss"] == pytest.approx(zero_reward_loss(cfg, ListwiseDataset(prefix)), rel=1e-6)
     # the trained checkpoint carries the model description: it exports as the Llama it came from
     summary = convert_mcore_to_hf(run / "checkpoints", tmp_path / "export")
     assert summary["architecture"] == "LlamaForCausalLM"

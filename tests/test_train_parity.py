@@ -39,8 +39,8 @@ TOL = 1e-5
 LATER_TOL = 1e-4
 # Every tolerance is RELATIVE, per key: |got - want| <= rtol * |want|. Measured worst relative differences over
 # all the comparisons below (one run, 2 cores): loss 8e-7, grad_norm 3.5e-5, logps 8e-8, rewards 7.8e-5 (small
-# differences of log-prob sums: was 1e-4 absolute on values of 1e-2), kendall tau 3e-8, accuracies 0. The implicit rewards are exactly 0 by construction at step 1 (policy == reference):
-# there, and only there, the stated floor ZERO_FLOOR applies (measured: exactly 0 in every layout).
+# differences of log-prob sums: was 1e-4 absolute on values of 1e-2), kendall tau 3e-8, accuracies 0. The
+# implicit rewards are exactly 0 by construction at step 1 (policy == reference): there, and only there, the stated floor ZERO_FLOOR applies (measured: exactly 0 in every layout).
 METRIC_RTOL = {"loss": TOL, "grad_norm": LATER_TOL, "lr": 1e-12, "logps/chosen": 1e-6, "logps/rejected": 1e-6,
                "rewards/chosen": 5e-4, "rewards/rejected": 5e-4, "rewards/margins": 5e-4,
                "rewards/accuracies": 1e-6, "rewards/kendall_tau": 1e-6}
@@ -90,7 +90,8 @@ def single(work) -> dict:
 def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
-    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "tp2_swapped_shards", *RESUMES, "pp2_shared_noaux", "pp2_vpp2",
+    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "tp2_swapped_shards", *RESUMES,
+                                "pp2_shared_noaux", "pp2_vpp2",
                                 "pp2_vpp2_precomputed", "pp2_vpp2_resume", "pp2_from_vpp2", "pp2_val"))
 
 
@@ -324,7 +325,8 @@ def test_single_process_checkpoint_resumes_under_another_layout(layouts, single,
     """The 1-process step-3 checkpoint resumed at 2 processes continues as the 1-process run (steps 4-6).
 
     Model, Adam state, scheduler and data position, resharded to TP2 + SP, PP2, EP2 or DP2 + distributed optimizer
-    (which takes Adam's state as its slices). (Was tests/test_train_checkpoint.py's resume through the CLI, one launch each: now per-parameter gradients too.)
+    (which takes Adam's state as its slices). (Were tests/test_train_checkpoint.py's resumes through the CLI, one
+    launch each, on loss and grad norm: now every metric and per-parameter gradients.)
     """
     assert_same_run(steps_of(layouts, scenario), steps_of(single, "base4")[3:], steps=(4, 5, 6), name=scenario)
 
