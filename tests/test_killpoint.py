@@ -73,7 +73,7 @@ def test_warning_when_either_variable_is_present(clean_env, capsys, env, said):
 def test_every_command_warns_at_its_start(clean_env, capsys, tmp_path):
     """``nemo-lpo <command>`` prints the warning once, before the command runs (here one that fails at once)."""
     clean_env.setenv(killpoint.ENV, "train/before_optimizer_step")
-    assert main(["inspect", str(tmp_path / "missing")]) != 0
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("WARNING: test variables set") == 1 and NOT_ARMED in err
-    assert err.index("WARNING") < err.index("no manifest")
+    assert err.index("WARNING") < err.index("config file not found")
