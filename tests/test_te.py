@@ -28,7 +28,7 @@ from functools import cache
 import numpy as np
 import pytest
 
-from tests.conftest import GPU_PRESENT, gpu_env
+from tests.conftest import GPU_PRESENT, cuda_failure, gpu_env
 from tests.dist.train_common import DEMO_LISTS, REPO, TINY_CONF, metrics_lines, pack_lists
 
 
@@ -39,18 +39,26 @@ def _env() -> dict:
 
 
 @cache
-def te_imports() -> bool:
-    """Whether Transformer Engine imports with the GPU visible (asked in a fresh process)."""
+def te_import_failure() -> str | None:
+    """Why Transformer Engine does not import with the GPU visible (asked in a fresh process); None: it does."""
     probe = subprocess.run([sys.executable, "-c", "import transformer_engine.pytorch"], capture_output=True,
-                           env=_env(), timeout=300)
-    return probe.returncode == 0
+                           text=True, env=_env(), timeout=300)
+    lines = (probe.stdout + probe.stderr).strip().splitlines()
+    return None if probe.returncode == 0 else (lines[-1] if lines else f"exit status {probe.returncode}")
 
 
-pytestmark = [
-    pytest.mark.te,
-    pytest.mark.skipif(not GPU_PRESENT, reason="needs an NVIDIA GPU (nvidia-smi -L)"),
-    pytest.mark.skipif(GPU_PRESENT and not te_imports(), reason="Transformer Engine does not import in this image"),
-]
+def _not_runnable() -> str | None:
+    """The skip reason on this machine. On a GPU machine tools/container_report.py reports a skip as a FAILURE."""
+    if not GPU_PRESENT:
+        return "needs an NVIDIA GPU (nvidia-smi -L)"
+    if cuda_failure() is not None:
+        return f"CUDA does not work with the GPU visible: {cuda_failure()}"
+    if te_import_failure() is not None:
+        return f"Transformer Engine does not import in this image: {te_import_failure()}"
+    return None
+
+
+pytestmark = [pytest.mark.te, pytest.mark.skipif(_not_runnable() is not None, reason=str(_not_runnable()))]
 
 
 def run_check(name: str, *args: str) -> dict:
