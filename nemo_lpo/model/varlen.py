@@ -305,13 +305,19 @@ def gathered_varlen_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     return context.view(rows, seq, -1).transpose(0, 1).contiguous()
 
 
-def reference_varlen_kernel(scale: float | None = None) -> Kernel:
+def bottom_right_causal_mask(lq: int, lk: int, device=None) -> torch.Tensor:
+    """``[lq, lk]`` True where query i sees key j: ``j <= i + lk - lq`` (TE's ``padding_causal_bottom_right``)."""
+    return torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + lk - lq
+
+
+def reference_varlen_kernel(scale: float | None = None, mask: Callable = bottom_right_causal_mask) -> Kernel:
     """TE's THD ``padding_causal_bottom_right`` attention in plain PyTorch: one SDPA call per segment.
 
     Query i of a segment with ``Lq`` queries and ``Lk`` keys attends to keys ``j <= i + Lk - Lq`` (the causal
     diagonal aligned to the bottom-right corner, TE's definition in ``attention/dot_product_attention/
     utils.py`` ``get_full_mask``). GQA groups are repeated as megatron's local path does. For tests and CPU
-    checks; a GPU runs TE's fused kernels on the same plan.
+    checks; a GPU runs TE's fused kernels on the same plan. ``mask(lq, lk, device)`` replaces the mask (the
+    self-check's planted errors).
     """
 
     def kernel(q, k, v, plan: VarlenPlan) -> torch.Tensor:
@@ -323,9 +329,8 @@ def reference_varlen_kernel(scale: float | None = None) -> Kernel:
             qs, ks, vs = (x.transpose(0, 1) for x in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [heads, L, d]
             if groups > 1:
                 ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
-            lq, lk = q1 - q0, k1 - k0
-            mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + lk - lq
-            outputs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1))
+            allowed = mask(q1 - q0, k1 - k0, q.device)
+            outputs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale).transpose(0, 1))
         return torch.cat(outputs)
 
     return kernel
