@@ -30,7 +30,8 @@ from nemo_lpo.batch.layouts import PackedLayout, PaddedLayout, SharedPromptLayou
 from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 from nemo_lpo.model.build import build_gpt_model
 from nemo_lpo.model.presets import PRESETS, transformer_config
-from tests.te_kernels import BACKEND_SWITCHES, CPU_SIZES, reference_kernel_check, te_kernel_check
+from tests.te_kernels import CPU_SIZES, reference_kernel_check, te_kernel_check
+from tests.te_verdicts import BACKEND_SWITCHES
 from tests.test_shared_prompt import PAD, make_items
 
 LAYOUTS = ("padded", "packed", "shared")
@@ -244,19 +245,6 @@ def fp8_scaling_state(model) -> dict[str, float]:
 def fp8_state_changes(before: dict[str, float], after: dict[str, float]) -> list[str]:
     """Modules whose FP8 scaling state changed (absent before counts as zero); finite values only."""
     return [name for name, value in after.items() if np.isfinite(value) and value != before.get(name, 0.0)]
-
-
-def fp8_loss_failures(bf16: np.ndarray, fp8: np.ndarray, tolerance: float) -> list[str]:
-    """Why FP8 losses do not show FP8 ran within tolerance: equal to bf16 (it did not run), too far, not finite."""
-    if bf16.shape != fp8.shape or not (np.isfinite(bf16).all() and np.isfinite(fp8).all()):
-        return [f"losses not comparable: bf16 {bf16.tolist()}, fp8 {fp8.tolist()}"]
-    rel = np.abs(fp8 - bf16) / np.abs(bf16)
-    failures = []
-    if not rel.max() > 0:
-        failures.append("FP8 losses equal the bf16 ones exactly: FP8 did not run")
-    if not rel.max() < tolerance:
-        failures.append(f"FP8 losses differ from bf16 by {rel.max():.3g} (relative) >= {tolerance:g}")
-    return failures
 
 
 CHECKS = {"te_vs_local": te_vs_local, "layouts": layouts, "grouped_gemm": grouped_gemm, "bench": bench,

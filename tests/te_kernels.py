@@ -31,12 +31,6 @@ from nemo_lpo.model.varlen import (
     varlen_plan,
 )
 
-KERNEL_TOLERANCE = 5e-2
-"""Max |kernel - fp32 reference| over real tokens (q/k/v ~ N(0, 1) in bf16)."""
-
-BACKEND_SWITCHES = {"flash": "NVTE_FLASH_ATTN", "fused": "NVTE_FUSED_ATTN", "unfused": "NVTE_UNFUSED_ATTN"}
-"""TE's environment switches (attention/dot_product_attention/utils.py get_attention_backend): one on, two off."""
-
 
 @dataclasses.dataclass(frozen=True)
 class KernelSizes:
@@ -58,11 +52,6 @@ class KernelSizes:
 
 
 CPU_SIZES = KernelSizes(lists=2, heads=4, groups=2, prompt=(5, 40), k=(2, 4), response=(3, 30))
-
-
-def backend_env(backend: str) -> dict[str, str]:
-    """TE's switches forcing ``backend`` (the other two off)."""
-    return {name: "1" if key == backend else "0" for key, name in BACKEND_SWITCHES.items()}
 
 
 def _lists(sizes: KernelSizes, rng: np.random.Generator) -> list[dict]:
@@ -120,17 +109,6 @@ def kernel_errors(gathered_call, packed_call, sizes: KernelSizes, device, seed: 
     return {"max_abs_err": errors, "tokens": {"gathered": int(real.sum()), "packed": int(cu[-1])},
             "segments": {"gathered": int(varlen_plan(layout).cu_seqlens_q.numel() - 1),
                          "packed": int(params.cu_seqlens_q.numel() - 1)}}
-
-
-def kernel_failures(result: dict, tolerance: float = KERNEL_TOLERANCE) -> list[str]:
-    """What makes the kernel check fail: an error past ``tolerance`` (NaN included), a backend other than asked."""
-    failures = [f"{path}: max abs error {err:.3g} >= {tolerance:g}" for path, err in result["max_abs_err"].items()
-                if not err < tolerance]
-    wanted = result.get("backend")
-    for path, ran in (result.get("backends_ran") or {}).items():
-        if wanted is not None and ran != wanted:
-            failures.append(f"{path}: TE ran the {ran} backend, not the forced {wanted}")
-    return failures
 
 
 def te_backend_that_ran() -> str:

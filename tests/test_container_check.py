@@ -47,7 +47,11 @@ def test_container_check_on_cpu_reports_every_item_skipped(tmp_path):
     names = {row[0] for row in rows}
     for check in ("test_te_spec_matches_local_spec_from_one_converted_checkpoint",
                   "test_te_packed_and_shared_prompt_match_padded[fp32]",
-                  "test_te_packed_and_shared_prompt_match_padded[bf16]", "test_te_fp8_hybrid_tracks_bf16_over_20_steps",
+                  "test_te_packed_and_shared_prompt_match_padded[bf16]",
+                  *(f"test_te_fp8_hybrid_tracks_bf16_over_20_steps[{layout}]" for layout in ("padded", "packed", "shared")),
+                  "test_te_fp8_scaling_state_changes_on_every_layout",
+                  *(f"test_te_attention_kernels_match_the_reference_per_backend[{backend}]"
+                    for backend in ("flash", "fused", "unfused")),
                   "test_te_grouped_gemm_matches_sequential_experts",
                   "test_te_layouts_step_time_and_memory_on_mixtral_layer_shapes"):
         assert f"test_te::{check}" in names, out

@@ -36,8 +36,7 @@ import pytest
 
 from tests.conftest import GPU_PRESENT, cuda_failure, gpu_env
 from tests.dist.train_common import DEMO_LISTS, REPO, TINY_CONF, metrics_lines, pack_lists
-from tests.te_checks import fp8_loss_failures
-from tests.te_kernels import BACKEND_SWITCHES, KERNEL_TOLERANCE, backend_env, kernel_failures
+from tests.te_verdicts import BACKEND_SWITCHES, KERNEL_TOLERANCE, backend_env, fp8_loss_failures, kernel_failures
 
 
 def _env() -> dict:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.te_kernels import CPU_SIZES, KERNEL_TOLERANCE, backend_env, kernel_failures, reference_kernel_check
+from tests.te_kernels import CPU_SIZES, reference_kernel_check
+from tests.te_verdicts import KERNEL_TOLERANCE, backend_env, kernel_failures
 
 PLANTED = {
     "no_mask": lambda lq, lk, device: torch.ones(lq, lk, dtype=torch.bool, device=device),  # a fully wrong mask

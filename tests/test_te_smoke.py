@@ -13,7 +13,7 @@ import json
 import pytest
 
 from tests import te_checks
-from tests.te_kernels import KERNEL_TOLERANCE, kernel_failures
+from tests.te_verdicts import KERNEL_TOLERANCE, fp8_loss_failures, kernel_failures
 
 SMALL_BENCH = ["--k", "2", "--prompt", "24", "--response", "12", "--warmup", "0", "--reps", "1"]
 
@@ -59,11 +59,11 @@ def test_fp8_evidence_logic_fails_fp8_that_did_not_run():
     import torch
 
     bf16 = np.array([0.70, 0.65, 0.61])
-    assert te_checks.fp8_loss_failures(bf16, bf16 * (1 + 1e-2), 5e-2) == []
-    assert te_checks.fp8_loss_failures(bf16, bf16.copy(), 5e-2) == ["FP8 losses equal the bf16 ones exactly: FP8 "
+    assert fp8_loss_failures(bf16, bf16 * (1 + 1e-2), 5e-2) == []
+    assert fp8_loss_failures(bf16, bf16.copy(), 5e-2) == ["FP8 losses equal the bf16 ones exactly: FP8 "
                                                                      "did not run"]
-    assert "differ from bf16 by 0.1" in te_checks.fp8_loss_failures(bf16, bf16 * 1.1, 5e-2)[0]
-    assert te_checks.fp8_loss_failures(bf16, np.array([0.7, np.nan, 0.6]), 5e-2)[0].startswith("losses not comparable")
+    assert "differ from bf16 by 0.1" in fp8_loss_failures(bf16, bf16 * 1.1, 5e-2)[0]
+    assert fp8_loss_failures(bf16, np.array([0.7, np.nan, 0.6]), 5e-2)[0].startswith("losses not comparable")
 
     def te_module(history):  # where TE keeps delayed scaling: module.fp8_meta["scaling_fwd"].amax_history
         module = torch.nn.Module()
