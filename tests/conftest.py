@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,17 @@ def gpu_env(env: dict) -> dict:
     else:
         env["CUDA_VISIBLE_DEVICES"] = CUDA_DEVICES
     return env
+
+
+@functools.cache
+def cuda_failure() -> str | None:
+    """Why CUDA does not work in a fresh process with the GPU visible again; None when a CUDA kernel ran there."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; torch.cuda.init(); "
+                            "assert float(torch.ones(2, device='cuda').sum()) == 2.0"],
+                           capture_output=True, text=True, env=gpu_env(os.environ), timeout=300)
+    lines = (probe.stdout + probe.stderr).strip().splitlines()
+    return None if probe.returncode == 0 else (lines[-1] if lines else f"exit status {probe.returncode}")
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

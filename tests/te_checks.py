@@ -2,9 +2,13 @@
 
 CODE ONLY where this was written (no GPU, no Transformer Engine there): tools/container_check.sh executes it in
 a user's NGC image. ``--smoke`` runs the same code on the CPU with megatron's local spec (no TE), which checks
-the harness itself, not TE. Each check prints one ``RESULT {json}`` line; tests/test_te.py asserts on it.
+the harness itself, not TE, and compares only what could differ there: ``te_vs_local`` compares the converted
+checkpoint on the local spec with the HF original, ``layouts`` / ``bench`` the layouts with each other,
+``kernels`` the bf16 reference kernel with the fp32 one; ``grouped_gemm`` and ``fp8`` report ``not_applicable``
+(nothing on CPU could differ). tests/test_te_smoke.py runs every check in smoke mode in the CPU suite. Each check
+prints one ``RESULT {json}`` line; tests/test_te.py asserts on it.
 
-    python -m tests.te_checks NAME [--dtype fp32|bf16] [--smoke]
+    python -m tests.te_checks NAME [--dtype fp32|bf16] [--backend flash|fused|unfused] [--smoke]
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -25,6 +30,8 @@ from nemo_lpo.batch.layouts import PackedLayout, PaddedLayout, SharedPromptLayou
 from nemo_lpo.batch.shared_prompt import collate_shared_prompt
 from nemo_lpo.model.build import build_gpt_model
 from nemo_lpo.model.presets import PRESETS, transformer_config
+from tests.te_kernels import CPU_SIZES, reference_kernel_check, te_kernel_check
+from tests.te_verdicts import BACKEND_SWITCHES
 from tests.test_shared_prompt import PAD, make_items
 
 LAYOUTS = ("padded", "packed", "shared")
@@ -88,14 +95,30 @@ def te_vs_local(args) -> dict:
         convert_hf_to_mcore(hf, Path(tmp) / "ckpt")
         preset = read_checkpoint_preset(Path(tmp) / "ckpt")
         batch = _batches(make_items(seed=3, vocab=256), 8, _device(args.smoke))["padded"]
+        if args.smoke:  # no TE spec here: the local spec against the HF original, which could differ
+            return _local_vs_hf(hf, Path(tmp) / "ckpt", preset, batch)
         logps = {}
-        for spec, use_te in (("local", False), ("te", not args.smoke)):
+        for spec, use_te in (("local", False), ("te", True)):
             config = transformer_config(preset, moe_aux_loss_coeff=0.0)
             model = build_gpt_model(preset, config, use_te=use_te).to(_device(args.smoke)).eval()
             load_model_weights(model, Path(tmp) / "ckpt")
             with torch.no_grad():
                 logps[spec] = _logps(model, "padded", batch, use_te)
     return {"rel_diff": _rel(logps["te"], logps["local"]), "responses": int(batch["response_mask"].sum())}
+
+
+def _local_vs_hf(hf: Path, ckpt: Path, preset, batch: dict) -> dict:
+    """Smoke: the converted checkpoint's logits on megatron's local spec vs the HF model's (fp32, CPU)."""
+    from nemo_lpo.convert.verify import hf_logits, megatron_logits
+    from nemo_lpo.train.checkpoint import load_model_weights
+
+    model = build_gpt_model(preset, transformer_config(preset, moe_aux_loss_coeff=0.0), use_te=False).eval()
+    load_model_weights(model, ckpt)
+    tokens = batch["tokens"]
+    with torch.no_grad():
+        local, reference = megatron_logits(model, tokens), hf_logits(hf, tokens)
+    return {"rel_diff": _rel(local, reference), "responses": int(batch["response_mask"].sum()),
+            "compared": "local spec vs HF transformers (smoke: no TE)"}
 
 
 def layouts(args) -> dict:
@@ -116,6 +139,9 @@ def layouts(args) -> dict:
 def grouped_gemm(args) -> dict:
     """TEGroupedMLP vs SequentialMLP experts from one checkpoint: log-probs and gradients."""
     from nemo_lpo.train.checkpoint import load_model_weights, save_model_weights
+
+    if args.smoke:  # megatron's local spec has no grouped GEMM: both sides would be SequentialMLP, equal by design
+        return {"not_applicable": "smoke: the local spec has no grouped GEMM (TEGroupedMLP needs TE)"}
 
     preset = PRESETS["tiny-mixtral"]
     batch = _batches(make_items(seed=7, ks=(3, 2)), 16, _device(args.smoke))["padded"]
@@ -165,7 +191,64 @@ def bench(args) -> dict:
     return out
 
 
-CHECKS = {"te_vs_local": te_vs_local, "layouts": layouts, "grouped_gemm": grouped_gemm, "bench": bench}
+def kernels(args) -> dict:
+    """TE's varlen calls vs the fp32 reference kernel with one backend forced (tests/te_kernels.py)."""
+    if args.smoke:
+        return reference_kernel_check(CPU_SIZES)
+    switches = {name: os.environ.get(name) for name in BACKEND_SWITCHES.values()}
+    if switches[BACKEND_SWITCHES[args.backend]] != "1" or sum(v == "0" for v in switches.values()) != 2:
+        raise SystemExit(f"kernels --backend {args.backend}: set TE's switches first (te_kernels.backend_env), got "
+                         f"{switches}")
+    return te_kernel_check(args.backend)
+
+
+def fp8(args) -> dict:
+    """FP8 (hybrid, delayed) vs bf16 from one set of weights on padded, packed and shared-prompt batches.
+
+    FP8 must have run: TE's delayed-scaling state (amax history) changed in every layer's modules, and the
+    log-probs differ from bf16 (by more than 0; reported per layout).
+    """
+    from nemo_lpo.train.checkpoint import load_model_weights, save_model_weights
+
+    if args.smoke:
+        return {"not_applicable": "smoke: FP8 needs Transformer Engine on a GPU"}
+    preset = PRESETS["tiny-mixtral"]
+    batches = _batches(make_items(seed=9, ks=(3, 2, 4)), 32, _device(False))
+    torch.manual_seed(0)
+    bf16 = _model(preset, False, "bf16")
+    fp8_model = _model(preset, False, "bf16", fp8="hybrid", fp8_recipe="delayed")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_weights(bf16, Path(tmp) / "w")
+        load_model_weights(fp8_model, Path(tmp) / "w")
+    before = fp8_scaling_state(fp8_model)
+    out = {}
+    for name in LAYOUTS:
+        reference, _ = _forward_backward(bf16, name, batches[name], True)
+        got, _ = _forward_backward(fp8_model, name, batches[name], True)
+        out[f"{name}_logps_rel"] = _rel(got, reference)
+    after = fp8_scaling_state(fp8_model)
+    out["scaling_modules"], out["scaling_changed"] = len(after), len(fp8_state_changes(before, after))
+    out["layers"] = preset.num_layers
+    return out
+
+
+def fp8_scaling_state(model) -> dict[str, float]:
+    """Sum of |amax history| of TE's forward delayed-scaling state, per module that has one."""
+    state = {}
+    for name, module in model.named_modules():
+        meta = getattr(module, "fp8_meta", None)
+        if isinstance(meta, dict) and "scaling_fwd" in meta:
+            state[name] = float(meta["scaling_fwd"].amax_history.float().abs().sum())
+    return state
+
+
+def fp8_state_changes(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """Modules whose FP8 scaling state changed (absent before counts as zero); finite values only."""
+    return [name for name, value in after.items() if np.isfinite(value) and value != before.get(name, 0.0)]
+
+
+CHECKS = {"te_vs_local": te_vs_local, "layouts": layouts, "grouped_gemm": grouped_gemm, "bench": bench,
+          "kernels": kernels, "fp8": fp8}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("check", choices=sorted(CHECKS))
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--backend", choices=sorted(BACKEND_SWITCHES), default="fused", help="kernels: TE backend")
     parser.add_argument("--smoke", action="store_true", help="CPU, local spec: the harness only, not TE")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=256)

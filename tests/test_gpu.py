@@ -5,6 +5,10 @@ Run on a GPU machine with ``python -m pytest -m gpu``. What they hold:
   dist checkpoint is device-portable and the CPU compatibility layer computes what CUDA computes);
 - bf16 training on the GPU (Float16Module, fp32 main grads) learns the embedded lists like fp32 does;
 - shared-prompt batches give the padded layout's loss on the GPU (the packed attention mask on CUDA).
+
+Each test first asserts that CUDA works with the GPU visible (a CUDA kernel ran in a fresh process): on a
+machine whose nvidia-smi lists a GPU but whose CUDA is broken they FAIL rather than run on the CPU; the trainer
+and ref-logps refuse such a fallback themselves too (``model.parallel.check_cuda_or_cpu_allowed``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import GPU_PRESENT, gpu_env
+from tests.conftest import GPU_PRESENT, cuda_failure, gpu_env
 from tests.dist.train_common import DEMO_LISTS, REPO, TINY_CONF, metrics_lines, pack_lists
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_PRESENT, reason="needs an NVIDIA GPU (nvidia-smi -L)")]
+
+
+
+@pytest.fixture(autouse=True)
+def cuda_works():
+    """Every GPU check runs on CUDA: fail (not skip, not run on the CPU) where CUDA does not work."""
+    failure = cuda_failure()
+    assert failure is None, f"nvidia-smi lists a GPU but CUDA does not work with it visible: {failure}"
+
 
 COMMON = ["logging.tensorboard=false", "checkpoint.save_interval=null", "data.shuffle=false"]
 

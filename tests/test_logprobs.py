@@ -125,9 +125,13 @@ def test_sliding_window_is_enforced(megatron_single):
     # packed THD rows (TE) carry no positions: their longest sequence is checked instead
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    model._check_sliding_window(None, PackedSeqParams(qkv_format="thd", max_seqlen_q=6, max_seqlen_kv=6))
+    def params(*cu):  # max_seqlen rounded up to 64 as TE rounds it (varlen.te_max_seqlen): the cu_seqlens decide
+        cu = torch.tensor(cu, dtype=torch.int32)
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=64, max_seqlen_kv=64)
+
+    model._check_sliding_window(None, params(0, 6, 9))
     with pytest.raises(ValueError, match="reaches position 6 but the model's sliding window is 6"):
-        model._check_sliding_window(None, PackedSeqParams(qkv_format="thd", max_seqlen_q=7, max_seqlen_kv=7))
+        model._check_sliding_window(None, params(0, 2, 9))
 
 
 def test_moe_models_get_a_padding_mask(tiny_models):

@@ -36,7 +36,7 @@ def test_packed_seq_params_from_the_packed_collator_by_hand():
     assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_q.tolist() == [0, 5, 11, 13, 16]
     assert params.cu_seqlens_kv.tolist() == [0, 5, 11, 13, 16]  # the 3 tail pads: a sequence of their own
     assert params.cu_seqlens_q_padded is None and params.cu_seqlens_kv_padded is None
-    assert (params.max_seqlen_q, params.max_seqlen_kv) == (6, 6)
+    assert (params.max_seqlen_q, params.max_seqlen_kv) == (64, 64)  # the longest, 6, rounded up as TE does
     exact = ListwiseCollator(PAD, packed=True)(ITEMS)  # no tail padding: the boundaries as they are
     assert packed_seq_params(exact["cu_seqlens"], 13).cu_seqlens_q.tolist() == [0, 5, 11, 13]
 
@@ -44,12 +44,12 @@ def test_packed_seq_params_from_the_packed_collator_by_hand():
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(tp=2, sequence_parallel=True), "divisible by 2, got S=13"),
     (dict(cp=2), "context parallelism"),
-    (dict(fp8_recipe="tensorwise"), "divisible by 16"),
+    (dict(fp8_recipe="tensorwise"), "local token count divisible by 8, got S = 13"),
 ])
 def test_packed_seq_params_refuses_what_the_layout_cannot_split(kwargs, message):
     with pytest.raises(ValueError, match=message):
         packed_seq_params(torch.tensor([0, 5, 11, 13]), 13, **kwargs)
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(ValueError, match="local token count divisible by 32"):
         packed_seq_params(torch.tensor([0, 5, 11, 13]), 16, fp8_recipe="mxfp8")
     with pytest.raises(ValueError, match="strictly increasing"):
         packed_seq_params(torch.tensor([0, 5, 5, 13]), 16)
@@ -92,7 +92,7 @@ def test_varlen_plan_by_hand():
     # keys: a prompt itself; a response [its prompt | itself]
     assert plan.key_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 8, 9]
     assert plan.cu_seqlens_kv.tolist() == [0, 3, 8, 14, 15, 17] and plan.cu_seqlens_kv.dtype == torch.int32
-    assert (plan.max_seqlen_q, plan.max_seqlen_kv) == (3, 6)
+    assert (plan.max_seqlen_q, plan.max_seqlen_kv) == (64, 64)  # the longest, 3 and 6, rounded up as TE does
 
 
 def test_a_response_without_its_prompt_in_its_row_is_refused():

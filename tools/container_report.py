@@ -1,9 +1,11 @@
 """Print the container self-check's table from pytest's JUnit report; exit 1 when a check failed or errored.
 
-    python tools/container_report.py REPORT.xml [--pytest-rc RC]
+    python tools/container_report.py REPORT.xml [--pytest-rc RC] [--gpu-listed]
 
 One row per test: check, status (passed / FAILED / ERROR / skipped), seconds, and its numbers (the ``detail``
-property a test records) or its skip reason / failure message.
+property a test records) or its skip reason / failure message. ``--gpu-listed`` (``nvidia-smi -L`` lists a GPU):
+every check must run there, so a skipped check is a failure (status ``FAILED(skip)``, with the skip's reason, e.g.
+Transformer Engine does not import and why); only a machine without a GPU may report skips and exit 0.
 """
 
 from __future__ import annotations
@@ -38,11 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="container self-check table")
     parser.add_argument("report", type=Path)
     parser.add_argument("--pytest-rc", type=int, default=0)
+    parser.add_argument("--gpu-listed", action="store_true",
+                        help="nvidia-smi -L lists a GPU here: a skipped check fails the self-check")
     args = parser.parse_args(argv)
     if not args.report.is_file():
         print(f"container check: no report at {args.report} (pytest rc {args.pytest_rc}); see the pytest log")
         return 1
     table = rows(args.report)
+    if args.gpu_listed:  # a GPU machine: a check that did not run proves nothing, whatever its reason
+        table = [(check, "FAILED(skip)" if status == "skipped" else status, seconds, detail)
+                 for check, status, seconds, detail in table]
     if not table:
         print(f"container check: the report {args.report} holds no test (pytest rc {args.pytest_rc})")
         return 1
@@ -50,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'check':<{widths[0]}}  {'status':<{widths[1]}}  {'s':>{widths[2]}}  numbers / reason")
     for check, status, seconds, detail in table:
         print(f"{check:<{widths[0]}}  {status:<{widths[1]}}  {seconds:>{widths[2]}}  {detail}")
-    counts = {status: sum(row[1] == status for row in table) for status in ("passed", "FAILED", "ERROR", "skipped")}
+    statuses = ("passed", "FAILED", "FAILED(skip)", "ERROR", "skipped")
+    counts = {status: sum(row[1] == status for row in table) for status in statuses}
     print(", ".join(f"{n} {status.lower()}" for status, n in counts.items() if n))
-    bad = counts["FAILED"] + counts["ERROR"]
+    bad = counts["FAILED"] + counts["FAILED(skip)"] + counts["ERROR"]
     # pytest exits 5 when every test was deselected; 0/1 otherwise here: anything else is a collection problem
     if bad or args.pytest_rc not in (0, 1):
-        print(f"container check: FAILED ({bad} failing checks, pytest rc {args.pytest_rc})")
+        skipped = f", {counts['FAILED(skip)']} skipped on a GPU machine" if counts["FAILED(skip)"] else ""
+        print(f"container check: FAILED ({bad} failing checks{skipped}, pytest rc {args.pytest_rc})")
         return 1
     print("container check: OK")
     return 0

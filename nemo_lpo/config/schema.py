@@ -91,6 +91,10 @@ class ParallelConfig:
         overlap_grad_reduce: Overlap the DP gradient reduce with backward.
         overlap_param_gather: Overlap the distributed optimizer's parameter all-gather.
         backend: torch.distributed backend; None picks nccl on GPU and gloo on CPU.
+        allow_cpu: Run on the CPU on purpose although the machine has GPUs. By default a process whose machine
+            has GPUs (nvidia-smi lists one, or CUDA_VISIBLE_DEVICES / Slurm GPU variables are set) but whose
+            CUDA does not work stops with an error instead of training on the CPU (``NEMO_LPO_ALLOW_CPU=1``
+            does the same for every command).
     """
 
     tp: int = 1
@@ -103,6 +107,7 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     backend: str | None = field(default=None, metadata=_choices("gloo", "nccl"))
+    allow_cpu: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from nemo_lpo.model.attention import GatheredDotProductAttention, with_core_attention
 from nemo_lpo.model.gpt import GPTModelWithPositions, unwrapped_attribute
 from nemo_lpo.model.presets import ModelPreset
+from nemo_lpo.model.varlen import check_te_gathered_config
 
 
 def transformer_engine_available() -> bool:
@@ -61,6 +62,8 @@ def layer_spec(config, *, use_te: bool | None = None, vp_stage: int | None = Non
     MoE configs get megatron's MoE layers (SequentialMLP experts on the local path; TE grouped GEMM when
     TE is used and ``moe_grouped_gemm`` is set). FP8 or ``moe_grouped_gemm`` without TE is an error.
     """
+    if use_te is not False and te_gathered_attention:
+        check_te_gathered_config(config)  # by name, before TE is imported or a layer is built
     if use_te is None:
         use_te = transformer_engine_available()
     elif use_te and not transformer_engine_available():

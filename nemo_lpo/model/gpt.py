@@ -71,14 +71,16 @@ class GPTModelWithPositions(GPTModel):
 
         The window is not passed to the attention (megatron's local path cannot combine it with an explicit mask), so
         a longer sequence would silently attend too far. Packed THD rows carry no positions: their longest sequence
-        is ``packed_seq_params.max_seqlen_q``.
+        comes from ``cu_seqlens_q`` (``max_seqlen_q`` is rounded up to 64 for TE, ``varlen.te_max_seqlen``).
         """
         if self.sliding_window is None:
             return
         if position_ids is not None:
             reach = int(position_ids.max())
         elif packed_seq_params is not None:
-            reach = int(packed_seq_params.max_seqlen_q) - 1
+            cu = packed_seq_params.cu_seqlens_q
+            longest = packed_seq_params.max_seqlen_q if cu is None else int((cu[1:] - cu[:-1]).max())
+            reach = int(longest) - 1
         else:
             return
         if reach >= self.sliding_window:

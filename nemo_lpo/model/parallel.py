@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 from datetime import timedelta
 
 import torch
@@ -18,6 +20,71 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+ALLOW_CPU_ENV = "NEMO_LPO_ALLOW_CPU"  # "1": run on the CPU on purpose although this machine has GPUs
+# Slurm's GPU allocations (sbatch/srun --gpus*, --gres=gpu): set and non-empty inside a GPU job step
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS", "SLURM_GPUS_ON_NODE",
+                       "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK")
+
+
+def listed_gpus() -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists (its ``GPU i: ...`` lines); [] without nvidia-smi or when it fails."""
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        return []
+    try:
+        proc = subprocess.run([executable, "-L"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if proc.returncode != 0:
+        return []
+    return [line.strip() for line in proc.stdout.splitlines() if line.startswith("GPU ")]
+
+
+def gpus_asked_for(environ: dict | None = None) -> str | None:
+    """Why this process is meant to run on GPUs, or None when it is not.
+
+    ``CUDA_VISIBLE_DEVICES``, when set, decides: empty (or -1) hides every GPU on purpose (the test suite does
+    so), anything else asks for GPUs. Unset: a non-empty Slurm GPU allocation, else the GPUs ``nvidia-smi -L``
+    lists.
+    """
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return None if visible.strip() in ("", "-1") else f"CUDA_VISIBLE_DEVICES={visible}"
+    for name in SLURM_GPU_VARIABLES:
+        if environ.get(name, "").strip() not in ("", "0"):
+            return f"{name}={environ[name]}"
+    gpus = listed_gpus()
+    return f"nvidia-smi -L lists {len(gpus)} GPU(s): {gpus[0]}" if gpus else None
+
+
+def check_cuda_or_cpu_allowed(allow_cpu: bool = False) -> None:
+    """Refuse a silent CPU fallback: raise when the machine has GPUs but CUDA does not work in this process.
+
+    Args:
+        allow_cpu: run on the CPU on purpose (config ``parallel.allow_cpu``; ``NEMO_LPO_ALLOW_CPU=1`` does the
+            same for every command).
+
+    Raises:
+        RuntimeError: GPUs are asked for (``gpus_asked_for``) and ``torch.cuda.is_available()`` is False.
+    """
+    if torch.cuda.is_available() or allow_cpu or os.environ.get(ALLOW_CPU_ENV) == "1":
+        return
+    reason = gpus_asked_for()
+    if reason is None:
+        return
+    try:  # torch.cuda.is_available() is silent; initialising CUDA says why it cannot
+        torch.cuda.init()
+        why = "torch.cuda.is_available() is False"
+    except Exception as err:  # noqa: BLE001 - any CUDA initialisation error is the reason we report
+        why = f"{type(err).__name__}: {err}"
+    raise RuntimeError(
+        f"this machine has GPUs ({reason}) but CUDA does not work in this process (torch {torch.__version__}, "
+        f"built for CUDA {torch.version.cuda}; {why}). Refusing to fall back to the CPU silently: fix the driver "
+        f"/ container / torch build, or run on the CPU on purpose with parallel.allow_cpu=true (any command: "
+        f"{ALLOW_CPU_ENV}=1)")
+
+
 def initialize_parallel(
     tp: int = 1,
     pp: int = 1,
@@ -26,6 +93,7 @@ def initialize_parallel(
     seed: int = 1234,
     backend: str | None = None,
     vpp: int = 1,
+    allow_cpu: bool = False,
 ) -> None:
     """Initialise torch.distributed, megatron's model-parallel groups and its RNG tracker.
 
@@ -41,10 +109,14 @@ def initialize_parallel(
         seed: base seed; megatron derives the TP / expert streams from it.
         backend: force a torch.distributed backend (default: nccl with CUDA, gloo without).
         vpp: virtual pipeline stages (model chunks) per pipeline rank; 1 = no interleaving.
+        allow_cpu: run on the CPU although this machine has GPUs (``check_cuda_or_cpu_allowed``).
+
+    Raises:
+        RuntimeError: the machine has GPUs but CUDA does not work here, and ``allow_cpu`` is not set.
     """
+    check_cuda_or_cpu_allowed(allow_cpu)
     cuda = torch.cuda.is_available()
     if not cuda:
-
         apply_cpu_compat()
     if backend is None:
         backend = "nccl" if cuda else "gloo"

@@ -1,10 +1,11 @@
 """Shared-prompt (and packed) rows on Transformer Engine's layer spec: K/V-gathered varlen core attention.
 
-CODE ONLY on the machines this was written on: Transformer Engine does not install on a CPU machine, so
-``TEGatheredDotProductAttention`` and ``with_te_gathered_attention`` have not been executed. Their index math
-(``nemo_lpo/model/varlen.py``) is executed on CPU, where the same plan drives a plain-PyTorch varlen kernel
-equal to megatron's dense masked attention (tests/test_model_varlen.py); ``tools/container_check.sh`` runs the
-TE path in a user's NGC image (tests/test_te.py).
+What executed where: TE's kernels and ``with_te_gathered_attention`` are CODE ONLY here (Transformer Engine does
+not install on a CPU machine); ``tools/container_check.sh`` runs them in a user's image (tests/test_te.py). The
+class itself is built by ``gathered_attention_class(base, te_forward)``: EXECUTED ON CPU in tests/test_te_glue.py
+with a CPU stand-in for ``TEDotProductAttention`` and a recorder in place of TE's ``DotProductAttention.forward``
+that checks every argument this module passes and runs ``varlen.reference_varlen_kernel``; the index math
+(``nemo_lpo/model/varlen.py``) equals megatron's dense masked attention on CPU (tests/test_model_varlen.py).
 
 TE's causal attention ignores an explicit mask, so a shared-prompt row ``[prompt | y_1 | ... | y_K]`` cannot
 go through ``TEDotProductAttention`` with the dense ``shared_prompt_mask``. This module receives the row
@@ -38,9 +39,10 @@ Any other ``attention_mask`` (None, boolean) takes ``TEDotProductAttention.forwa
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from nemo_lpo.model.attention import is_attention_layout, with_core_attention
-from nemo_lpo.model.varlen import VarlenPlan, cached_varlen_plan, gathered_varlen_attention
+from nemo_lpo.model.varlen import VarlenPlan, cached_varlen_plan, check_te_gathered_config, gathered_varlen_attention
 
 try:  # TE raises RuntimeError / OSError (not only ImportError) where it is installed but unusable
     import transformer_engine.pytorch as te_pytorch
@@ -51,15 +53,25 @@ except (ImportError, RuntimeError, OSError):
 
 BOTTOM_RIGHT_CAUSAL = "padding_causal_bottom_right"
 
-if TEDotProductAttention is not None:
 
-    class TEGatheredDotProductAttention(TEDotProductAttention):
+def gathered_attention_class(base: type, te_forward: Callable) -> type:
+    """``TEGatheredDotProductAttention`` on ``base`` (megatron's ``TEDotProductAttention``), calling ``te_forward``.
+
+    ``te_forward`` is ``transformer_engine.pytorch.DotProductAttention.forward`` in production; tests pass a
+    recorder. The class is ``base`` for every mask that is not an ``attention_layout``.
+    """
+
+    class TEGatheredDotProductAttention(base):
         """``TEDotProductAttention`` that attends an ``attention_layout`` through one THD varlen call.
 
         Same constructor and parameters as ``TEDotProductAttention``; output ``[S, R, heads * dim / tp]``.
         """
 
         accepts_attention_layout = True
+
+        def __init__(self, config, *args, **kwargs):
+            check_te_gathered_config(config)  # what the direct TE call below would silently drop
+            super().__init__(config, *args, **kwargs)
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None, num_splits=None):
@@ -68,8 +80,8 @@ if TEDotProductAttention is not None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type,
                                        attention_bias=attention_bias, packed_seq_params=packed_seq_params,
                                        num_splits=num_splits)
-            if packed_seq_params is not None or attention_bias is not None:
-                raise ValueError("the gathered varlen path takes no packed_seq_params or attention_bias")
+            if packed_seq_params is not None or attention_bias is not None or num_splits not in (None, 0):
+                raise ValueError("the gathered varlen path takes no packed_seq_params, attention_bias or num_splits")
             if self.config.context_parallel_size > 1:
                 raise ValueError("shared-prompt rows on TE need context_parallel_size=1: TE serves "
                                  "padding_causal_bottom_right under context parallelism with no backend")
@@ -78,33 +90,37 @@ if TEDotProductAttention is not None:
         def _te_kernel(self, q, k, v, plan: VarlenPlan):
             # skips TEDotProductAttention.forward on purpose: its mask type goes through megatron's AttnMaskType
             with _as_cross_attention(self):
-                return te_pytorch.DotProductAttention.forward(
+                return te_forward(
                     self, q, k, v, None, qkv_format="thd", cu_seqlens_q=plan.cu_seqlens_q,
                     cu_seqlens_kv=plan.cu_seqlens_kv, max_seqlen_q=plan.max_seqlen_q,
                     max_seqlen_kv=plan.max_seqlen_kv, attn_mask_type=BOTTOM_RIGHT_CAUSAL)
 
-    @contextlib.contextmanager
-    def _as_cross_attention(module):
-        """Queries and keys with different ``cu_seqlens`` for the duration of one call.
+    return TEGatheredDotProductAttention
 
-        With ``attention_type="self"`` TE's backends take ``cu_seqlens_kv = cu_seqlens_q`` (``backends.py``
-        ``UnfusedDotProductAttention`` via ``utils.get_padding_mask``; the flash path asserts equal maximum
-        lengths); TE's own KV-cache path switches the module and its three backends to ``"cross"`` the same way
-        (``DotProductAttention.forward``). Padded batches keep ``"self"`` (FlashAttention serves causal
-        self-attention only).
-        """
-        parts = [module, module.flash_attention, module.fused_attention, module.unfused_attention]
-        before = [part.attention_type for part in parts]
-        for part in parts:
-            object.__setattr__(part, "attention_type", "cross")
-        try:
-            yield
-        finally:
-            for part, value in zip(parts, before, strict=True):
-                object.__setattr__(part, "attention_type", value)
 
-else:
-    TEGatheredDotProductAttention = None
+@contextlib.contextmanager
+def _as_cross_attention(module):
+    """Queries and keys with different ``cu_seqlens`` for the duration of one call.
+
+    With ``attention_type="self"`` TE's backends take ``cu_seqlens_kv = cu_seqlens_q`` (``backends.py``
+    ``UnfusedDotProductAttention`` via ``utils.get_padding_mask``; the flash path asserts equal maximum
+    lengths); TE's own KV-cache path switches the module and its three backends to ``"cross"`` the same way
+    (``DotProductAttention.forward``). Padded batches keep ``"self"`` (FlashAttention serves causal
+    self-attention only).
+    """
+    parts = [module, module.flash_attention, module.fused_attention, module.unfused_attention]
+    before = [part.attention_type for part in parts]
+    for part in parts:
+        object.__setattr__(part, "attention_type", "cross")
+    try:
+        yield
+    finally:
+        for part, value in zip(parts, before, strict=True):
+            object.__setattr__(part, "attention_type", value)
+
+
+TEGatheredDotProductAttention = (None if TEDotProductAttention is None else
+                                 gathered_attention_class(TEDotProductAttention, te_pytorch.DotProductAttention.forward))
 
 
 def with_te_gathered_attention(block_spec):

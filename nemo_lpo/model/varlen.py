@@ -40,6 +40,7 @@ a kernel on them; ``reference_varlen_kernel`` is that kernel in plain PyTorch (S
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -49,10 +50,43 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from nemo_lpo.model.attention import layout_runs
 from nemo_lpo.model.gpt import unwrapped_attribute
 
-# megatron's get_padding (models/multimodal/context_parallel.py): FP8 GEMMs need the token count padded to 16
-# (32 for MXFP8)
-FP8_TOKEN_MULTIPLE = {"mxfp8": 32}
-FP8_DEFAULT_TOKEN_MULTIPLE = 16
+# TE's FP8 GEMM inputs: each rank's LOCAL token count (the product of the leading dims of a Linear's input) must be
+# a multiple of 8 (transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec, called on the local input in
+# module/linear.py, layernorm_linear.py, layernorm_mlp.py); MXFP8 quantisation needs 32 (MXFP8_BLOCK_SIZE,
+# pytorch/csrc/quantizer.cpp MXFP8Quantizer; constants.py MXFP8_BLOCK_SCALING_SIZE)
+FP8_LOCAL_TOKEN_MULTIPLE = {"mxfp8": 32}
+FP8_DEFAULT_LOCAL_TOKEN_MULTIPLE = 8
+
+
+# TE rounds max_seqlen_q/kv it derives itself up to a multiple of 64 (attention/dot_product_attention/
+# dot_product_attention.py, DotProductAttention.forward, THD: ``(max + 63) // 64 * 64``); its cuDNN graph cache is
+# keyed on them (common/fused_attn/fused_attn_f16_arbitrary_seqlen.cu), so exact maxima would rebuild the forward
+# and backward graphs for nearly every listwise batch.
+MAX_SEQLEN_MULTIPLE = 64
+
+
+def te_max_seqlen(longest: int) -> int:
+    """``longest`` rounded up to a multiple of 64, as TE rounds the ``max_seqlen`` it computes itself."""
+    return -(-int(longest) // MAX_SEQLEN_MULTIPLE) * MAX_SEQLEN_MULTIPLE
+
+
+def fp8_length_multiple(fp8_recipe: str | None, *, tp: int = 1, sequence_parallel: bool = False) -> int:
+    """The multiple a row length S must have for TE's FP8 GEMMs (1 without FP8): TE's rule, read from its source.
+
+    TE checks each rank's local tokens: 8 (32 for ``mxfp8``). Without sequence parallelism every TP rank holds all
+    S tokens; with it each holds S / tp, so S must be a multiple of tp * 8 (tp * 32). A ``[B, S]`` batch has B * S
+    local tokens, so a multiple of S suffices for every layout.
+
+    Args:
+        fp8_recipe: the FP8 recipe when FP8 runs (``model.fp8_recipe``; megatron's default is ``delayed``);
+            None: no FP8.
+        tp: tensor-parallel size.
+        sequence_parallel: sequence parallelism over ``tp``.
+    """
+    if fp8_recipe is None:
+        return 1
+    local = FP8_LOCAL_TOKEN_MULTIPLE.get(fp8_recipe, FP8_DEFAULT_LOCAL_TOKEN_MULTIPLE)
+    return local * tp if sequence_parallel else local
 
 
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -76,11 +110,12 @@ def packed_seq_params(cu_seqlens: torch.Tensor, seq_len: int, *, tp: int = 1, se
         tp: tensor-parallel size.
         sequence_parallel: sequence parallelism over ``tp`` (S must then be a multiple of ``tp``).
         cp: context-parallel size; only 1 is served (see the module docstring).
-        fp8_recipe: the FP8 recipe when FP8 runs (S must then be a multiple of 16, 32 for mxfp8), else None.
+        fp8_recipe: the FP8 recipe when FP8 runs (S must then satisfy ``fp8_length_multiple``), else None.
 
     Returns:
         ``PackedSeqParams(qkv_format="thd")`` with int32 ``cu_seqlens_q == cu_seqlens_kv`` ending at S (tail
-        padding as a last sequence of its own), no padded variants, and Python-int ``max_seqlen_q/kv``.
+        padding as a last sequence of its own), no padded variants, and Python-int ``max_seqlen_q/kv`` (the longest
+        sequence rounded up to 64: ``te_max_seqlen``; 64 more where that would equal S, see the code).
 
     Raises:
         ValueError: malformed ``cu_seqlens``, an S that the parallel layout or FP8 cannot split, or cp > 1.
@@ -93,15 +128,21 @@ def packed_seq_params(cu_seqlens: torch.Tensor, seq_len: int, *, tp: int = 1, se
     if sequence_parallel and seq_len % tp:
         raise ValueError(f"sequence parallelism over tp={tp} needs S divisible by {tp}, got S={seq_len}: set the "
                          f"packed collator's pad_to_multiple_of to a multiple of {tp}")
-    if fp8_recipe is not None:
-        multiple = FP8_TOKEN_MULTIPLE.get(fp8_recipe, FP8_DEFAULT_TOKEN_MULTIPLE)
-        if seq_len % multiple:
-            raise ValueError(f"FP8 ({fp8_recipe}) GEMMs need the token count divisible by {multiple}, got S={seq_len}: "
-                             f"set the packed collator's pad_to_multiple_of to a multiple of {multiple}")
+    fp8_multiple = fp8_length_multiple(fp8_recipe, tp=tp, sequence_parallel=sequence_parallel)
+    if seq_len % fp8_multiple:
+        local = f"S/tp = {seq_len}/{tp} local tokens" if sequence_parallel and tp > 1 else f"S = {seq_len} tokens"
+        raise ValueError(f"FP8 ({fp8_recipe}) GEMMs need each rank's local token count divisible by "
+                         f"{fp8_multiple // (tp if sequence_parallel else 1)}, got {local}: pad the packed row to a "
+                         f"multiple of {fp8_multiple} (the trainer's run_pad_multiple does)")
     if int(cu[-1]) < seq_len:
         cu = torch.cat([cu, cu.new_tensor([seq_len])])
     cu = cu.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    longest = te_max_seqlen(int((cu[1:] - cu[:-1]).max()))
+    if longest == seq_len and cu.numel() > 2:
+        # megatron's THD RoPE (rope_utils._apply_rotary_pos_emb_thd) takes a table of exactly cu_seqlens[-1] rows
+        # (its length is max(max_seqlen_q, max_seqlen_kv)) as whole-row positions instead of restarting them at
+        # each sequence: keep the rounded maximum off S
+        longest += MAX_SEQLEN_MULTIPLE
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                            max_seqlen_kv=longest)
 
@@ -134,6 +175,32 @@ def thd_attention_inputs(batch: dict, model=None, *, fp8_recipe: str | None = No
     return {"position_ids": None, "attention_mask": None, "packed_seq_params": params}
 
 
+# megatron-core 0.19.2 TransformerConfig fields that megatron's TEDotProductAttention.forward serves and the direct TE
+# call of TEGatheredDotProductAttention (te_attention.py) cannot: with qk_clip / log_max_attention_logit megatron
+# asks TE for return_max_logit, so TE returns (output, max_logit) and the gathered path's reshape would crash;
+# batch_invariant_mode sets num_splits=1, which the gathered call would ignore (no batch invariance).
+TE_GATHERED_UNSUPPORTED = {
+    "qk_clip": "TE returns (output, max_logit) and megatron's per-layer max-logit statistics are not kept",
+    "log_max_attention_logit": "TE returns (output, max_logit) and megatron's per-layer max-logit statistics are "
+                               "not kept",
+    "batch_invariant_mode": "its num_splits=1 would be ignored, so the attention would not be batch-invariant",
+}
+
+
+def check_te_gathered_config(config) -> None:
+    """Refuse, by name, the TransformerConfig fields that TE's gathered varlen attention cannot honour.
+
+    Raises:
+        ValueError: ``qk_clip``, ``log_max_attention_logit`` or ``batch_invariant_mode`` is set.
+    """
+    found = [name for name in TE_GATHERED_UNSUPPORTED if getattr(config, name, False)]
+    if found:
+        reasons = "; ".join(f"{name}: {TE_GATHERED_UNSUPPORTED[name]}" for name in found)
+        raise ValueError(f"TransformerConfig {', '.join(found)} cannot be served by Transformer Engine's gathered "
+                         f"varlen attention (model.te_varlen_attention, shared-prompt rows): {reasons}. Unset them, "
+                         "or use padded / packed batches")
+
+
 @dataclasses.dataclass
 class VarlenPlan:
     """One varlen attention call over an ``attention_layout``; indices are flat token positions in ``R * S``.
@@ -141,7 +208,8 @@ class VarlenPlan:
     query_index: [Tq] the real tokens in row order; every (row, segment, part) run is one query segment.
     key_index: [Tk] each segment's keys: itself for a prompt / packed sequence, ``[prompt | itself]`` for a
     response. cu_seqlens_q / cu_seqlens_kv: [n + 1] int32 segment boundaries in the gathered tensors.
-    max_seqlen_q / max_seqlen_kv: the longest segment (Python ints: TE takes them without a device sync).
+    max_seqlen_q / max_seqlen_kv: the longest segment rounded up to 64 (``te_max_seqlen``; Python ints: TE takes
+    them without a device sync).
     """
 
     query_index: torch.Tensor
@@ -180,15 +248,40 @@ def varlen_plan(layout: torch.Tensor) -> VarlenPlan:
     in_prompt = j < prefix[run_of_key]
     key_index = torch.where(in_prompt, starts[own][run_of_key] + j, starts[run_of_key] + j - prefix[run_of_key])
     return VarlenPlan(query_index=positions[real], key_index=key_index, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
-                      max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(kv_lengths.max()))
+                      max_seqlen_q=te_max_seqlen(int(lengths.max())), max_seqlen_kv=te_max_seqlen(int(kv_lengths.max())))
+
+
+# Recent plans by the layout's memory and version: selective recompute re-runs core attention in backward on
+# DETACHED inputs (megatron's CheckpointWithoutOutput / tensor_parallel.checkpoint), new tensor objects that lose
+# the attribute cache but share the storage and version counter. An entry holds its layout tensor, so no other
+# tensor can take that address while the entry lives; an in-place change bumps the version.
+_PLAN_CACHE: OrderedDict[tuple, tuple[torch.Tensor, VarlenPlan]] = OrderedDict()
+PLAN_CACHE_SIZE = 16  # micro-batches in flight (pipeline schedules, recompute in backward) before the oldest is dropped
+
+
+def _plan_key(layout: torch.Tensor) -> tuple:
+    return layout.data_ptr(), str(layout.device), tuple(layout.shape), layout.stride(), layout._version
 
 
 def cached_varlen_plan(layout: torch.Tensor) -> VarlenPlan:
-    """``varlen_plan(layout)``, computed once per forward: every layer receives the same layout tensor."""
+    """``varlen_plan(layout)``, computed once per micro-batch: every layer, and its recompute in backward, gets it.
+
+    The forward's layers receive the same layout tensor (an attribute cache); recompute receives a detached
+    alias of it (found by storage address, shape, stride and version in a small cache).
+    """
     plan = getattr(layout, "_nemo_lpo_varlen_plan", None)
-    if plan is None:
+    if plan is not None:
+        return plan
+    key = _plan_key(layout)
+    if key in _PLAN_CACHE:
+        _PLAN_CACHE.move_to_end(key)
+        plan = _PLAN_CACHE[key][1]
+    else:
         plan = varlen_plan(layout)
-        layout._nemo_lpo_varlen_plan = plan
+        _PLAN_CACHE[key] = (layout, plan)
+        while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    layout._nemo_lpo_varlen_plan = plan
     return plan
 
 
@@ -212,13 +305,19 @@ def gathered_varlen_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     return context.view(rows, seq, -1).transpose(0, 1).contiguous()
 
 
-def reference_varlen_kernel(scale: float | None = None) -> Kernel:
+def bottom_right_causal_mask(lq: int, lk: int, device=None) -> torch.Tensor:
+    """``[lq, lk]`` True where query i sees key j: ``j <= i + lk - lq`` (TE's ``padding_causal_bottom_right``)."""
+    return torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + lk - lq
+
+
+def reference_varlen_kernel(scale: float | None = None, mask: Callable = bottom_right_causal_mask) -> Kernel:
     """TE's THD ``padding_causal_bottom_right`` attention in plain PyTorch: one SDPA call per segment.
 
     Query i of a segment with ``Lq`` queries and ``Lk`` keys attends to keys ``j <= i + Lk - Lq`` (the causal
     diagonal aligned to the bottom-right corner, TE's definition in ``attention/dot_product_attention/
     utils.py`` ``get_full_mask``). GQA groups are repeated as megatron's local path does. For tests and CPU
-    checks; a GPU runs TE's fused kernels on the same plan.
+    checks; a GPU runs TE's fused kernels on the same plan. ``mask(lq, lk, device)`` replaces the mask (the
+    self-check's planted errors).
     """
 
     def kernel(q, k, v, plan: VarlenPlan) -> torch.Tensor:
@@ -230,9 +329,8 @@ def reference_varlen_kernel(scale: float | None = None) -> Kernel:
             qs, ks, vs = (x.transpose(0, 1) for x in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [heads, L, d]
             if groups > 1:
                 ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
-            lq, lk = q1 - q0, k1 - k0
-            mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + lk - lq
-            outputs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1))
+            allowed = mask(q1 - q0, k1 - k0, q.device)
+            outputs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale).transpose(0, 1))
         return torch.cat(outputs)
 
     return kernel

@@ -54,8 +54,11 @@ def _run(args, body) -> int:
         cfg = _load(args)
         from nemo_lpo.batch.layouts import UnsupportedLayoutError
         from nemo_lpo.model.build import resolve_use_te
+        from nemo_lpo.model.parallel import check_cuda_or_cpu_allowed
         from nemo_lpo.model.resolve import resolve_preset
         from nemo_lpo.train.lpo_model import checked_layout
+
+        check_cuda_or_cpu_allowed(cfg.parallel.allow_cpu)  # no silent CPU fallback on a GPU machine
 
         resolve_preset(cfg)  # model.preset against the converted checkpoints' descriptions, before any launch
         checked_layout(cfg, resolve_use_te(cfg.model.transformer_impl))  # no layout the attention would get wrong

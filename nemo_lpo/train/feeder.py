@@ -18,14 +18,22 @@ from nemo_lpo.config.sources import parse_blend
 from nemo_lpo.data.blend import BlendedLists
 from nemo_lpo.data.dataset import ListwiseDataset
 from nemo_lpo.data.sampler import ListwiseSampler
+from nemo_lpo.model.varlen import fp8_length_multiple
 
 CHUNK_MICROBATCHES = 64
 """Micro-batches per forward-only schedule call over a fixed set of lists (bounds the memory of one call's results)."""
 
 
 def run_pad_multiple(cfg: Config) -> int:
-    """Padded length multiple of a run: ``data.pad_to_multiple_of``, times tp under sequence parallelism."""
-    return pad_multiple(cfg.data.pad_to_multiple_of, tp=cfg.parallel.tp, sequence_parallel=cfg.parallel.sequence_parallel)
+    """Padded length multiple of a run.
+
+    ``data.pad_to_multiple_of``, times tp under sequence parallelism, and TE's FP8 length rule when FP8 runs
+    (``varlen.fp8_length_multiple``: the same rule the THD checks apply).
+    """
+    p = cfg.parallel
+    multiple = pad_multiple(cfg.data.pad_to_multiple_of, tp=p.tp, sequence_parallel=p.sequence_parallel)
+    recipe = (cfg.model.fp8_recipe or "delayed") if cfg.model.fp8 else None  # megatron's default recipe: delayed
+    return math.lcm(multiple, fp8_length_multiple(recipe, tp=p.tp, sequence_parallel=p.sequence_parallel))
 
 
 def collate_uniform(layout: BatchLayout, pad_id: int, multiple: int, groups: list[list[dict]]) -> list[dict]:

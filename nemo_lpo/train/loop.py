@@ -32,7 +32,7 @@ def init_parallel(cfg: Config) -> None:
     """Initialise torch.distributed and megatron's groups for ``cfg.parallel`` (gloo on CPU)."""
     p = cfg.parallel
     initialize_parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, seed=cfg.train.seed, backend=p.backend,
-                       vpp=p.vpp)
+                       vpp=p.vpp, allow_cpu=p.allow_cpu)
     cfg.data_parallel_size(torch.distributed.get_world_size())  # clear error for an impossible layout
 
 
