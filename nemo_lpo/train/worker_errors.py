@@ -1,5 +1,7 @@
-"""Failures inside a worker: one console line from the failing rank (rank, step, error, what to do), the traceback in
-the run's log file (``<logging.run_dir>/logs/rank<R>.error.log``); ``nemo-lpo --verbose`` also prints it.
+"""Failures inside a worker: one console line from the failing rank, the traceback in the run's log file.
+
+The line names the rank, the step, the error and what to do; the traceback goes to
+``<logging.run_dir>/logs/rank<R>.error.log`` (``nemo-lpo --verbose`` also prints it).
 
 What happens alike on every rank (a non-finite loss: the metrics are all-reduced) and what a rank sees only because
 ANOTHER one failed (a lost connection) is printed by rank 0 alone, so a 64-rank job says it once.
