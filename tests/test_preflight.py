@@ -251,6 +251,9 @@ def test_a_layout_change_resumes_with_a_note_and_a_breaking_one_when_asked(ws, m
     code, out, err = _run_main(["train", str(TINY_CONF), *_base(ws), *run, "optim.lr=3e-4",
                                 "checkpoint.resume_despite_changes=true", "--check"], {}, monkeypatch, capsys)
     assert code == 0 and "optim.lr 0.0001 -> 0.0003" in out, out + err
+    code, out, err = _run_main(["train", str(TINY_CONF), *_base(ws), *run, "optim.lr=3e-4", "checkpoint.resume=false",
+                                "--check"], {}, monkeypatch, capsys)
+    assert code == 0 and "starting fresh" in out, out + err
 
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -329,3 +332,28 @@ def test_worker_errors_are_printed_once_by_the_rank_that_should(tmp_path, capsys
         report_worker_error(raised, "train", tmp_path, 0, verbose=True)
     err = capsys.readouterr().err
     assert "Traceback" in err and "lost contact with another rank" in err.splitlines()[-1]
+
+
+def test_the_checkpoint_size_estimate_counts_every_parameter():
+    """The run-folder room check's parameter count: the published sizes of Mixtral-8x7B and Mistral-7B."""
+    from nemo_lpo.model.presets import get_preset
+    from nemo_lpo.train.flops import parameter_count
+
+    assert parameter_count(get_preset("mixtral-8x7b")) == 46_702_792_704  # "46.7B total parameters"
+    assert parameter_count(get_preset("mistral-7b")) == 7_241_732_096  # HF model card: 7.24B
+
+
+def test_ref_logps_records_its_checkpoint_and_training_accepts_it(ws, tmp_path, monkeypatch, capsys):
+    """The sidecar written by `nemo-lpo ref-logps` records the reference's absolute path; the check compares it."""
+    data = _copy_dataset(ws["data"], tmp_path / "train")
+    args = ["ref-logps", str(TINY_CONF), *_base(ws), f"data.train_prefix={data}", f"logging.run_dir={tmp_path / 'r'}"]
+    code, out, err = _run_main(args, {}, monkeypatch, capsys)
+    assert code == 0, err
+    meta = ListwiseDataset(data).ref_meta
+    assert meta["checkpoint_path"] == str(Path(ws["ckpt"]).resolve())
+    code, out, err = _run_main(["train", str(TINY_CONF), *_base(ws), f"data.train_prefix={data}", "--check"], {},
+                               monkeypatch, capsys)
+    assert code == 0 and err == "", err
+    code, out, err = _run_main(["train", str(TINY_CONF), *_base(ws), f"data.train_prefix={data}",
+                                f"model.init_checkpoint={ws['other']}", "--check"], {}, monkeypatch, capsys)
+    assert code == 2 and f"were made by {Path(ws['ckpt']).resolve()}" in err, err

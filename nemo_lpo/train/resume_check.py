@@ -67,7 +67,10 @@ def check_resume(cfg: Config) -> list[str]:
     """Refuse a resume the config change breaks; returns notes on the changes that resume anyway."""
     path = latest_run_checkpoint(cfg)
     if path is None:
-        return []
+        marker = cfg.checkpoint_dir() / LATEST
+        fresh = not cfg.checkpoint.resume and marker.is_file()
+        return [f"checkpoint.resume=false: starting fresh; the checkpoints in {marker.parent} get replaced"] if fresh \
+            else []
     try:
         saved = dist_checkpointing.load_common_state_dict(str(path)).get("config")
     except Exception as err:  # an unreadable common state: the trainer's load would fail the same way
