@@ -19,10 +19,15 @@ def _bridge_train(args) -> int:
         return 2
     from megatron.bridge.training.finetune import finetune
 
-    from nemo_lpo.bridge.recipes import recipe
-    from nemo_lpo.config import ConfigError
+    from nemo_lpo.bridge.recipes import RECIPE_CONFS, recipe
+    from nemo_lpo.config import ConfigError, load_config
+    from nemo_lpo.train.cli import setup_distributed_env
+    from nemo_lpo.train.preflight import launch_rank_and_world, preflight
 
     try:
+        rank, world = launch_rank_and_world(setup_distributed_env())
+        if rank == 0 and args.recipe in RECIPE_CONFS:  # the start-up check, once per launch (train/preflight.py)
+            preflight(load_config(RECIPE_CONFS[args.recipe], list(args.overrides)), "bridge-train", world)
         container, task = recipe(args.recipe, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"nemo-lpo bridge-train: {err}", file=sys.stderr)

@@ -237,7 +237,9 @@ class CheckpointConfig:
         save_interval: Save every N steps (None: only at the end).
         save_at_end: Save after the last step.
         keep_last: Keep the newest N checkpoints (0 keeps all).
-        resume: Continue from ``<dir>/latest`` when it exists.
+        resume: Continue from ``<dir>/latest`` when it exists; false starts fresh (its checkpoints are replaced).
+        resume_despite_changes: Resume even when the config changed in a way that breaks an exact continuation
+            (the start-up check lists the changes and otherwise refuses; docs/troubleshooting.md).
         keep_best: A validation metric (``val/loss``, ``val/implicit/accuracy``, ...): a validation that
             improves it saves a checkpoint (if that step has none) that ``keep_last`` never deletes, named
             in ``<dir>/best.json``; None disables it. Needs ``data.valid_prefix``.
@@ -249,6 +251,7 @@ class CheckpointConfig:
     save_at_end: bool = True
     keep_last: int = 2
     resume: bool = True
+    resume_despite_changes: bool = False
     keep_best: str | None = None
     keep_best_mode: str = field(default="min", metadata=_choices("min", "max"))
 

@@ -14,9 +14,16 @@ def _positive(text: str) -> int:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from nemo_lpo.convert.hf_to_mcore import convert_hf_to_mcore
     from nemo_lpo.model.sidecar import ModelDescriptionError
 
+    if (Path(args.hf) / "metadata.json").is_file():  # the other direction's input, a common mix-up
+        print(f"nemo-lpo convert hf-to-mcore: error: --hf={args.hf}: is a megatron dist checkpoint, not a Hugging "
+              "Face model; use it as model.init_checkpoint as it is, or export it with `nemo-lpo convert "
+              "mcore-to-hf --ckpt`", file=sys.stderr)
+        return 2
     try:
         summary = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                                       seq_length=args.seq_length)
@@ -31,9 +38,16 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> int:
+    from nemo_lpo.config import ConfigError
     from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
     from nemo_lpo.model.sidecar import ModelDescriptionError
+    from nemo_lpo.train.preflight import check_dist_checkpoint
 
+    try:
+        check_dist_checkpoint(args.ckpt, "--ckpt")  # a folder that is not a (complete) checkpoint: one line
+    except ConfigError as err:
+        print(f"nemo-lpo convert mcore-to-hf: error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = convert_mcore_to_hf(args.ckpt, args.out, hf_config_from=args.hf_config_from,
                                       tokenizer=args.tokenizer, preset_name=args.preset, dtype=args.dtype,

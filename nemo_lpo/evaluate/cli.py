@@ -34,8 +34,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from nemo_lpo.evaluate.run import evaluate_checkpoint, metrics_table, to_jsonable
+    from nemo_lpo.config import ConfigError
+    from nemo_lpo.evaluate.run import SIDECAR, evaluate_checkpoint, metrics_table, to_jsonable
+    from nemo_lpo.train.preflight import check_dist_checkpoint, check_packed_dataset
 
+    try:  # the start-up check: one line, exit 2, before a model is built
+        check_dist_checkpoint(args.checkpoint, "CKPT")
+        check_packed_dataset(args.data, "DATA")
+        if args.reference not in (None, SIDECAR):
+            check_dist_checkpoint(args.reference, "--reference")
+    except ConfigError as err:
+        print(f"nemo-lpo eval: {err}", file=sys.stderr)
+        return 2
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, reference=args.reference, beta=args.beta,
                                      preset=args.preset, micro_batch_size=args.micro_batch_size, ndcg_k=args.ndcg_k)

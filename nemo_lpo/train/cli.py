@@ -47,28 +47,40 @@ def _load(args):
 
 
 def _run(args, body) -> int:
+    """Load the config, run the start-up check (rank 0 of a launch only), then ``body(cfg)`` with one-line errors."""
+    from nemo_lpo import quiet
     from nemo_lpo.config import ConfigError
 
     setup_distributed_env()
     try:
         cfg = _load(args)
         from nemo_lpo.batch.layouts import UnsupportedLayoutError
-        from nemo_lpo.model.build import resolve_use_te
         from nemo_lpo.model.parallel import check_cuda_or_cpu_allowed
-        from nemo_lpo.model.resolve import resolve_preset
-        from nemo_lpo.train.lpo_model import checked_layout
+        from nemo_lpo.train.preflight import launch_rank_and_world, preflight
 
         check_cuda_or_cpu_allowed(cfg.parallel.allow_cpu)  # no silent CPU fallback on a GPU machine
-
-        resolve_preset(cfg)  # model.preset against the converted checkpoints' descriptions, before any launch
-        checked_layout(cfg, resolve_use_te(cfg.model.transformer_impl))  # no layout the attention would get wrong
+        rank, world = launch_rank_and_world()
+        if rank == 0:  # once per launch: the other ranks wait in the process group and the launcher stops them
+            prefixes = [args.prefix] if getattr(args, "prefix", None) else None
+            for note in preflight(cfg, args.command, world, prefixes):
+                print(f"nemo-lpo {args.command}: {note}", flush=True)
+        if args.check:
+            print(f"nemo-lpo {args.command}: start-up check passed for {world} process(es)")
+            return 0
     except ConfigError as err:
         print(f"nemo-lpo {args.command}: config error: {err}", file=sys.stderr)
         return 2
     except (UnsupportedLayoutError, RuntimeError) as err:
         print(f"nemo-lpo {args.command}: error: {err}", file=sys.stderr)
         return 2
-    body(cfg)
+    from nemo_lpo.train.worker_errors import report_worker_error
+
+    try:
+        body(cfg)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException is a BaseException; one line from the failing rank
+        return report_worker_error(err, args.command, cfg.logging.run_dir, rank, quiet.verbose_requested())
     return 0
 
 
@@ -96,6 +108,10 @@ def _ref_logps(args) -> int:
     return _run(args, body)
 
 
+CHECK_HELP = ("only run the start-up check (datasets, checkpoints, layout, run folder; docs/troubleshooting.md) and "
+              "exit: e.g. on a login node before sbatch, with WORLD_SIZE=N for the layout of N processes")
+
+
 def register(subparsers) -> None:
     """Add the ``train`` and ``ref-logps`` commands."""
     train = subparsers.add_parser(
@@ -106,6 +122,7 @@ def register(subparsers) -> None:
     )
     train.add_argument("config", help="YAML config (may list `defaults:` layers from conf/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides (optim.lr=1e-5) or group=name (parallel=tp2)")
+    train.add_argument("--check", action="store_true", help=CHECK_HELP)
     train.set_defaults(func=_train)
 
     ref = subparsers.add_parser(
@@ -119,4 +136,5 @@ def register(subparsers) -> None:
     ref.add_argument("--prefix", help="only this packed dataset prefix (default: every source of data.train_prefix, "
                                       "then data.valid_prefix)")
     ref.add_argument("--checkpoint", help="reference dist checkpoint (default: model.init_checkpoint)")
+    ref.add_argument("--check", action="store_true", help=CHECK_HELP)
     ref.set_defaults(func=_ref_logps)

@@ -8,14 +8,25 @@ experts and the router for MoE, the output layer once), plus causal attention as
 from __future__ import annotations
 
 
-def active_linear_flops_per_token(preset) -> float:
-    """Forward FLOPs of the matmuls one token passes through (attention projections, top-k experts, output layer)."""
+def _layer_matmul_weights(preset, experts: int) -> int:
+    """Weights of one layer's matmuls with ``experts`` expert MLPs (attention projections, SwiGLU MLPs, router)."""
     h, ffn = preset.hidden_size, preset.ffn_hidden_size
     kv = preset.num_query_groups * preset.head_dim
-    experts = preset.moe_router_topk if preset.is_moe else 1
     router = h * preset.num_experts if preset.is_moe else 0
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn * experts + router
-    return 2.0 * (preset.num_layers * per_layer + h * preset.vocab_size)
+    return h * (h + 2 * kv) + h * h + 3 * h * ffn * experts + router
+
+
+def active_linear_flops_per_token(preset) -> float:
+    """Forward FLOPs of the matmuls one token passes through (attention projections, top-k experts, output layer)."""
+    per_layer = _layer_matmul_weights(preset, preset.moe_router_topk if preset.is_moe else 1)
+    return 2.0 * (preset.num_layers * per_layer + preset.hidden_size * preset.vocab_size)
+
+
+def parameter_count(preset) -> int:
+    """Every parameter of the model: all experts, untied input and output embeddings, the RMSNorm weights."""
+    h = preset.hidden_size
+    per_layer = _layer_matmul_weights(preset, preset.num_experts or 1) + 2 * h
+    return preset.num_layers * per_layer + 2 * h * preset.vocab_size + h
 
 
 def attention_flops(preset, attended_pairs: float) -> float:

@@ -20,6 +20,7 @@ from nemo_lpo.train.metrics import MetricsLogger, peak_tflops
 from nemo_lpo.train.optimizer import build_optimizer, total_steps
 from nemo_lpo.train.step import train_step
 from nemo_lpo.train.validation import ValidationSchedule
+from nemo_lpo.train.worker_errors import check_finite_loss, mark
 
 
 def _device() -> torch.device:
@@ -156,6 +157,7 @@ class Trainer:
         while self.step < last_step:
             microbatches = self.feeder.next_global_batch()
             result = train_step(self.lpo, self.optimizer, self.scheduler, microbatches)
+            check_finite_loss(result.metrics)  # before a NaN step is logged or checkpointed
             self.step += 1
             record = self.record(result)
             record.update(self.feeder.source_counts)
@@ -181,9 +183,15 @@ class Trainer:
 def train(cfg: Config) -> dict:
     """Run training for ``cfg`` in this process (one rank of torchrun / srun, or a single process)."""
     init_parallel(cfg)
+    trainer, stage = None, "start-up"
     try:
         trainer = Trainer(cfg)
+        stage = "resume"
         trainer.resume()
+        stage = None
         return trainer.run()
+    except BaseException as err:  # the step it happened at, for the one-line report (train.worker_errors)
+        mark(err, stage or f"step {trainer.step + 1}")
+        raise
     finally:
         destroy_parallel()

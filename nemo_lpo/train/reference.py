@@ -21,6 +21,8 @@ from nemo_lpo.model.resolve import resolve_preset
 from nemo_lpo.train.checkpoint import load_model_weights
 from nemo_lpo.train.feeder import CHUNK_MICROBATCHES, collate_uniform, microbatch_plan, run_pad_multiple
 from nemo_lpo.train.lpo_model import LPOModel
+from nemo_lpo.train.preflight import reference_identity
+from nemo_lpo.train.worker_errors import mark
 
 
 def build_reference(cfg: Config) -> LPOModel:
@@ -89,7 +91,14 @@ def write_reference(cfg: Config, prefixes: list[str] | None = None) -> int:
     One reference model serves every dataset; each sidecar is written by rank 0 as soon as its pass is done.
     """
     lpo = build_reference(cfg)
-    return sum(_write_one(cfg, prefix, lpo) for prefix in prefixes or reference_prefixes(cfg))
+    total = 0
+    for prefix in prefixes or reference_prefixes(cfg):
+        try:
+            total += _write_one(cfg, prefix, lpo)
+        except BaseException as err:  # where it happened, for the one-line report (train.worker_errors)
+            mark(err, f"reference pass over {prefix}")
+            raise
+    return total
 
 
 def _write_one(cfg: Config, prefix: str, lpo) -> int:
@@ -107,6 +116,7 @@ def _write_one(cfg: Config, prefix: str, lpo) -> int:
         raise RuntimeError(f"reference pass produced no log-probs for lists {missing[:10]} ...")
     if torch.distributed.get_rank() == 0:
         meta = {"checkpoint": cfg.reference.checkpoint or cfg.model.init_checkpoint,
+                "checkpoint_path": reference_identity(cfg),  # compared by the start-up check of training
                 "init_seed": cfg.train.seed if not (cfg.reference.checkpoint or cfg.model.init_checkpoint) else None,
                 "preset": resolve_preset(cfg).name, "params_dtype": cfg.model.params_dtype,
                 "length_average": cfg.loss.length_average,

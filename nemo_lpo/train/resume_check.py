@@ -1,0 +1,88 @@
+"""Whether a run folder that already holds a run can be resumed with this config (a start-up check).
+
+The newest checkpoint stores the config it was saved with (``train.checkpoint.save_checkpoint``). A change that the
+continuation cannot follow exactly (the data, the model, the loss, the optimizer, the seeds) refuses to resume
+unless ``checkpoint.resume_despite_changes=true``; ``checkpoint.resume=false`` starts fresh instead. Changes the
+trainer is built to absorb (the parallel layout: checkpoints reshard; logging, checkpointing, validation, the run's
+length) are listed and the run resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.core import dist_checkpointing
+
+from nemo_lpo.config import Config
+from nemo_lpo.config.errors import PreflightError
+from nemo_lpo.io import LATEST, latest_checkpoint
+
+# Settings whose change makes the resumed run differ from an uninterrupted one (a key or a section prefix).
+BREAKS_EXACT_RESUME = (
+    "model.preset", "model.params_dtype", "model.fp8", "model.fp8_recipe", "model.moe_aux_loss_coeff",
+    "model.init_checkpoint", "data.train_prefix", "data.global_batch_size", "data.shuffle", "data.seed",
+    "loss.", "reference.mode", "reference.checkpoint", "optim.", "train.seed", "peft.",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, now: Config) -> tuple[list[str], list[str]]:
+    """(breaking, allowed): ``key old -> new`` of every setting that differs between ``saved`` and ``now``.
+
+    A key the saved config lacks (written before the setting existed) counts as its default.
+    """
+    before = {**_flat(Config().to_dict()), **_flat(saved)}
+    after = _flat(now.to_dict())
+    breaking, allowed = [], []
+    for key in sorted(after.keys() | before.keys()):
+        if key not in after or before.get(key) == after[key]:
+            continue
+        change = f"{key} {before.get(key)!r} -> {after[key]!r}"
+        is_breaking = any(key == b or (b.endswith(".") and key.startswith(b)) for b in BREAKS_EXACT_RESUME)
+        (breaking if is_breaking else allowed).append(change)
+    return breaking, allowed
+
+
+def latest_run_checkpoint(cfg: Config) -> Path | None:
+    """The run's newest complete checkpoint when it resumes (``checkpoint.resume``), else None."""
+    if not cfg.checkpoint.resume:
+        return None
+    try:
+        return latest_checkpoint(cfg.checkpoint_dir())
+    except FileNotFoundError as err:
+        raise PreflightError("checkpoint.resume", True, f"cannot resume: {err}", f"fix {LATEST} to name a complete "
+                             "step_* folder, or start fresh with checkpoint.resume=false") from None
+
+
+def check_resume(cfg: Config) -> list[str]:
+    """Refuse a resume the config change breaks; returns notes on the changes that resume anyway."""
+    path = latest_run_checkpoint(cfg)
+    if path is None:
+        marker = cfg.checkpoint_dir() / LATEST
+        fresh = not cfg.checkpoint.resume and marker.is_file()
+        return [f"checkpoint.resume=false: starting fresh; the checkpoints in {marker.parent} get replaced"] if fresh \
+            else []
+    try:
+        saved = dist_checkpointing.load_common_state_dict(str(path)).get("config")
+    except Exception as err:  # an unreadable common state: the trainer's load would fail the same way
+        raise PreflightError("checkpoint.resume", True, f"cannot read {path} ({type(err).__name__}: {err})",
+                             "start fresh with checkpoint.resume=false or another logging.run_dir") from None
+    if not isinstance(saved, dict):
+        return []
+    breaking, allowed = config_changes(saved, cfg)
+    if breaking and not cfg.checkpoint.resume_despite_changes:
+        raise PreflightError("checkpoint.resume", True, f"{path} was saved with another config ({'; '.join(breaking)})"
+                             ", so resuming would not continue that run", "restore those values, start fresh with "
+                             "checkpoint.resume=false (replaces its checkpoints) or another logging.run_dir, or "
+                             "resume anyway with checkpoint.resume_despite_changes=true")
+    changes = breaking + allowed
+    return [f"resuming {path} with changed settings: {'; '.join(changes)}"] if changes else []
