@@ -22,7 +22,7 @@ from tests.onpolicy_fixtures import PROMPTS, build_policy, build_reward_model, t
 from tests.torchrun import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
-K, MAX_NEW = 4, 8
+K, MAX_NEW, BATCH = 4, 8, 2
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def models(tmp_path_factory):
 
 
 def _cfg(models, out, seed=7, **sampling) -> GenerateConfig:
-    settings = SamplingSettings(**{"k": K, "max_new_tokens": MAX_NEW, "seed": seed, **sampling})
+    settings = SamplingSettings(**{"k": K, "max_new_tokens": MAX_NEW, "seed": seed, "prompts_per_batch": BATCH, **sampling})
     return GenerateConfig(model=models["policy"], prompts=models["prompts"], out=str(out), sampling=settings,
                           tokenizer=models["tok"], progress=False)
 
@@ -73,7 +73,8 @@ def test_k_responses_each_ending_in_eos_or_truncated(generated, models):
             assert tok.eos_token not in response["text"]
     assert {"stop", "length"} <= set(reasons), reasons  # the policy stops at EOS often, not always
     meta = json.loads(shards.meta_path(generated).read_text())
-    assert meta["sampling"] == {"k": K, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": MAX_NEW, "seed": 7}
+    assert meta["sampling"] == {"k": K, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": MAX_NEW, "seed": 7,
+                                "prompts_per_batch": BATCH}
     assert meta["generator"]["engine"] == "hf"
 
 
@@ -98,7 +99,7 @@ def test_finished_output_is_reused_and_changed_settings_are_not(generated, model
 def test_two_ranks_give_the_same_file_as_one(generated, models):
     out = models["root"] / "gen_dp2.jsonl"
     run_torchrun(REPO / "nemo_lpo" / "cli.py", 2, "generate", "--model", models["policy"], "--prompts",
-                 models["prompts"], "--out", str(out), "--k", str(K), "--max-new-tokens", str(MAX_NEW), "--seed", "7",
+                 models["prompts"], "--out", str(out), "--k", str(K), "--max-new-tokens", str(MAX_NEW), "--seed", "7", "--prompts-per-batch", str(BATCH),
                  "--tokenizer", models["tok"], "--no-progress", timeout=300)
     assert out.read_bytes() == generated.read_bytes()
     assert json.loads(shards.meta_path(out).read_text())["world_size"] == 2
@@ -108,7 +109,7 @@ def test_two_ranks_give_the_same_file_as_one(generated, models):
 def test_kill_mid_generation_resumes_without_duplicates(generated, models):
     out = models["root"] / "gen_killed.jsonl"
     cmd = [sys.executable, "-m", "nemo_lpo.cli", "generate", "--model", models["policy"], "--prompts",
-           models["prompts"], "--out", str(out), "--k", str(K), "--max-new-tokens", str(MAX_NEW), "--seed", "7",
+           models["prompts"], "--out", str(out), "--k", str(K), "--max-new-tokens", str(MAX_NEW), "--seed", "7", "--prompts-per-batch", str(BATCH),
            "--tokenizer", models["tok"], "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "NEMO_LPO_TEST_KILL_AT": "generate/after_prompt#3"}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

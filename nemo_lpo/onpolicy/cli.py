@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=64, help="longer responses are truncated and marked so")
+    g.add_argument("--prompts-per-batch", type=int, default=8,
+                   help="prompts sampled together (batches are fixed by input position: same samples on any rank count)")
     g.add_argument("--seed", type=int, default=None, help="base seed (default: a fresh one, recorded in the output)")
     g.add_argument("--tokenizer", default="mistral", help="'mistral' or a local HF tokenizer folder (as pack)")
     g.add_argument("--chat-template", default=None, help="built-in name or Jinja file for an HF tokenizer (as pack)")
@@ -59,7 +61,8 @@ def run_generate_command(args: argparse.Namespace) -> int:
     from nemo_lpo.onpolicy.generate import GenerateConfig, generate, resolve_seed
 
     sampling = SamplingSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, seed=resolve_seed(args.seed))
+                                max_new_tokens=args.max_new_tokens, seed=resolve_seed(args.seed),
+                                prompts_per_batch=args.prompts_per_batch)
     cfg = GenerateConfig(model=args.model, prompts=args.prompts, out=args.out, sampling=sampling,
                          tokenizer=args.tokenizer, chat_template=args.chat_template, format=args.format,
                          backend=args.backend, progress=not args.no_progress)

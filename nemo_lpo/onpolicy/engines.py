@@ -13,8 +13,8 @@ under TP / PP / EP without an export, but 0.19.2's text-generation controller an
 on CPU without patching each of them, and it does not batch per-request seeds the way vLLM does. Both backends
 here take the exported HF model, which the round exports anyway (docs/onpolicy.md).
 
-Reproducibility: every prompt is sampled from its own seed (``prompt_seed``), so the samples of a prompt do not
-depend on which rank draws it, on the order of prompts or on a resumed run.
+Reproducibility: prompts are sampled in fixed batches of consecutive prompts (``prompts_per_batch``), each from
+its own seed (``batch_seed``), so the samples do not depend on which rank draws a batch or on a resumed run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class SamplingSettings:
         temperature: softmax temperature (> 0).
         top_p: nucleus sampling mass (1.0: off).
         max_new_tokens: the length limit of a response; one that reaches it is marked ``truncated``.
-        seed: base seed; prompt ``i`` samples from ``prompt_seed(seed, i)``.
+        seed: base seed; batch ``b`` of prompts samples from ``batch_seed(seed, b)``.
+        prompts_per_batch: prompts sampled together (batch ``b`` holds prompts ``b*B .. b*B+B-1`` of the input,
+            whatever the number of ranks, so the samples depend on the seed and B only).
     """
 
     k: int = 4
@@ -45,6 +47,7 @@ class SamplingSettings:
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int = 0
+    prompts_per_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -53,6 +56,8 @@ class SamplingSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.prompts_per_batch < 1:
+            raise ValueError(f"prompts_per_batch must be >= 1, got {self.prompts_per_batch}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -65,8 +70,8 @@ class Sample:
     finish_reason: str  # "stop" (EOS) or "length" (truncated at max_new_tokens)
 
 
-def prompt_seed(seed: int, index: int) -> int:
-    """The seed of prompt ``index``: a hash of (base seed, index), independent of ranks and order."""
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch ``index``: a hash of (base seed, index), independent of ranks and order."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -96,22 +101,24 @@ class HFEngine:
                 "dtype": str(self.model.dtype).removeprefix("torch."), "device": self.device.type}
 
     @torch.inference_mode()
-    def sample(self, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> list[Sample]:
-        """K samples for one prompt, from ``seed``."""
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings, seed: int) -> list[list[Sample]]:
+        """K samples for each of a batch of prompts (left-padded together), from ``seed``."""
         torch.manual_seed(seed)
-        inputs = torch.tensor([prompt_ids], device=self.device)
-        out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=True,
-                                  temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                                  max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.k,
-                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        return [split_at_eos(row[len(prompt_ids):].tolist(), self.eos_id, settings.max_new_tokens) for row in out]
+        width = max(len(p) for p in prompts)
+        inputs = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        out = self.model.generate(inputs, attention_mask=mask, do_sample=True, temperature=settings.temperature,
+                                  top_p=settings.top_p, top_k=0, max_new_tokens=settings.max_new_tokens,
+                                  num_return_sequences=settings.k, eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        rows = [split_at_eos(row[width:].tolist(), self.eos_id, settings.max_new_tokens) for row in out]
+        return [rows[i * settings.k:(i + 1) * settings.k] for i in range(len(prompts))]
 
 
 class VLLMEngine:
     """vLLM's offline engine on a local HF folder (GPU only; code only: not executed in this repository's tests).
 
-    One ``LLM.generate`` call per prompt keeps the per-prompt seed contract of ``HFEngine``; vLLM batches the
-    K samples (``n=K``) and runs the model under ``tensor_parallel_size``.
+    One ``LLM.generate`` call per batch of prompts, each prompt with its own seed (``SamplingParams.seed``); vLLM
+    batches the K samples (``n=K``) and runs the model under ``tensor_parallel_size``.
     """
 
     name = "vllm"
@@ -128,14 +135,15 @@ class VLLMEngine:
         """What generated the samples (for the output's ``.meta.json``)."""
         return {"engine": "vllm", "model": self.model_dir, "vllm": self._vllm.__version__, "dtype": "bfloat16"}
 
-    def sample(self, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> list[Sample]:
-        """K samples for one prompt, from ``seed``."""
-        params = self._vllm.SamplingParams(n=settings.k, temperature=settings.temperature, top_p=settings.top_p,
-                                           max_tokens=settings.max_new_tokens, seed=seed,
-                                           stop_token_ids=[self.eos_id], detokenize=False)
-        (result,) = self.llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)
-        return [Sample([t for t in c.token_ids if t != self.eos_id], "length" if c.finish_reason == "length" else "stop")
-                for c in result.outputs]
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings, seed: int) -> list[list[Sample]]:
+        """K samples for each of a batch of prompts; prompt i of the batch samples from ``seed + i``."""
+        params = [self._vllm.SamplingParams(n=settings.k, temperature=settings.temperature, top_p=settings.top_p,
+                                            max_tokens=settings.max_new_tokens, seed=seed + i,
+                                            stop_token_ids=[self.eos_id], detokenize=False)
+                  for i in range(len(prompts))]
+        results = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [[Sample([t for t in c.token_ids if t != self.eos_id], "length" if c.finish_reason == "length" else "stop")
+                 for c in result.outputs] for result in results]
 
 
 def load_engine(backend: str, model_dir: str, eos_id: int, pad_id: int):

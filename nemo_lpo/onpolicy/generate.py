@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nemo_lpo.data.templates import load_tokenizer
 from nemo_lpo.killpoint import kill_point
 from nemo_lpo.onpolicy import shards
-from nemo_lpo.onpolicy.engines import SamplingSettings, load_engine, prompt_seed
+from nemo_lpo.onpolicy.engines import SamplingSettings, batch_seed, load_engine
 from nemo_lpo.onpolicy.prompts import read_prompts
 
 
@@ -63,8 +63,15 @@ def resolve_seed(seed: int | None) -> int:
     return secrets.randbits(31) if seed is None else seed
 
 
+def _record(tokenizer, prompt, samples, seed: int) -> dict:
+    """One output line: the prompt and its K responses (text, why it ended, length)."""
+    return {"index": prompt.index, "id": prompt.id, "messages": prompt.messages, "seed": seed,
+            "responses": [{"text": tokenizer.decode(s.ids), "finish_reason": s.finish_reason,
+                           "num_tokens": len(s.ids), "truncated": s.finish_reason == "length"} for s in samples]}
+
+
 def run_generate(cfg: GenerateConfig, rank: int | None = None, world: int | None = None) -> dict:
-    """Sample this rank's share of the prompts into ``cfg.out``'s part files (``merge_generate`` joins them).
+    """Sample this rank's batches of prompts (batch ``b`` when ``b % world == rank``) into ``cfg.out``'s part files (``merge_generate`` joins them).
 
     Args:
         cfg: the run's options.
@@ -82,25 +89,28 @@ def run_generate(cfg: GenerateConfig, rank: int | None = None, world: int | None
     settings = settings_record(cfg)
     shards.check_settings(out, settings, rank)
     done = shards.done_records(out)
-    todo = [p for p in prompts if p.index % world == rank and p.index not in done]
+    size = cfg.sampling.prompts_per_batch
+    batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    mine = [b for b in range(len(batches)) if b % world == rank]
+    todo = [b for b in mine if any(p.index not in done for p in batches[b])]
     engine = load_engine(cfg.backend, cfg.model, tokenizer.eos_id, tokenizer.pad_id) if todo else None
     writer = shards.PartWriter(out, rank)
-    tokens, t0 = 0, time.perf_counter()
+    tokens, sampled, t0 = 0, 0, time.perf_counter()
     try:
-        for prompt in tqdm(todo, desc=f"generate (rank {rank})", disable=not cfg.progress or rank != 0):
-            seed = prompt_seed(cfg.sampling.seed, prompt.index)
-            prompt_ids = tokenizer.encode_list(prompt.messages, [])[0]
-            samples = engine.sample(list(map(int, prompt_ids)), cfg.sampling, seed)
-            tokens += sum(len(s.ids) + (s.finish_reason == "stop") for s in samples)
-            writer.write({"index": prompt.index, "id": prompt.id, "messages": prompt.messages, "seed": seed,
-                          "responses": [{"text": tokenizer.decode(s.ids), "finish_reason": s.finish_reason,
-                                         "num_tokens": len(s.ids), "truncated": s.finish_reason == "length"}
-                                        for s in samples]})
-            kill_point("generate/after_prompt")  # test hook: a kill between two prompts (tests/test_onpolicy.py)
+        for b in tqdm(todo, desc=f"generate (rank {rank})", unit="batch", disable=not cfg.progress or rank != 0):
+            seed = batch_seed(cfg.sampling.seed, b)
+            ids = [list(map(int, tokenizer.encode_list(p.messages, [])[0])) for p in batches[b]]
+            for prompt, samples in zip(batches[b], engine.sample(ids, cfg.sampling, seed), strict=True):
+                tokens += sum(len(s.ids) + (s.finish_reason == "stop") for s in samples)
+                if prompt.index in done:  # a batch cut by a kill: its finished prompts are not written twice
+                    continue
+                writer.write(_record(tokenizer, prompt, samples, seed))
+                sampled += 1
+                kill_point("generate/after_prompt")  # test hook: a kill between two prompts (tests/test_onpolicy.py)
     finally:
         writer.close()
     seconds = time.perf_counter() - t0
-    return {"sampled": len(todo), "resumed": sum(p.index % world == rank for p in prompts) - len(todo),
+    return {"sampled": sampled, "resumed": sum(len(batches[b]) for b in mine) - sampled,
             "prompts": len(prompts), "tokens": tokens, "seconds": seconds,
             "engine": engine.identity() if engine else {"engine": cfg.backend, "model": cfg.model},
             "settings": settings}

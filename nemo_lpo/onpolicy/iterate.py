@@ -28,6 +28,7 @@ from nemo_lpo.data import layout
 from nemo_lpo.data.pack import PackConfig, pack
 from nemo_lpo.io import atomic_write, latest_checkpoint
 from nemo_lpo.model.parallel import destroy_parallel
+from nemo_lpo.onpolicy import shards
 from nemo_lpo.onpolicy.engines import SamplingSettings
 from nemo_lpo.onpolicy.generate import GenerateConfig, generate
 from nemo_lpo.onpolicy.score import ScoreConfig, score
@@ -184,8 +185,11 @@ def run_step(cfg: IterateConfig, r: int, step: str) -> None:
     paths = round_paths(cfg, r)
     paths.root.mkdir(parents=True, exist_ok=True)
     if step == "generate":
-        if r == 0:
-            export_policy(cfg, paths.policy_ckpt, paths.sampler_hf)
+        if r == 0:  # the start model's HF export: written by one rank, read by all
+            rank, world = shards.dist_rank_world()
+            if rank == 0:
+                export_policy(cfg, paths.policy_ckpt, paths.sampler_hf)
+            shards.barrier(world)
         _generate(cfg, paths.sampler_hf, cfg.prompts, paths.generated, cfg.sampling.seed + 1000 * r)
         if cfg.eval_prompts:
             _generate(cfg, paths.sampler_hf, cfg.eval_prompts, paths.eval_file("generated"),
@@ -232,7 +236,7 @@ def summarise(cfg: IterateConfig) -> dict:
     rows = []
     for r in range(cfg.rounds + 1):
         paths = round_paths(cfg, r)
-        rows.append({"round": r, "policy": "start" if r == 0 else f"after round {r - 1}",
+        rows.append({"round": r, "policy": "start" if r == 0 else f"after {r} round{'s' if r > 1 else ''}",
                      "mean_reward": _mean_reward(paths.scored),
                      "eval_mean_reward": _mean_reward(paths.eval_file("scored")) if cfg.eval_prompts else None})
     summary = {"config": dataclasses.asdict(cfg), "rounds": rows}
