@@ -76,7 +76,7 @@ def iterate_config(cfg: OnPolicyDemoConfig, out: Path, start: Path, prompts: Pat
     """The ``nemo-lpo iterate`` config of the demonstration."""
     batch = min(8, cfg.prompts)
     return IterateConfig(
-        out_dir=str(out / "rounds"), prompts=str(prompts), eval_prompts=str(held), start_checkpoint=str(start),
+        out_dir=str(out / "rounds"), prompts=str(prompts), eval_prompts=str(held) if cfg.eval_prompts else None, start_checkpoint=str(start),
         rounds=cfg.rounds, reward_fn=f"{__name__}:target_length", preset="tiny-mixtral",
         sampling=SamplingSettings(k=cfg.k, temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                                   seed=cfg.seed, prompts_per_batch=16),
@@ -93,7 +93,8 @@ def summary_table(rows: list[dict]) -> list[str]:
     lines = ["| policy | mean reward, train prompts (its round's samples) | mean reward, held-out prompts |",
              "|---|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['policy']} | {row['mean_reward']:.4f} | {row['eval_mean_reward']:.4f} |")
+        held = "—" if row["eval_mean_reward"] is None else f"{row['eval_mean_reward']:.4f}"
+        lines.append(f"| {row['policy']} | {row['mean_reward']:.4f} | {held} |")
     return lines
 
 
@@ -109,9 +110,10 @@ def run_onpolicy_demo(cfg: OnPolicyDemoConfig) -> dict:
     summary = run_rounds(iterate_config(cfg, out, start, prompts, held))
     rows = summary["rounds"]
     rounds = [row["round"] for row in rows]
-    plot = plot_lines({"train prompts": (rounds, [r["mean_reward"] for r in rows]),
-                       "held-out prompts": (rounds, [r["eval_mean_reward"] for r in rows])},
-                      out / "onpolicy.png", "Mean reward of fresh samples (target length)",
+    lines = {"train prompts": (rounds, [r["mean_reward"] for r in rows])}
+    if cfg.eval_prompts:
+        lines["held-out prompts"] = (rounds, [r["eval_mean_reward"] for r in rows])
+    plot = plot_lines(lines, out / "onpolicy.png", "Mean reward of fresh samples (target length)",
                       "mean reward", xlabel="policy (0 = start, r = after r rounds)", xticks=rounds)
     summary.update(seconds=round(time.perf_counter() - t0, 1), plot=str(plot), demo=dataclasses.asdict(cfg))
     summary["demo"]["out_dir"] = str(out)

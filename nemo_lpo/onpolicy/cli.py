@@ -52,6 +52,9 @@ def register(subparsers) -> None:
                     "step's output is kept under the run folder and reused when present.")
     i.add_argument("config", help="iterate config YAML")
     i.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    i.add_argument("--round", type=int, default=None, help="with --step: the round (default: the final policy's)")
+    i.add_argument("--step", default=None, choices=("generate", "score", "pack", "ref-logps", "train", "export"),
+                   help="run only this step (recipes/iterate_lpo.sbatch runs one step per job)")
     i.set_defaults(func=run_iterate_command)
 
 
@@ -99,7 +102,8 @@ def run_iterate_command(args: argparse.Namespace) -> int:
     """Run ``nemo-lpo iterate``."""
     from nemo_lpo.onpolicy.iterate import load_iterate_config, run_rounds
 
-    summary = run_rounds(load_iterate_config(args.config, args.overrides))
-    for row in summary["rounds"]:
-        print(f"round {row['round']}: mean reward of its samples {row['mean_reward']:.4f}")
+    summary = run_rounds(load_iterate_config(args.config, args.overrides), args.round, args.step)
+    if args.step is None:
+        for row in summary["rounds"]:
+            print(f"{row['policy']}: mean reward of its fresh samples {row['mean_reward']:.4f}")
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -231,14 +232,18 @@ def _mean_reward(scored: Path) -> float | None:
     return json.loads(meta.read_text())["mean_reward"] if meta.is_file() else None
 
 
-def summarise(cfg: IterateConfig) -> dict:
-    """Mean reward of every policy's fresh samples (train prompts and, if given, held-out prompts)."""
+def summarise(cfg: IterateConfig, seconds: dict | None = None) -> dict:
+    """Mean reward of every policy's fresh samples (train prompts and, if given, held-out prompts).
+
+    ``seconds``: wall time of each step this call ran, ``{round: {step: s}}`` (a reused step takes ~0 s).
+    """
     rows = []
     for r in range(cfg.rounds + 1):
         paths = round_paths(cfg, r)
         rows.append({"round": r, "policy": "start" if r == 0 else f"after {r} round{'s' if r > 1 else ''}",
                      "mean_reward": _mean_reward(paths.scored),
-                     "eval_mean_reward": _mean_reward(paths.eval_file("scored")) if cfg.eval_prompts else None})
+                     "eval_mean_reward": _mean_reward(paths.eval_file("scored")) if cfg.eval_prompts else None,
+                     "step_seconds": (seconds or {}).get(r, {})})
     summary = {"config": dataclasses.asdict(cfg), "rounds": rows}
     atomic_write(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
@@ -246,14 +251,13 @@ def summarise(cfg: IterateConfig) -> dict:
 
 def run_rounds(cfg: IterateConfig, only_round: int | None = None, only_step: str | None = None) -> dict:
     """Every round's steps (complete ones skipped), then the final policy sampled; or one step of one round."""
+    plan = [(r, step) for r in range(cfg.rounds) for step in STEPS] + [(cfg.rounds, "generate"), (cfg.rounds, "score")]
     if only_step is not None:
-        run_step(cfg, cfg.rounds if only_round is None else only_round, only_step)
-        return summarise(cfg)
-    for r in range(cfg.rounds):
-        for step in STEPS:
-            _say(f"round {r}: {step}")
-            run_step(cfg, r, step)
-    _say(f"final policy (after round {cfg.rounds - 1}): generate, score")
-    run_step(cfg, cfg.rounds, "generate")
-    run_step(cfg, cfg.rounds, "score")
-    return summarise(cfg)
+        plan = [(cfg.rounds if only_round is None else only_round, only_step)]
+    seconds: dict[int, dict[str, float]] = {}
+    for r, step in plan:
+        _say(f"round {r}: {step}" + (" (the final policy)" if r == cfg.rounds else ""))
+        t0 = time.perf_counter()
+        run_step(cfg, r, step)
+        seconds.setdefault(r, {})[step] = round(time.perf_counter() - t0, 2)
+    return summarise(cfg, seconds)
