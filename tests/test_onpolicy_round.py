@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 from nemo_lpo.data import layout
 from nemo_lpo.data.pack import PackConfig, pack
@@ -14,16 +15,18 @@ from nemo_lpo.onpolicy.iterate import round_paths, run_rounds
 
 
 def test_target_length_reward():
-    assert target_length("", "x" * 96) == 1.0 and target_length("", "") == 0.0
-    assert target_length("", "x" * 48) == 0.5 == target_length("", "x" * 144) and target_length("", "x" * 300) == 0.0
+    assert target_length("", "x" * 24) == 1.0 and target_length("", "") == 0.5 == target_length("", "x" * 48)
+    assert target_length("", "x" * 12) == target_length("", "x" * 36) == round(24 / 36, 4)
 
 
 def test_small_round_runs_and_its_artefacts_feed_pack(tmp_path):
     cfg = OnPolicyDemoConfig(out_dir=tmp_path / "op", rounds=1, prompts=4, eval_prompts=2, k=2, max_new_tokens=4,
-                             steps=2)
+                             sft_steps=2, steps=2)
     summary = run_onpolicy_demo(cfg)
     out = tmp_path / "op"
-    icfg = iterate_config(cfg, out, out / "start", out / "prompts_train.jsonl", out / "prompts_heldout.jsonl")
+    start = Path(summary["config"]["start_checkpoint"])
+    assert start.parent == out / "sft" / "checkpoints"  # the start policy: the SFT warm start's checkpoint
+    icfg = iterate_config(cfg, out, start, out / "prompts_train.jsonl", out / "prompts_heldout.jsonl")
     first, final = round_paths(icfg, 0), round_paths(icfg, 1)
     # every step's output of round 0, and the final policy's samples
     assert layout.manifest_path(first.data_prefix).is_file() and layout.ref_meta_path(first.data_prefix).is_file()
@@ -32,7 +35,7 @@ def test_small_round_runs_and_its_artefacts_feed_pack(tmp_path):
     generated_meta = json.loads(shards.meta_path(final.generated).read_text())
     assert generated_meta["model"] == str(first.hf)  # round 1 samples from round 0's trained, exported model
     ref_meta = json.loads(layout.ref_meta_path(first.data_prefix).read_text())
-    assert ref_meta["checkpoint"] == str((out / "start").resolve())  # reference: the start model
+    assert ref_meta["checkpoint"] == str(start)  # reference: the start model
     scored_meta = json.loads(shards.meta_path(first.scored).read_text())
     assert scored_meta["reward"]["function"].endswith(":target_length") and scored_meta["sampling"]["k"] == 2
     rows = summary["rounds"]
