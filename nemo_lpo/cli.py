@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "nemo_lpo.train.cli",  # train, ref-logps
     "nemo_lpo.convert.cli",  # convert hf-to-mcore / mcore-to-hf
     "nemo_lpo.evaluate.cli",  # eval
+    "nemo_lpo.onpolicy.cli",  # generate, score, iterate
     "nemo_lpo.demo.cli",  # demo, reproduce
     "nemo_lpo.bridge.cli",  # bridge-train (Megatron-Bridge, optional)
 )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nemo_lpo"
 LAYERS = {"io": 0, "killpoint": 0, "losses": 0, "quiet": 0, "metrics": 1, "config": 1, "data": 2, "model": 3, "batch": 4, "train": 5, "convert": 6,
-          "evaluate": 6, "bridge": 7, "demo": 8, "cli": 9, "__init__": 9}
+          "evaluate": 6, "bridge": 7, "onpolicy": 7, "demo": 8, "cli": 9, "__init__": 9}
 
 
 MODULE_NAME = re.compile(r"nemo_lpo(\.[A-Za-z_]\w*)+")
@@ -127,6 +127,8 @@ LAZY_IMPORTS = {
     "nemo_lpo.data.cli": "command module", "nemo_lpo.train.cli": "command module",
     "nemo_lpo.convert.cli": "command module", "nemo_lpo.evaluate.cli": "command module",
     "nemo_lpo.demo.cli": "command module", "nemo_lpo.bridge.cli": "command module",
+    "nemo_lpo.onpolicy.cli": "command module",
+    "nemo_lpo.onpolicy.engines": "vLLM is an optional GPU-only engine (imported only when --backend vllm)",
     "nemo_lpo.bridge": "probes whether the optional Megatron-Bridge imports",
     "nemo_lpo.model.build": "imports Transformer Engine only to probe it or to build its spec (a broken TE raises "
                             "RuntimeError; model.transformer_impl=local must not touch it)",

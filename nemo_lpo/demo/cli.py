@@ -48,6 +48,8 @@ def register(subparsers) -> None:
                    help="folder of real samples whose alpacaeval2/ K = 8 lists are the real suite "
                         "(default: $NEMO_LPO_DATA; without one the real suite is skipped)")
     r.add_argument("--only-real", action="store_true", help="only the real K = 8 lists (e.g. to add them later)")
+    r.add_argument("--skip-onpolicy", action="store_true",
+                   help="leave out the on-policy rounds (generate -> score -> train, 3 rounds of K = 4)")
     r.add_argument("--report-only", action="store_true", help="redraw figures and report from existing results")
     r.add_argument("--compare-losses", nargs="*", default=None, metavar="LOSS",
                    help="also train every listwise loss (lpo, lpo_abs, listmle, kpo, ...) on the embedded K = 4 lists "
@@ -85,4 +87,5 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
         return report_only(args.out)
     return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps,
                          include_embedded=not args.only_real, sft_steps=args.sft_steps,
-                         real_sft_steps=args.real_sft_steps, compare_losses=args.compare_losses, data=args.data)
+                         real_sft_steps=args.real_sft_steps, compare_losses=args.compare_losses, data=args.data,
+                         include_onpolicy=not args.skip_onpolicy)

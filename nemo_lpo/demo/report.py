@@ -187,8 +187,8 @@ def _suite_section(res: dict, report_dir: Path) -> list[str]:
     return lines
 
 
-def write_report(results: list[dict], path: Path, total_seconds: float, demo_cfg) -> Path:
-    """Write the markdown report; returns its path."""
+def write_report(results: list[dict], path: Path, total_seconds: float, demo_cfg, extra: list[str] = ()) -> Path:
+    """Write the markdown report (``extra``: further markdown lines at its end); returns its path."""
     lines = ["# LPO in miniature: `nemo-lpo reproduce`", "",
              f"Tiny Mixtral (2 layers, hidden 64, 4 experts top-2, Mistral v1 vocabulary), randomly initialised "
              f"(seed {demo_cfg.seed}); every run's reference μ is its start model (the seeded start, or for "
@@ -203,5 +203,6 @@ def write_report(results: list[dict], path: Path, total_seconds: float, demo_cfg
              "each effect on the real training code, not its size.", ""]
     for res in results:
         lines += _suite_section(res, path.parent)
+    lines += extra
     atomic_write(path, "\n".join(lines) + "\n")
     return path

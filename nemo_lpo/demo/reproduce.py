@@ -36,6 +36,7 @@ from nemo_lpo.data.transforms import LengthLimits
 from nemo_lpo.demo import tasks
 from nemo_lpo.demo.compare import COMPARE_K, comparison_plan, comparison_rows
 from nemo_lpo.demo.config import DemoConfig
+from nemo_lpo.demo.onpolicy import OnPolicyDemoConfig, onpolicy_section, run_onpolicy_demo
 from nemo_lpo.demo.pipeline import save_start_weights, train_config, write_sidecar
 from nemo_lpo.demo.report import draw_figures, write_report
 from nemo_lpo.evaluate.run import build_model, evaluate_checkpoint, resolve_checkpoint, to_jsonable
@@ -262,12 +263,15 @@ def table1(dpo: dict, lpo: dict) -> dict:
 
 def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True, real_steps: int | None = None,
                   include_embedded: bool = True, sft_steps: int | None = None, real_sft_steps: int | None = None,
-                  compare_losses: list[str] | None = None, data: Path | None = None) -> int:
+                  compare_losses: list[str] | None = None, data: Path | None = None,
+                  include_onpolicy: bool = True) -> int:
     """Run every suite, draw the figures and write ``report.md`` under ``out``; returns the exit code.
 
     ``data``: the folder of real samples (default ``$NEMO_LPO_DATA``); its AlpacaEval K = 8 lists are the real suite.
 
     ``compare_losses``: listwise losses to compare on the embedded default ([] = all of them; None = no comparison).
+
+    ``include_onpolicy``: also run the on-policy demonstration (``nemo_lpo.demo.onpolicy``, 3 rounds of K = 4).
     """
     out = Path(out).resolve()
     if compare_losses is not None:
@@ -293,13 +297,16 @@ def run_reproduce(out: Path, steps: int | None = None, include_real: bool = True
             _say(f"no real K = 8 lists ({ALPACAEVAL} under --data DIR or ${DATA_ENV}; got {data}): skipping them")
         else:
             suites.append(real)
-    if not suites:
+    if not suites and not include_onpolicy:
         print("nemo-lpo reproduce: nothing to run")
         return 1
     for suite in suites:
         res = run_suite(suite, out / suite.name, demo_cfg)
         # results first: a failure while drawing leaves them for `--report-only`
         atomic_write(out / suite.name / "results.json", (json.dumps(res, indent=2) + "\n").encode())
+    if include_onpolicy:
+        _say("on-policy rounds: generate -> score -> pack -> ref-logps -> train -> export, 3 rounds of K = 4")
+        run_onpolicy_demo(OnPolicyDemoConfig(out_dir=out / "onpolicy"))
     names = [name for name in ("embedded", "alpacaeval") if (out / name / "results.json").is_file()]
     return write_outputs(out, names, round(time.perf_counter() - t0, 1), demo_cfg)
 
@@ -315,7 +322,9 @@ def write_outputs(out: Path, suite_names: list[str], total_seconds: float | None
         results.append(res)
     if total_seconds is None:
         total_seconds = sum(r["seconds"] for r in results)
-    report = write_report(results, out / "report.md", total_seconds=total_seconds, demo_cfg=demo_cfg)
+    onpolicy = out / "onpolicy" / "summary.json"
+    extra = onpolicy_section(json.loads(onpolicy.read_text()), out) if onpolicy.is_file() else []
+    report = write_report(results, out / "report.md", total_seconds=total_seconds, demo_cfg=demo_cfg, extra=extra)
     _say(f"report: {report} ({total_seconds:.0f} s)")
     return 0
 
@@ -324,7 +333,7 @@ def report_only(out: Path) -> int:
     """Rebuild the figures and the report from the ``results.json`` files already under ``out``."""
     out = Path(out).resolve()
     names = [name for name in ("embedded", "alpacaeval") if (out / name / "results.json").is_file()]
-    if not names:
+    if not names and not (out / "onpolicy" / "summary.json").is_file():
         print(f"nemo-lpo reproduce: no results.json under {out}")
         return 1
     return write_outputs(out, names, None, DemoConfig(out_dir=out))
