@@ -55,21 +55,26 @@ def require_peft(peft: PeftConfig) -> None:
 
 
 def build_peft(peft: PeftConfig):
-    """Bridge's ``LoRA`` or ``DoRA`` for the ``peft`` section (same field names)."""
-    from megatron.bridge.peft.dora import DoRA
+    """Bridge's ``LoRA``, or ``DoRA`` with 2-D (expert) inputs served (``dora_experts``), for the ``peft`` section."""
     from megatron.bridge.peft.lora import LoRA
 
-    cls = {"lora": LoRA, "dora": DoRA}[peft.type]
+    from nemo_lpo.train.dora_experts import ExpertsDoRA
+
+    cls = {"lora": LoRA, "dora": ExpertsDoRA}[peft.type]
     return cls(target_modules=list(peft.target_modules), dim=peft.dim, alpha=peft.alpha, dropout=peft.dropout)
 
 
-def add_adapters(peft, modules: list) -> None:
+def add_adapters(peft, modules: list, seed: int) -> None:
     """Freeze ``modules`` (the model chunks, base weights loaded) and wrap the targeted linears with adapters.
 
     Only the adapter parameters require grad afterwards, so megatron's DDP buckets and its optimizer (plain or
-    distributed) see only them. Bridge seeds the adapter init (A: xavier, B: zero) from torch's RNG.
+    distributed) see only them. The adapter init (A: xavier, B: zero) draws from torch's generator, re-seeded
+    with ``seed`` for the purpose (forked: the run's own stream is untouched), so it does not depend on what
+    ran before in the process (a reference pass, another model).
     """
-    peft(modules, training=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft(modules, training=True)
     peft.set_params_to_save(modules)
     if not any(p.requires_grad for m in modules for p in m.parameters()):
         raise ConfigError(f"peft.target_modules={peft.target_modules} matched no linear layer of the model")

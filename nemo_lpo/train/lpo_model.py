@@ -94,7 +94,7 @@ class LPOModel:
         self.peft = build_peft(cfg.peft) if cfg.peft.enabled else None
         self.base = None  # adapter runs: the base checkpoint's path and weight checksum (checkpoints record it)
         if self.peft is not None:
-            add_adapters(self.peft, self.modules)
+            add_adapters(self.peft, self.modules, cfg.train.seed)
             self.base = base_pointer(cfg, self.modules)
         self.param_counts = parameter_counts(self.modules)
         self.models = self.modules

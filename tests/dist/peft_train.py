@@ -74,7 +74,10 @@ def _write_init(cfg, path: Path, seed: int) -> None:
     seeded = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=None),
                                  peft=dataclasses.replace(cfg.peft, type="none"), reference=cfg.reference.__class__(),
                                  train=dataclasses.replace(cfg.train, seed=seed))
-    save_model_weights(LPOModel(seeded, train=False).module, path)
+    module = LPOModel(seeded, train=False).module
+    if seed != cfg.train.seed:  # another base: the same architecture, the embedding scaled
+        module.embedding.word_embeddings.weight.data.mul_(1.01)
+    save_model_weights(module, path)
 
 
 def _copy_dataset(prefix: str, dest: Path) -> str:
@@ -106,10 +109,10 @@ def _weights(trainer) -> dict:
 def _train(work: Path, prefix: str, name: str) -> dict:
     from nemo_lpo.train.loop import Trainer, init_parallel
 
-    if name == "sidecar":
-        prefix = _copy_dataset(prefix, work / name / "data")
     cfg = _config(work, prefix, name)
     init_parallel(cfg)
+    if name == "sidecar":  # the base's reference pass writes its sidecar beside a copy of the dataset
+        cfg = _config(work, _copy_dataset(prefix, work / name / "data"), name)
     _write_init(cfg, work / "init", seed=cfg.train.seed)
     if name == "wrong_base":
         _write_init(cfg, work / "init_other", seed=cfg.train.seed + 1)
