@@ -171,3 +171,29 @@ def load_adapter_state(module, loaded: dict) -> None:
         if adapters_missing or result.unexpected_keys:
             raise RuntimeError(f"adapter checkpoint does not match the model: missing {adapters_missing[:5]}, "
                                f"unexpected {result.unexpected_keys[:5]}")
+
+
+def _merged_weight(wrapper) -> torch.Tensor:
+    """The base weight with the adapter folded in (the weight that gives the wrapper's output, dropout off)."""
+    if hasattr(wrapper.adapter, "get_weight_magnitude"):  # DoRA: m * (W0 + s B A) / ||W0 + s B A|| per row
+        adapter = wrapper.adapter
+        direction = wrapper.to_wrap.weight + wrapper.scaling * adapter.linear_out.weight @ adapter.linear_in.weight
+        scale = adapter.get_weight_magnitude() / wrapper._get_weight_norm()
+        return scale.view(-1, 1) * direction
+    return wrapper.weight  # Bridge's LoRALinear.weight: LoRAMerge of W0 + alpha/dim * B A
+
+
+@torch.no_grad()
+def merge_adapters(modules: list) -> None:
+    """Fold every adapter into its base linear and put the bare linear back: an ordinary GPTModel again.
+
+    Single process only (TP=1: Bridge's ``LoRAMerge`` gathers the shards otherwise, not done here).
+    """
+    from megatron.bridge.peft.adapter_wrapper import AdapterWrapper
+
+    for module in modules:
+        wrappers = [(name, m) for name, m in module.named_modules() if isinstance(m, AdapterWrapper)]
+        for name, wrapper in wrappers:
+            wrapper.to_wrap.weight.copy_(_merged_weight(wrapper))
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, wrapper.to_wrap)
