@@ -138,7 +138,18 @@ def _train(work: Path, prefix: str, name: str) -> dict:
             "base_unchanged": all(bool((before[n] == after[n]).all()) for n in before if n not in trainable),
             "adapters_changed": sorted(n for n in trainable if not bool((before[n] == after[n]).all())),
             "optimizer_params": sum(len(g["params"]) for g in trainer.optimizer.param_groups),
-            "saved": sorted(p.name for p in (work / name / "checkpoints").glob("step_*"))}
+            "saved": sorted(p.name for p in (work / name / "checkpoints").glob("step_*")),
+            **_checkpoint_contents(work / name / "checkpoints" / "step_0000002")}
+
+
+def _checkpoint_contents(path: Path) -> dict:
+    """The tensor keys and the base pointer an adapter checkpoint holds."""
+    from megatron.core import dist_checkpointing
+
+    if not path.is_dir():
+        return {}
+    return {"checkpoint_keys": sorted(dist_checkpointing.load_tensors_metadata(str(path))),
+            "checkpoint_peft": dist_checkpointing.load_common_state_dict(str(path)).get("peft")}
 
 
 def run(work: Path, prefix: str, name: str) -> None:
