@@ -136,6 +136,8 @@ LAZY_IMPORTS = {
     "nemo_lpo.train.metrics": "TensorBoard and Weights & Biases are optional loggers",
     "nemo_lpo.demo.plots": "matplotlib's Agg backend must be chosen before pyplot is imported",
     "nemo_lpo.config.loss_options": "the loss registry imports torch: only when a loss is validated, not at `--help`",
+    "nemo_lpo.train.adapters": "Megatron-Bridge's PEFT is optional (it imports Transformer Engine): only under peft",
+    "nemo_lpo.convert.adapters": "peft (Hugging Face) is optional: only for `mcore-to-hf --adapters-out`",
 }
 
 

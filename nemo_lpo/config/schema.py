@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nemo_lpo.config.errors import ConfigError
 from nemo_lpo.config.loss_options import check_loss
+from nemo_lpo.config.peft import PeftConfig, check_peft
 from nemo_lpo.config.sources import parse_blend, valid_prefixes
 
 
@@ -168,12 +169,13 @@ class ReferenceConfig:
 
     Attributes:
         mode: precomputed (the dataset's sidecar from ``nemo-lpo ref-logps``; no reference model in
-            training) or online (a frozen copy of the starting policy).
+            training), online (a frozen copy of the starting policy) or base (adapter runs, ``peft``: the policy
+            itself with its adapters switched off, a no-grad forward in the step; no second model).
         offload: Online mode: keep the frozen copy on CPU between uses (GPU memory saving).
         checkpoint: Reference checkpoint; None means ``model.init_checkpoint``.
     """
 
-    mode: str = field(default="precomputed", metadata=_choices("precomputed", "online"))
+    mode: str = field(default="precomputed", metadata=_choices("precomputed", "online", "base"))
     offload: bool = False
     checkpoint: str | None = None
 
@@ -290,6 +292,7 @@ class Config:
         train: Length and seed.
         checkpoint: Checkpointing.
         logging: Logging.
+        peft: LoRA / DoRA adapters on a frozen base (Megatron-Bridge's PEFT); type none trains every weight.
     """
 
     name: str = "lpo"
@@ -302,6 +305,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def __post_init__(self) -> None:
         """Check the cross-field constraints that single values cannot express."""
@@ -329,6 +333,7 @@ class Config:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
         self._check_precision_and_experts()
         self._check_data_sources()
+        check_peft(self.peft, self.reference.mode, self.model.init_checkpoint)
 
     def _check_precision_and_experts(self) -> None:
         m = self.model

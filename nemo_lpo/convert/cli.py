@@ -51,12 +51,17 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
     try:
         summary = convert_mcore_to_hf(args.ckpt, args.out, hf_config_from=args.hf_config_from,
                                       tokenizer=args.tokenizer, preset_name=args.preset, dtype=args.dtype,
-                                      max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+                                      max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                                      adapters_out=args.adapters_out)
     except ModelDescriptionError as err:
         print(f"nemo-lpo convert mcore-to-hf: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {summary['out']}: {summary['architecture']}, {len(summary['shards'])} safetensors shard(s), "
-          f"{summary['dtype']}, tokenizer files: {summary['tokenizer_files'] or 'none'}")
+          f"{summary['dtype']}, tokenizer files: {summary['tokenizer_files'] or 'none'}"
+          + (", chat template of the packed data" if summary.get("chat_template") else "")
+          + (f"; adapters merged from {summary['merged_adapters']}" if summary.get("merged_adapters") else ""))
+    if summary.get("adapters"):
+        print(f"wrote {summary['adapters']['out']}: PEFT adapters for {summary['adapters']['target_modules']}")
     return 0
 
 
@@ -89,5 +94,8 @@ def register(subparsers) -> None:
     to_hf.add_argument("--preset", default=None, help="model preset name, for checkpoints without a description")
     to_hf.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                        help="output dtype (default: the checkpoint's, so the export is exact)")
+    to_hf.add_argument("--adapters-out", default=None,
+                       help="adapter checkpoints (peft lora/dora): also write the adapters alone in Hugging Face "
+                            "PEFT format here (adapter_config.json + adapter_model.safetensors; needs `peft`)")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size in GiB")
     to_hf.set_defaults(func=_mcore_to_hf)

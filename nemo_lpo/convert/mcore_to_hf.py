@@ -8,6 +8,7 @@ is renamed into place at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, GenerationConfig
 
+from nemo_lpo.config.sources import train_prefixes
+from nemo_lpo.convert.adapters import adapter_pointer, merge_adapter_checkpoint, write_peft_adapters
 from nemo_lpo.convert.hf_config import (
     ConversionError,
     architecture_of,
@@ -39,6 +42,7 @@ from nemo_lpo.convert.mcore_side import (
     read_parameters,
     release_freed_memory,
 )
+from nemo_lpo.data.layout import manifest_path
 from nemo_lpo.io import resolve_checkpoint
 from nemo_lpo.model.presets import get_preset
 from nemo_lpo.model.sidecar import read_sidecar
@@ -83,16 +87,52 @@ def _resolve_model(ckpt: Path, hf_config_from: str | Path | None, preset_name: s
                           "architecture) or --preset NAME")
 
 
-def _training_run_preset(ckpt: Path) -> str | None:
-    """``model.preset`` of the run config a training checkpoint stores in its common state, if any."""
+def _run_config(ckpt: Path) -> dict:
+    """The run config a training checkpoint stores in its common state ({} for any other checkpoint)."""
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
     except Exception:  # noqa: BLE001 - any unreadable common state just means "no run config here"
-        return None
+        return {}
     config = common.get("config") if isinstance(common, dict) else None
-    model = config.get("model") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def _training_run_preset(ckpt: Path) -> str | None:
+    """``model.preset`` of the run config a training checkpoint stores in its common state, if any."""
+    model = _run_config(ckpt).get("model")
     preset = model.get("preset") if isinstance(model, dict) else None
     return preset if isinstance(preset, str) else None
+
+
+def pack_chat_template(ckpt: Path) -> str | None:
+    """The chat template the run's training data was packed with (its pack manifests), for the exported tokenizer.
+
+    None when the checkpoint names no packed data, or the data was packed with a non-Jinja tokenizer
+    (mistral-common). Sources of a blend packed with different templates are refused.
+    """
+    data = _run_config(ckpt).get("data") or {}
+    templates = set()
+    for prefix in train_prefixes(data.get("train_prefix")):
+        path = manifest_path(prefix)
+        if not path.is_file():
+            continue
+        tokenizer = json.loads(path.read_text()).get("tokenizer", {})
+        if tokenizer.get("kind") == "huggingface" and tokenizer.get("template"):
+            templates.add(tokenizer["template"])
+    if len(templates) > 1:
+        raise ConversionError(f"{ckpt}: the sources of data.train_prefix were packed with {len(templates)} different "
+                              "chat templates; pass the one to export with the tokenizer (--tokenizer DIR)")
+    return templates.pop() if templates else None
+
+
+def _write_chat_template(out: Path, template: str) -> None:
+    """Put ``template`` into the exported tokenizer: ``chat_template.jinja``, which transformers reads first."""
+    (out / "chat_template.jinja").write_text(template)
+    config_path = out / "tokenizer_config.json"
+    if config_path.is_file():  # an older inline template would otherwise sit beside it, disagreeing
+        config = json.loads(config_path.read_text())
+        if config.pop("chat_template", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _match_layout(model, tensor_md: dict, ckpt: Path, source: str) -> tuple[dict, dict]:
@@ -133,6 +173,8 @@ def convert_mcore_to_hf(
     preset_name: str | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    adapters_out: str | Path | None = None,
+    chat_template_from: str | Path | None = None,
 ) -> dict:
     """Export the megatron checkpoint ``ckpt`` as an HF model directory ``out``.
 
@@ -147,6 +189,11 @@ def convert_mcore_to_hf(
             (default for a training checkpoint: the ``model.preset`` of the run config it stores).
         dtype: ``fp32`` / ``bf16`` output (default: the checkpoint's own dtype, so the export is exact).
         max_shard_bytes: safetensors shard size.
+        adapters_out: an adapter checkpoint's adapters alone in Hugging Face PEFT format go here too.
+        chat_template_from: training checkpoint whose packed data's chat template the exported tokenizer gets
+            (default: ``ckpt``; the template recorded in the pack manifest of its ``data.train_prefix``).
+
+    An adapter checkpoint (``peft``) exports its base with the adapters merged in (an ordinary HF model).
     """
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_dir():
@@ -155,6 +202,13 @@ def convert_mcore_to_hf(
         ckpt = resolve_checkpoint(ckpt)
     except FileNotFoundError as err:
         raise ConversionError(str(err)) from err
+    if adapter_pointer(ckpt) is not None:
+        return _convert_adapter_checkpoint(ckpt, out, hf_config_from=hf_config_from, tokenizer=tokenizer,
+                                           preset_name=preset_name, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                           adapters_out=adapters_out)
+    if adapters_out is not None:
+        raise ConversionError(f"{ckpt}: --adapters-out needs an adapter checkpoint (a run with peft.type lora/dora)")
+    template = pack_chat_template(Path(chat_template_from) if chat_template_from else ckpt)
     tensor_md = _checkpoint_tensor_metadata(ckpt)
     ensure_single_process_parallel()
     preset, architecture, base, source = _resolve_model(ckpt, hf_config_from, preset_name)
@@ -193,9 +247,35 @@ def convert_mcore_to_hf(
 
             GenerationConfig.from_model_config(hf_config).save_pretrained(str(tmp))
         tokenizer_files = _copy_files(Path(tokenizer) if tokenizer is not None else side, tmp, TOKENIZER_FILES)
+        if template is not None and tokenizer_files:
+            _write_chat_template(tmp, template)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"architecture": architecture, "preset": preset, "dtype": str(out_dtype).replace("torch.", ""),
-            "shards": shards, "tokenizer_files": tokenizer_files, "layout": variant, "out": str(out)}
+            "shards": shards, "tokenizer_files": tokenizer_files, "layout": variant, "out": str(out),
+            "chat_template": template is not None and bool(tokenizer_files)}
+
+
+def _convert_adapter_checkpoint(ckpt: Path, out: Path, *, adapters_out, tokenizer, preset_name, **options) -> dict:
+    """Merged export of an adapter checkpoint (and its PEFT-format adapters): see ``convert.adapters``."""
+    if out.exists():
+        raise ConversionError(f"{out}: already exists; refusing to overwrite")
+    adapters = write_peft_adapters(ckpt, Path(adapters_out)) if adapters_out is not None else None  # refusals first
+    merged = temp_sibling(out).with_name(out.name + ".merged-mcore.tmp")
+    shutil.rmtree(merged, ignore_errors=True)
+    try:
+        run_preset, base_tokenizer = merge_adapter_checkpoint(ckpt, merged)
+        summary = convert_mcore_to_hf(merged, out, tokenizer=tokenizer or base_tokenizer,
+                                      preset_name=preset_name or run_preset, chat_template_from=ckpt, **options)
+    except BaseException:
+        if adapters is not None:  # all or nothing
+            shutil.rmtree(adapters["out"], ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    summary["merged_adapters"] = str(ckpt)
+    if adapters is not None:
+        summary["adapters"] = adapters
+    return summary

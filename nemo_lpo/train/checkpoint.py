@@ -37,6 +37,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from nemo_lpo.io import LATEST, atomic_write, resolve_checkpoint
 from nemo_lpo.killpoint import after_calls, kill_point
+from nemo_lpo.train.adapters import adapter_sharded_state, check_base_pointer, load_adapter_state
 from nemo_lpo.train.optimizer import (
     fill_slots,
     init_optimizer_state,
@@ -87,6 +88,13 @@ def model_sharded_state_dict(module) -> dict:
             return module[0].sharded_state_dict()
         return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(module)}
     return module.sharded_state_dict()
+
+
+def training_state_request(lpo) -> dict:
+    """What a training checkpoint holds of the model: every weight, or only the adapters under ``peft``."""
+    model_sd = model_sharded_state_dict(lpo.module)
+    peft = getattr(lpo, "peft", None)
+    return model_sd if peft is None else adapter_sharded_state(peft, model_sd)
 
 
 def load_model_state(module, loaded: dict) -> None:
@@ -201,7 +209,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
         tmp.mkdir()
     _barrier()
     _gather_deferred_params(lpo)
-    model_sd = model_sharded_state_dict(lpo.module)
+    model_sd = training_state_request(lpo)
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_save_metadata()),
@@ -213,6 +221,7 @@ def save_checkpoint(root: str | Path, step: int, lpo, optimizer, scheduler, feed
         "layout": layout(),
         "distributed_optimizer": is_distributed(optimizer),
         "format_version": FORMAT_VERSION,
+        "peft": getattr(lpo, "base", None),  # adapter runs: the base checkpoint and its weight checksum
     }
     _save(state, tmp)
     _barrier()
@@ -243,7 +252,9 @@ def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
     if version not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a nemo-lpo training checkpoint (format {version})")
     same_layout = common["layout"] == layout()
-    model_sd = model_sharded_state_dict(lpo.module)
+    if common.get("peft") is not None or getattr(lpo, "base", None) is not None:
+        check_base_pointer(common.get("peft"), getattr(lpo, "base", None), path)
+    model_sd = training_state_request(lpo)
     init_optimizer_state(optimizer)
     opt_request = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=READABLE_FORMATS[version])
     opt_tensors: dict = {}
@@ -260,7 +271,10 @@ def load_checkpoint(path: str | Path, lpo, optimizer, scheduler, feeder) -> int:
         here = {**layout(), "distributed_optimizer": is_distributed(optimizer)}
         raise RuntimeError(f"{path}: cannot load the checkpoint saved under {describe_layout(saved_layout(path))} "
                            f"into this run's {describe_layout(here)}: {err}") from err
-    load_model_state(lpo.module, loaded["model"])
+    if getattr(lpo, "peft", None) is None:
+        load_model_state(lpo.module, loaded["model"])
+    else:  # the base weights stay as model.init_checkpoint loaded them
+        load_adapter_state(lpo.module, loaded["model"])
     opt_loaded = loaded["optimizer_tensors"]
     if from_weights:
         again = dist_checkpointing.load(from_weights, str(path))

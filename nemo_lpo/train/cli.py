@@ -56,9 +56,11 @@ def _run(args, body) -> int:
         cfg = _load(args)
         from nemo_lpo.batch.layouts import UnsupportedLayoutError
         from nemo_lpo.model.parallel import check_cuda_or_cpu_allowed
+        from nemo_lpo.train.adapters import require_peft
         from nemo_lpo.train.preflight import launch_rank_and_world, preflight
 
         check_cuda_or_cpu_allowed(cfg.parallel.allow_cpu)  # no silent CPU fallback on a GPU machine
+        require_peft(cfg.peft)  # adapters need Megatron-Bridge's PEFT: say what to install before any launch
         rank, world = launch_rank_and_world()
         if rank == 0:  # once per launch: the other ranks wait in the process group and the launcher stops them
             prefixes = [args.prefix] if getattr(args, "prefix", None) else None

@@ -101,7 +101,7 @@ class BatchFeeder:
         self.collator = layout.collator(self.dataset.pad_id, self.multiple)
         self.num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
         self.device = device
-        self.drop_ref_logps = cfg.reference.mode == "online"  # the frozen copy supplies them
+        self.drop_ref_logps = cfg.reference.mode in ("online", "base")  # the step computes them
         self.uniform = cfg.parallel.vpp > 1  # the interleaved schedule needs one shape per step
         self._iter = None
 

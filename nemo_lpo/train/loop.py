@@ -133,10 +133,11 @@ class Trainer:
         rec = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "tokens": result.tokens,
                "tokens_per_s": result.tokens / max(result.step_time, 1e-9), "step_time": result.step_time}
         rec.update({f"time/{k}": v for k, v in result.timings.items()})
+        rec.update(self.lpo.param_counts)  # params/trainable (adapters only under peft) and params/total
         peak = peak_tflops()
         if peak is not None:
             flops = step_flops(self.lpo.preset, result.tokens, result.attended_pairs,
-                               reference_forward=self.lpo.reference is not None,
+                               reference_forward=self.lpo.computes_reference,
                                recompute=self.cfg.model.recompute == "full")
             tflops = flops / result.step_time / torch.distributed.get_world_size() / 1e12
             rec.update(tflops_per_gpu=tflops, mfu=tflops / peak)

@@ -20,6 +20,14 @@ from nemo_lpo.config import Config
 from nemo_lpo.io import checkpoint_sidecar
 from nemo_lpo.model.build import resolve_use_te
 from nemo_lpo.model.resolve import build_model_chunks
+from nemo_lpo.train.adapters import (
+    adapters_disabled,
+    add_adapters,
+    base_pointer,
+    build_peft,
+    parameter_counts,
+    require_peft,
+)
 from nemo_lpo.train.checkpoint import load_model_weights
 from nemo_lpo.train.task import LPOTask
 
@@ -62,6 +70,7 @@ class LPOModel:
 
     def __init__(self, cfg: Config, *, train: bool = True, layout: BatchLayout | None = None) -> None:
         self.cfg = cfg
+        require_peft(cfg.peft)  # a clear refusal where Megatron-Bridge's PEFT does not import
         self.use_te = resolve_use_te(cfg.model.transformer_impl)
         self.layout = layout or layout_of(cfg)
         self.layout.check_backend(self.layout.backend_for(self.use_te))  # before anything is built
@@ -81,6 +90,13 @@ class LPOModel:
         if train and cfg.reference.mode == "online":
             self.references = self._build_reference()
         self.reference = None if self.references is None else _one_or_list(self.references)
+        # adapters after the base weights (and after the online reference copied them): Bridge's LoRA / DoRA
+        self.peft = build_peft(cfg.peft) if cfg.peft.enabled else None
+        self.base = None  # adapter runs: the base checkpoint's path and weight checksum (checkpoints record it)
+        if self.peft is not None:
+            add_adapters(self.peft, self.modules, cfg.train.seed)
+            self.base = base_pointer(cfg, self.modules)
+        self.param_counts = parameter_counts(self.modules)
         self.models = self.modules
         if train:
             self.models = self._wrap_ddp()
@@ -125,6 +141,11 @@ class LPOModel:
         return ddps
 
     # ------------------------------------------------------------------ reference
+    @property
+    def computes_reference(self) -> bool:
+        """Whether the step computes the reference log-probs (online copy, or the base under the adapters)."""
+        return self.reference is not None or self.cfg.reference.mode == "base"
+
     @contextlib.contextmanager
     def _reference_on_device(self):
         offload = self.cfg.reference.offload and torch.cuda.is_available()
@@ -140,7 +161,17 @@ class LPOModel:
                 torch.cuda.empty_cache()
 
     def attach_online_reference(self, microbatches: list[dict]) -> None:
-        """Fill ``ref_logps`` of every micro-batch with the frozen reference (forward only, same schedule)."""
+        """Fill ``ref_logps`` of every micro-batch with the frozen reference (forward only, same schedule).
+
+        ``reference.mode=base``: the policy's own chunks with their adapters switched off (Bridge's
+        ``disable_adapter``), a no-grad forward before the step's forward-backward.
+        """
+        if self.cfg.reference.mode == "base":
+            with adapters_disabled(self.peft, self.modules) as base:
+                logps = self.task.run_forward_only(base, microbatches, self.cfg.loss.length_average)
+            for batch, value in zip(microbatches, logps, strict=False):
+                batch["ref_logps"] = value
+            return
         if self.reference is None:
             raise RuntimeError("reference.mode is precomputed but the batch has no ref_logps "
                                "(run `nemo-lpo ref-logps` on the dataset first, or set reference.mode=online)")

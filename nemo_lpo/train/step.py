@@ -73,7 +73,7 @@ def train_step(lpo: LPOModel, optimizer, scheduler, microbatches: list[dict]) ->
     global_valid = sum(count_valid_lists(b) for b in microbatches).to(device=device, dtype=torch.float32)
     torch.distributed.all_reduce(global_valid, group=lpo.dp_group)
     timings = {}
-    if lpo.reference is not None:
+    if lpo.computes_reference:
         lpo.attach_online_reference(microbatches)
         _sync()
         timings["reference"] = time.perf_counter() - start

@@ -113,7 +113,7 @@ class Validator:
             collated = collate_uniform(self.lpo.layout, self.pad_id, self.multiple, groups)
         else:
             collated = [self.collator(items) for items in groups]
-        online = self.lpo.reference is not None
+        online = self.lpo.computes_reference
         return [{k: v.to(self.device) for k, v in batch.items() if not (online and k == "ref_logps")}
                 for batch in collated]
 
@@ -125,7 +125,7 @@ class Validator:
         for c in range(0, len(self.plan), CHUNK_MICROBATCHES):
             entries = self.plan[c:c + CHUNK_MICROBATCHES]
             batches = self._batches(entries)
-            if self.lpo.reference is not None:
+            if self.lpo.computes_reference:
                 self.lpo.attach_online_reference(batches)
             policy = self.lpo.task.run_forward_only(self.lpo.module, batches, length_average)
             if not self.contributes:

@@ -1,0 +1,36 @@
+"""Bridge's DoRA for the experts of a MoE layer: the one piece of Megatron-Bridge 0.6.2's PEFT that cannot serve as is.
+
+``DoRALinear.forward`` (``megatron/bridge/peft/dora_layers.py:160``) shapes the magnitude scale as ``(1, 1, out)``
+for ``[s, b, h]`` activations. megatron's ``SequentialMLP`` experts get their tokens as ``[tokens, h]``: the scale
+then broadcasts them to ``[1, tokens, out]`` and the experts' outputs no longer concatenate. ``ExpertsDoRALinear``
+runs a 2-D input through Bridge's own forward as ``[tokens, 1, h]`` and squeezes the result back; everything
+else (the magnitude, the norm, the TP gathers, the state dicts) is Bridge's. Imported only under
+``peft.type=dora`` (it subclasses Bridge's classes).
+"""
+
+from __future__ import annotations
+
+from megatron.bridge.peft.dora import DoRA
+from megatron.bridge.peft.dora_layers import DoRALinear
+
+
+class ExpertsDoRALinear(DoRALinear):
+    """``DoRALinear`` that also takes the 2-D token-major inputs of ``SequentialMLP`` experts."""
+
+    def forward(self, x, *args, **kwargs):
+        """Bridge's DoRA forward; a ``[tokens, h]`` input goes through it as ``[tokens, 1, h]``."""
+        if x.dim() != 2:
+            return super().forward(x, *args, **kwargs)
+        output, bias = super().forward(x.unsqueeze(1), *args, **kwargs)
+        return output.squeeze(1), bias
+
+
+class ExpertsDoRA(DoRA):
+    """Bridge's ``DoRA`` whose wrappers are ``ExpertsDoRALinear`` (same parameters, same state-dict keys)."""
+
+    def transform(self, m, name=None, prefix=None):
+        """Bridge's transform, then the wrapper's class swapped for the one that serves 2-D inputs."""
+        wrapped = super().transform(m, name, prefix)
+        if type(wrapped) is DoRALinear:
+            wrapped.__class__ = ExpertsDoRALinear
+        return wrapped
