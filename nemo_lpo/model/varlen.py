@@ -23,7 +23,8 @@ does with it (read from its source):
 The tail padding becomes a sequence of its own (as ``packed_causal_mask`` treats it on the local path), so
 ``cu_seqlens[-1] == S`` and no ``*_padded`` variant is needed: megatron's own ``get_padding`` /
 ``get_packed_seq_params`` (``models/multimodal/context_parallel.py``) pad the total length to ``tp`` for
-sequence parallelism (and to 16/32 tokens for FP8) and set the padded variants only for context
+sequence parallelism (and to 16/32 tokens for FP8 without SP and CP only; TE's own rule, which this module
+applies, is ``fp8_length_multiple``) and set the padded variants only for context
 parallelism, which needs every sequence padded to ``2 * cp`` between sequences; the packed collator lays
 sequences back to back, so ``cp > 1`` is refused. Keeping the padded variants unset also keeps TE's
 FlashAttention eligible (``attention/dot_product_attention/utils.py`` ``get_attention_backend`` disables
