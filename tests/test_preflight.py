@@ -186,6 +186,7 @@ def scenario(row_id: str, w: dict) -> tuple[list[str], dict]:
         "ref-logps-prefix-missing": (ref + ["--prefix", "/nonexistent/p"], {}),
         "ref-logps-checkpoint-missing": (ref + ["--checkpoint", "/nonexistent/ck"], {}),
         "eval-ckpt-not-checkpoint": (["eval", str(w["root"] / "empty"), w["data"]], {}),
+        "eval-run-folder": (["eval", str(w["root"] / "run"), w["data"]], {}),
         "eval-data-not-packed": (["eval", w["ckpt"], w["jsonl"]], {}),
         "eval-reference-missing": (["eval", w["ckpt"], w["data"], "--reference", "/nonexistent/ref"], {}),
         "convert-ckpt-hf-folder": (["convert", "mcore-to-hf", "--ckpt", str(w["root"] / "hf"), "--out",

@@ -138,6 +138,8 @@ def _why_not_a_checkpoint(folder: Path) -> tuple[str, str]:
     if (folder / "config.json").is_file():
         return ("a Hugging Face model folder, not a megatron dist checkpoint",
                 f"convert it first: nemo-lpo convert hf-to-mcore --hf {folder} --out CKPT, then give CKPT")
+    if (folder / "checkpoints" / LATEST).is_file():
+        return ("a run folder, not a checkpoint", f"give its checkpoints folder, {folder / 'checkpoints'}")
     if any(folder.glob("step_*")):
         return (f"holds step_* folders but no {LATEST} marker", "give one complete step_* folder of it")
     return ("not a megatron dist checkpoint (no metadata.json)", "give a folder written by `nemo-lpo convert "
