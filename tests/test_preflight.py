@@ -15,11 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_lpo.cli import main
 from nemo_lpo.data import ListwiseDataset, layout
@@ -186,6 +188,7 @@ def scenario(row_id: str, w: dict) -> tuple[list[str], dict]:
         "ref-logps-prefix-missing": (ref + ["--prefix", "/nonexistent/p"], {}),
         "ref-logps-checkpoint-missing": (ref + ["--checkpoint", "/nonexistent/ck"], {}),
         "eval-ckpt-not-checkpoint": (["eval", str(w["root"] / "empty"), w["data"]], {}),
+        "eval-run-folder": (["eval", str(w["root"] / "run"), w["data"]], {}),
         "eval-data-not-packed": (["eval", w["ckpt"], w["jsonl"]], {}),
         "eval-reference-missing": (["eval", w["ckpt"], w["data"], "--reference", "/nonexistent/ref"], {}),
         "convert-ckpt-hf-folder": (["convert", "mcore-to-hf", "--ckpt", str(w["root"] / "hf"), "--out",
@@ -326,6 +329,12 @@ def test_worker_errors_are_printed_once_by_the_rank_that_should(tmp_path, capsys
     for error in (NonFiniteLoss("the loss is nan"), RuntimeError("[gloo] Connection closed by peer [127.0.0.1]")):
         assert report_worker_error(error, "train", tmp_path, 1, verbose=False) == 1
         assert capsys.readouterr().err == ""  # rank 0 says it
+    shard = CheckpointException("read_data", {2: (EOFError("Ran out of input"), traceback.StackSummary())})
+    assert report_worker_error(shard, "train", tmp_path, 0, verbose=False) == 1
+    assert capsys.readouterr().err == ""  # every rank raises it; rank 2, which failed, says it
+    report_worker_error(shard, "train", tmp_path, 2, verbose=False)
+    assert "rank 2, start-up: CheckpointException: reading the checkpoint failed on rank 2: EOFError" in \
+        capsys.readouterr().err
     try:
         raise RuntimeError("[gloo] Connection closed by peer")
     except RuntimeError as raised:

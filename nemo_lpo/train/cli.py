@@ -62,7 +62,7 @@ def _run(args, body) -> int:
         check_cuda_or_cpu_allowed(cfg.parallel.allow_cpu)  # no silent CPU fallback on a GPU machine
         require_peft(cfg.peft)  # adapters need Megatron-Bridge's PEFT: say what to install before any launch
         rank, world = launch_rank_and_world()
-        if rank == 0:  # once per launch: the other ranks wait in the process group and the launcher stops them
+        if rank == 0 or args.check:  # once per launch: the other ranks wait in the process group, the launcher stops them
             prefixes = [args.prefix] if getattr(args, "prefix", None) else None
             for note in preflight(cfg, args.command, world, prefixes):
                 print(f"nemo-lpo {args.command}: {note}", flush=True)

@@ -138,6 +138,8 @@ def _why_not_a_checkpoint(folder: Path) -> tuple[str, str]:
     if (folder / "config.json").is_file():
         return ("a Hugging Face model folder, not a megatron dist checkpoint",
                 f"convert it first: nemo-lpo convert hf-to-mcore --hf {folder} --out CKPT, then give CKPT")
+    if (folder / "checkpoints" / LATEST).is_file():
+        return ("a run folder, not a checkpoint", f"give its checkpoints folder, {folder / 'checkpoints'}")
     if any(folder.glob("step_*")):
         return (f"holds step_* folders but no {LATEST} marker", "give one complete step_* folder of it")
     return ("not a megatron dist checkpoint (no metadata.json)", "give a folder written by `nemo-lpo convert "
@@ -249,13 +251,13 @@ def preflight(cfg: Config, command: str, world: int, prefixes: list[str] | None 
 
     ``prefixes``: ref-logps's ``--prefix`` (default: the run's datasets). Raises PreflightError or ConfigError.
     """
-    if cfg.data.train_prefix is None and not prefixes:
-        raise PreflightError("data.train_prefix", None, "no training dataset given", "set data.train_prefix="
-                             "PREFIX (a `nemo-lpo pack --output-prefix`)")
     _check_checkpoints(cfg)
     preset = resolve_preset(cfg)  # the recorded architecture of the checkpoints against model.preset (ConfigError)
     check_layout(cfg, preset, world)
     checked_layout(cfg, resolve_use_te(cfg.model.transformer_impl))  # the batch layout the attention serves
+    if cfg.data.train_prefix is None and not prefixes:
+        raise PreflightError("data.train_prefix", None, "no training dataset given", "set data.train_prefix="
+                             "PREFIX (a `nemo-lpo pack --output-prefix`)")
     train = [(f"data.train_prefix{_index(cfg.data.train_prefix, i)}", p)
              for i, p in enumerate(train_prefixes(cfg.data.train_prefix))]
     valid = [("data.valid_prefix", p) for p in valid_prefixes(cfg.data.valid_prefix)]

@@ -4,7 +4,8 @@ The line names the rank, the step, the error and what to do; the traceback goes 
 ``<logging.run_dir>/logs/rank<R>.error.log`` (``nemo-lpo --verbose`` also prints it).
 
 What happens alike on every rank (a non-finite loss: the metrics are all-reduced) and what a rank sees only because
-ANOTHER one failed (a lost connection) is printed by rank 0 alone, so a 64-rank job says it once.
+ANOTHER one failed (a lost connection) is printed by rank 0 alone; a dist-checkpoint load that fails raises on every
+rank with the failed ranks listed, and the first of them prints it. A 64-rank job says it once.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def report_worker_error(err: BaseException, command: str, run_dir: str | Path, r
     if verbose or log is None:
         traceback.print_exception(err, file=sys.stderr)
     everywhere = isinstance(err, NonFiniteLoss) or _is_peer_failure(err)
-    if everywhere and rank != 0:
+    failures = getattr(err, "failures", None)  # a dist-checkpoint load raises on every rank, naming the failed ones
+    speaker = min(failures) if isinstance(failures, dict) and failures else 0
+    if (everywhere or failures) and rank != speaker:
         return 1
     where = getattr(err, WHERE, "start-up")
     name, message = _describe(err)
