@@ -19,7 +19,7 @@ import torch
 
 from nemo_lpo.config import CONF_DIR, load_config
 from nemo_lpo.model import build, te_attention, varlen
-from nemo_lpo.model.attention import is_attention_layout
+from nemo_lpo.model.attention import is_attention_layout, packed_layout
 from nemo_lpo.model.varlen import (
     MAX_SEQLEN_MULTIPLE,
     VarlenPlan,
@@ -182,6 +182,24 @@ def test_one_varlen_plan_per_micro_batch_under_selective_recompute(megatron_sing
     SharedPromptLayout(te_varlen=True).logps(model, batch).sum().backward()
     layers = model.config.num_layers
     assert len(builds) == (1 if cache else 1 + layers)  # forward: once for all layers; backward: recompute reuses it
+
+
+def _same_plan(got: VarlenPlan, want: VarlenPlan) -> bool:
+    return all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("query_index", "key_index", "cu_seqlens_q",
+                                                                         "cu_seqlens_kv")) and \
+        (got.max_seqlen_q, got.max_seqlen_kv) == (want.max_seqlen_q, want.max_seqlen_kv)
+
+
+def test_a_layout_buffer_refilled_in_place_gets_the_new_micro_batchs_plan():
+    """The plan cache must not serve micro-batch A's plan to micro-batch B written into A's storage."""
+    first, second = (packed_layout(torch.tensor(cu), 16) for cu in ([0, 5, 16], [0, 9, 12, 16]))
+    buffer = first.clone()
+    assert _same_plan(varlen.cached_varlen_plan(buffer), varlen.varlen_plan(first))
+    alias = buffer.detach()  # what recompute receives: same storage, same version counter
+    assert varlen.cached_varlen_plan(alias) is varlen.cached_varlen_plan(buffer)
+    buffer.copy_(second)  # the next micro-batch in the same tensor (a static input buffer)
+    for tensor in (buffer, alias, buffer.detach()):
+        assert _same_plan(varlen.cached_varlen_plan(tensor), varlen.varlen_plan(second))
 
 
 @pytest.mark.parametrize("field", ["qk_clip", "log_max_attention_logit", "batch_invariant_mode"])

@@ -268,10 +268,12 @@ def cached_varlen_plan(layout: torch.Tensor) -> VarlenPlan:
     """``varlen_plan(layout)``, computed once per micro-batch: every layer, and its recompute in backward, gets it.
 
     The forward's layers receive the same layout tensor (an attribute cache); recompute receives a detached
-    alias of it (found by storage address, shape, stride and version in a small cache).
+    alias of it (found by storage address, shape, stride and version in a small cache). Both are keyed on the
+    tensor's version, so a buffer refilled in place (``copy_``) for the next micro-batch gets its own plan;
+    writes that bypass autograd's version counter (``.data``, a shared numpy array) are not seen.
     """
-    plan = getattr(layout, "_nemo_lpo_varlen_plan", None)
-    if plan is not None:
+    version, plan = getattr(layout, "_nemo_lpo_varlen_plan", (None, None))
+    if plan is not None and version == layout._version:
         return plan
     key = _plan_key(layout)
     if key in _PLAN_CACHE:
@@ -282,7 +284,7 @@ def cached_varlen_plan(layout: torch.Tensor) -> VarlenPlan:
         _PLAN_CACHE[key] = (layout, plan)
         while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
-    layout._nemo_lpo_varlen_plan = plan
+    layout._nemo_lpo_varlen_plan = (layout._version, plan)
     return plan
 
 
