@@ -29,12 +29,16 @@ def register(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``nemo-lpo eval``: prints the JSON line, then the table; returns 1 on a missing input."""
+    """Run ``nemo-lpo eval``: prints the JSON line, then the table.
+
+    Returns 1 on a missing input, 2 where a GPU machine would fall back to the CPU (``check_cuda_or_cpu_allowed``).
+    """
     import json
 
     from rich.console import Console
 
     from nemo_lpo.evaluate.run import evaluate_checkpoint, metrics_table, to_jsonable
+    from nemo_lpo.model.parallel import CPUFallbackRefused
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, reference=args.reference, beta=args.beta,
@@ -42,6 +46,9 @@ def run_eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"nemo-lpo eval: {err}", file=sys.stderr)
         return 1
+    except CPUFallbackRefused as err:  # a GPU machine whose CUDA does not work: one line, as train / ref-logps
+        print(f"nemo-lpo eval: error: {err}", file=sys.stderr)
+        return 2
     payload = to_jsonable(result)
     text = json.dumps(payload, indent=2)
     if args.json:
