@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -77,6 +78,37 @@ def test_max_seqlen_is_rounded_up_to_64_as_te_rounds_it():
     # never S itself with several sequences: megatron's THD RoPE would read a table of S rows as whole-row positions
     assert packed_seq_params(torch.tensor([0, 30, 64]), 64).max_seqlen_q == 128
     assert packed_seq_params(torch.tensor([0, 64]), 64).max_seqlen_q == 64  # one sequence: the same positions
+
+
+def test_thd_rope_restarts_at_each_sequence_where_the_rounded_maximum_would_equal_s(megatron_single):
+    """Why ``packed_seq_params`` keeps the 64-rounded maximum off S.
+
+    megatron's THD RoPE reads a table of exactly ``cu_seqlens[-1]`` rows as whole-row positions, so the second
+    sequence would continue the first's.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer import TransformerConfig
+
+    from nemo_lpo.model.gpt import rotary_angles
+
+    seq, first = 64, 30  # the longest sequence (34) rounds up to 64 == S
+    params = packed_seq_params(torch.tensor([0, first, seq]), seq)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, apply_rope_fusion=False)
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000)
+    x = torch.randn(seq, 4, 8, generator=torch.Generator().manual_seed(0))
+
+    def thd_rope(p):
+        freqs = rope(rope.get_rotary_seq_len(None, None, None, config, p), packed_seq=True)
+        return apply_rotary_pos_emb(x, freqs, config, cu_seqlens=p.cu_seqlens_q,
+                                    cp_group=parallel_state.get_context_parallel_group())
+
+    positions = torch.cat([torch.arange(first), torch.arange(seq - first)])[None]  # restart at each sequence
+    per_token = apply_rotary_pos_emb(x[:, None], rotary_angles(positions, rope.inv_freq), config)[:, 0]
+    assert (thd_rope(params) - per_token).abs().max().item() < 1e-6
+    at_s = dataclasses.replace(params, max_seqlen_q=seq, max_seqlen_kv=seq)  # planted: the rounded maximum left at S
+    assert (thd_rope(at_s) - per_token).abs().max().item() > 1e-2
 
 
 class StandInTEDotProductAttention(CPUVarlenAttention):
