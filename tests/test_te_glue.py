@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from nemo_lpo.config import CONF_DIR, load_config
+from nemo_lpo.config import CONF_DIR, ConfigError, load_config
 from nemo_lpo.model import build, te_attention, varlen
 from nemo_lpo.model.attention import is_attention_layout, packed_layout
 from nemo_lpo.model.varlen import (
@@ -238,6 +238,10 @@ def test_a_layout_buffer_refilled_in_place_gets_the_new_micro_batchs_plan():
 def test_fields_the_gathered_te_call_cannot_serve_are_refused_by_name(megatron_single, field):
     from nemo_lpo.model.presets import PRESETS, transformer_config
 
+    # no config path sets them (the loader refuses the key), so model build is the earliest point to refuse them;
+    # a config field added for one of them must be refused at load with model.te_varlen_attention
+    with pytest.raises(ConfigError, match=f"unknown key 'model.{field}'"):
+        load_config(None, [f"model.{field}=true", "model.te_varlen_attention=true"])
     check_te_gathered_config(transformer_config(PRESETS["tiny-mixtral"]))  # the defaults pass
     config = types.SimpleNamespace(**{field: True})
     with pytest.raises(ValueError, match=f"TransformerConfig {field} cannot be served"):

@@ -180,6 +180,9 @@ def thd_attention_inputs(batch: dict, model=None, *, fp8_recipe: str | None = No
 # call of TEGatheredDotProductAttention (te_attention.py) cannot: with qk_clip / log_max_attention_logit megatron
 # asks TE for return_max_logit, so TE returns (output, max_logit) and the gathered path's reshape would crash;
 # batch_invariant_mode sets num_splits=1, which the gathered call would ignore (no batch invariance).
+# nemo-lpo's config has no such fields (the loader refuses model.qk_clip & co as unknown keys), so they reach a
+# TransformerConfig only through presets.transformer_config(**overrides) in Python: model build (layer_spec) is the
+# earliest point that sees them, and the class's constructor refuses them again.
 TE_GATHERED_UNSUPPORTED = {
     "qk_clip": "TE returns (output, max_logit) and megatron's per-layer max-logit statistics are not kept",
     "log_max_attention_logit": "TE returns (output, max_logit) and megatron's per-layer max-logit statistics are "
