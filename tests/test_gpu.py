@@ -28,7 +28,6 @@ from tests.dist.train_common import DEMO_LISTS, REPO, TINY_CONF, metrics_lines, 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_PRESENT, reason="needs an NVIDIA GPU (nvidia-smi -L)")]
 
 
-
 @pytest.fixture(autouse=True)
 def cuda_works():
     """Every GPU check runs on CUDA: fail (not skip, not run on the CPU) where CUDA does not work."""

@@ -64,6 +64,17 @@ def test_eval_path_refuses_the_cpu_where_a_gpu_is_listed(stand_in_gpu):
         initialize_parallel()  # evaluate_checkpoint (nemo-lpo eval) and the demo start here
 
 
+def test_eval_cli_refuses_the_cpu_in_one_line(stand_in_gpu, monkeypatch, capsys):
+    from nemo_lpo.evaluate import run
+
+    monkeypatch.setattr(run, "ListwiseDataset", lambda prefix: None)  # no dataset needed: the check comes first
+    args = build_parser().parse_args(["eval", "no-checkpoint", "no-dataset"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nemo-lpo eval: error: this machine has GPUs (nvidia-smi -L lists 1 GPU(s)") and \
+        err.count("\n") == 1, err  # one line, no traceback
+
+
 def test_the_cpu_asked_for_explicitly_is_allowed(stand_in_gpu, monkeypatch):
     with pytest.raises(RuntimeError, match="NEMO_LPO_ALLOW_CPU=1"):
         check_cuda_or_cpu_allowed()

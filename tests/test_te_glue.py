@@ -12,14 +12,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
 import torch
 
-from nemo_lpo.config import CONF_DIR, load_config
+from nemo_lpo.config import CONF_DIR, ConfigError, load_config
 from nemo_lpo.model import build, te_attention, varlen
-from nemo_lpo.model.attention import is_attention_layout
+from nemo_lpo.model.attention import is_attention_layout, packed_layout
 from nemo_lpo.model.varlen import (
     MAX_SEQLEN_MULTIPLE,
     VarlenPlan,
@@ -77,6 +78,37 @@ def test_max_seqlen_is_rounded_up_to_64_as_te_rounds_it():
     # never S itself with several sequences: megatron's THD RoPE would read a table of S rows as whole-row positions
     assert packed_seq_params(torch.tensor([0, 30, 64]), 64).max_seqlen_q == 128
     assert packed_seq_params(torch.tensor([0, 64]), 64).max_seqlen_q == 64  # one sequence: the same positions
+
+
+def test_thd_rope_restarts_at_each_sequence_where_the_rounded_maximum_would_equal_s(megatron_single):
+    """Why ``packed_seq_params`` keeps the 64-rounded maximum off S.
+
+    megatron's THD RoPE reads a table of exactly ``cu_seqlens[-1]`` rows as whole-row positions, so the second
+    sequence would continue the first's.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer import TransformerConfig
+
+    from nemo_lpo.model.gpt import rotary_angles
+
+    seq, first = 64, 30  # the longest sequence (34) rounds up to 64 == S
+    params = packed_seq_params(torch.tensor([0, first, seq]), seq)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, apply_rope_fusion=False)
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000)
+    x = torch.randn(seq, 4, 8, generator=torch.Generator().manual_seed(0))
+
+    def thd_rope(p):
+        freqs = rope(rope.get_rotary_seq_len(None, None, None, config, p), packed_seq=True)
+        return apply_rotary_pos_emb(x, freqs, config, cu_seqlens=p.cu_seqlens_q,
+                                    cp_group=parallel_state.get_context_parallel_group())
+
+    positions = torch.cat([torch.arange(first), torch.arange(seq - first)])[None]  # restart at each sequence
+    per_token = apply_rotary_pos_emb(x[:, None], rotary_angles(positions, rope.inv_freq), config)[:, 0]
+    assert (thd_rope(params) - per_token).abs().max().item() < 1e-6
+    at_s = dataclasses.replace(params, max_seqlen_q=seq, max_seqlen_kv=seq)  # planted: the rounded maximum left at S
+    assert (thd_rope(at_s) - per_token).abs().max().item() > 1e-2
 
 
 class StandInTEDotProductAttention(CPUVarlenAttention):
@@ -184,10 +216,32 @@ def test_one_varlen_plan_per_micro_batch_under_selective_recompute(megatron_sing
     assert len(builds) == (1 if cache else 1 + layers)  # forward: once for all layers; backward: recompute reuses it
 
 
+def _same_plan(got: VarlenPlan, want: VarlenPlan) -> bool:
+    return all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("query_index", "key_index", "cu_seqlens_q",
+                                                                         "cu_seqlens_kv")) and \
+        (got.max_seqlen_q, got.max_seqlen_kv) == (want.max_seqlen_q, want.max_seqlen_kv)
+
+
+def test_a_layout_buffer_refilled_in_place_gets_the_new_micro_batchs_plan():
+    """The plan cache must not serve micro-batch A's plan to micro-batch B written into A's storage."""
+    first, second = (packed_layout(torch.tensor(cu), 16) for cu in ([0, 5, 16], [0, 9, 12, 16]))
+    buffer = first.clone()
+    assert _same_plan(varlen.cached_varlen_plan(buffer), varlen.varlen_plan(first))
+    alias = buffer.detach()  # what recompute receives: same storage, same version counter
+    assert varlen.cached_varlen_plan(alias) is varlen.cached_varlen_plan(buffer)
+    buffer.copy_(second)  # the next micro-batch in the same tensor (a static input buffer)
+    for tensor in (buffer, alias, buffer.detach()):
+        assert _same_plan(varlen.cached_varlen_plan(tensor), varlen.varlen_plan(second))
+
+
 @pytest.mark.parametrize("field", ["qk_clip", "log_max_attention_logit", "batch_invariant_mode"])
 def test_fields_the_gathered_te_call_cannot_serve_are_refused_by_name(megatron_single, field):
     from nemo_lpo.model.presets import PRESETS, transformer_config
 
+    # no config path sets them (the loader refuses the key), so model build is the earliest point to refuse them;
+    # a config field added for one of them must be refused at load with model.te_varlen_attention
+    with pytest.raises(ConfigError, match=f"unknown key 'model.{field}'"):
+        load_config(None, [f"model.{field}=true", "model.te_varlen_attention=true"])
     check_te_gathered_config(transformer_config(PRESETS["tiny-mixtral"]))  # the defaults pass
     config = types.SimpleNamespace(**{field: True})
     with pytest.raises(ValueError, match=f"TransformerConfig {field} cannot be served"):

@@ -29,13 +29,17 @@ def register(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``nemo-lpo eval``: prints the JSON line, then the table; returns 1 on a missing input."""
+    """Run ``nemo-lpo eval``: prints the JSON line, then the table.
+
+    Returns 2 when CKPT / DATA / --reference is not what it should be (the start-up check) and where a GPU machine would fall back to the CPU (``check_cuda_or_cpu_allowed``).
+    """
     import json
 
     from rich.console import Console
 
     from nemo_lpo.config import ConfigError
     from nemo_lpo.evaluate.run import SIDECAR, evaluate_checkpoint, metrics_table, to_jsonable
+    from nemo_lpo.model.parallel import CPUFallbackRefused
     from nemo_lpo.train.preflight import check_dist_checkpoint, check_packed_dataset
 
     try:  # the start-up check: one line, exit 2, before a model is built
@@ -52,6 +56,9 @@ def run_eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"nemo-lpo eval: {err}", file=sys.stderr)
         return 1
+    except CPUFallbackRefused as err:  # a GPU machine whose CUDA does not work: one line, as train / ref-logps
+        print(f"nemo-lpo eval: error: {err}", file=sys.stderr)
+        return 2
     payload = to_jsonable(result)
     text = json.dumps(payload, indent=2)
     if args.json:

@@ -58,6 +58,10 @@ def gpus_asked_for(environ: dict | None = None) -> str | None:
     return f"nvidia-smi -L lists {len(gpus)} GPU(s): {gpus[0]}" if gpus else None
 
 
+class CPUFallbackRefused(RuntimeError):
+    """The machine has GPUs but CUDA does not work in this process, and the CPU was not asked for."""
+
+
 def check_cuda_or_cpu_allowed(allow_cpu: bool = False) -> None:
     """Refuse a silent CPU fallback: raise when the machine has GPUs but CUDA does not work in this process.
 
@@ -66,7 +70,7 @@ def check_cuda_or_cpu_allowed(allow_cpu: bool = False) -> None:
             same for every command).
 
     Raises:
-        RuntimeError: GPUs are asked for (``gpus_asked_for``) and ``torch.cuda.is_available()`` is False.
+        CPUFallbackRefused: GPUs are asked for (``gpus_asked_for``) and ``torch.cuda.is_available()`` is False.
     """
     if torch.cuda.is_available() or allow_cpu or os.environ.get(ALLOW_CPU_ENV) == "1":
         return
@@ -78,7 +82,7 @@ def check_cuda_or_cpu_allowed(allow_cpu: bool = False) -> None:
         why = "torch.cuda.is_available() is False"
     except Exception as err:  # noqa: BLE001 - any CUDA initialisation error is the reason we report
         why = f"{type(err).__name__}: {err}"
-    raise RuntimeError(
+    raise CPUFallbackRefused(
         f"this machine has GPUs ({reason}) but CUDA does not work in this process (torch {torch.__version__}, "
         f"built for CUDA {torch.version.cuda}; {why}). Refusing to fall back to the CPU silently: fix the driver "
         f"/ container / torch build, or run on the CPU on purpose with parallel.allow_cpu=true (any command: "
@@ -112,7 +116,7 @@ def initialize_parallel(
         allow_cpu: run on the CPU although this machine has GPUs (``check_cuda_or_cpu_allowed``).
 
     Raises:
-        RuntimeError: the machine has GPUs but CUDA does not work here, and ``allow_cpu`` is not set.
+        CPUFallbackRefused: the machine has GPUs but CUDA does not work here, and ``allow_cpu`` is not set.
     """
     check_cuda_or_cpu_allowed(allow_cpu)
     cuda = torch.cuda.is_available()

@@ -180,6 +180,9 @@ def thd_attention_inputs(batch: dict, model=None, *, fp8_recipe: str | None = No
 # call of TEGatheredDotProductAttention (te_attention.py) cannot: with qk_clip / log_max_attention_logit megatron
 # asks TE for return_max_logit, so TE returns (output, max_logit) and the gathered path's reshape would crash;
 # batch_invariant_mode sets num_splits=1, which the gathered call would ignore (no batch invariance).
+# nemo-lpo's config has no such fields (the loader refuses model.qk_clip & co as unknown keys), so they reach a
+# TransformerConfig only through presets.transformer_config(**overrides) in Python: model build (layer_spec) is the
+# earliest point that sees them, and the class's constructor refuses them again.
 TE_GATHERED_UNSUPPORTED = {
     "qk_clip": "TE returns (output, max_logit) and megatron's per-layer max-logit statistics are not kept",
     "log_max_attention_logit": "TE returns (output, max_logit) and megatron's per-layer max-logit statistics are "
@@ -268,10 +271,12 @@ def cached_varlen_plan(layout: torch.Tensor) -> VarlenPlan:
     """``varlen_plan(layout)``, computed once per micro-batch: every layer, and its recompute in backward, gets it.
 
     The forward's layers receive the same layout tensor (an attribute cache); recompute receives a detached
-    alias of it (found by storage address, shape, stride and version in a small cache).
+    alias of it (found by storage address, shape, stride and version in a small cache). Both are keyed on the
+    tensor's version, so a buffer refilled in place (``copy_``) for the next micro-batch gets its own plan;
+    writes that bypass autograd's version counter (``.data``, a shared numpy array) are not seen.
     """
-    plan = getattr(layout, "_nemo_lpo_varlen_plan", None)
-    if plan is not None:
+    version, plan = getattr(layout, "_nemo_lpo_varlen_plan", (None, None))
+    if plan is not None and version == layout._version:
         return plan
     key = _plan_key(layout)
     if key in _PLAN_CACHE:
@@ -282,7 +287,7 @@ def cached_varlen_plan(layout: torch.Tensor) -> VarlenPlan:
         _PLAN_CACHE[key] = (layout, plan)
         while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
-    layout._nemo_lpo_varlen_plan = plan
+    layout._nemo_lpo_varlen_plan = (layout._version, plan)
     return plan
 
 
