@@ -38,9 +38,9 @@ def _armed_spec() -> str | None:
 
 
 def warn_if_set() -> None:
-    """One warning on stderr (rank 0 of a launch) when either test variable is present, armed or not."""
+    """One warning on stderr (rank 0 of a torchrun or srun launch) when either test variable is present, armed or not."""
     present = {name: os.environ[name] for name in (ENV, ARM_ENV) if name in os.environ}
-    if not present or os.environ.get("RANK", "0") != "0":
+    if not present or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # srun: before the mapping
         return
     values = " ".join(f"{name}={value!r}" for name, value in present.items())
     if _armed_spec():

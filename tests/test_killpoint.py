@@ -18,7 +18,7 @@ NOT_ARMED = "NOT armed"
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in (killpoint.ENV, killpoint.ARM_ENV, "RANK"):
+    for name in (killpoint.ENV, killpoint.ARM_ENV, "RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(killpoint, "_reached", {})
     return monkeypatch
@@ -57,7 +57,8 @@ def test_both_variables_kill_at_the_named_point():
 @pytest.mark.parametrize(("env", "said"), [({}, None), ({killpoint.ENV: "x"}, NOT_ARMED),
                                            ({killpoint.ARM_ENV: "1"}, NOT_ARMED),
                                            ({killpoint.ENV: "x", killpoint.ARM_ENV: "1"}, ARMED),
-                                           ({killpoint.ENV: "x", killpoint.ARM_ENV: "1", "RANK": "1"}, None)])
+                                           ({killpoint.ENV: "x", killpoint.ARM_ENV: "1", "RANK": "1"}, None),
+                                           ({killpoint.ENV: "x", "SLURM_PROCID": "3"}, None)])
 def test_warning_when_either_variable_is_present(clean_env, capsys, env, said):
     """One warning on rank 0, saying whether the hook is armed; nothing without the variables or on other ranks."""
     for name, value in env.items():
