@@ -99,8 +99,12 @@ def ws(tmp_path_factory) -> dict:
         cfg = load_config(TINY_CONF, [*base, f"logging.run_dir={root / 'run'}", "optim.lr=1e-4"])
         step = root / "run" / "checkpoints" / "step_0000002"
         step.mkdir(parents=True)
-        dist_checkpointing.save({"model": model_sharded_state_dict(model), "config": cfg.to_dict(), "step": 2},
-                                str(step))
+        # the common state a training save holds (train/checkpoint.py); "scheduler": OptimizerParamScheduler's
+        # state_dict for this config's max_steps 20, cosine to min_lr 0 (train/optimizer.py)
+        scheduler = {"max_lr": 1e-4, "lr_warmup_steps": 0, "num_steps": 2, "lr_decay_style": "cosine",
+                     "lr_decay_steps": cfg.train.max_steps, "min_lr": 0.0}
+        dist_checkpointing.save({"model": model_sharded_state_dict(model), "config": cfg.to_dict(), "step": 2,
+                                 "scheduler": scheduler}, str(step))
     finally:
         destroy_parallel()
     (root / "run" / "checkpoints" / "latest").write_text("step_0000002\n")
@@ -141,6 +145,11 @@ def _base(w: dict) -> list[str]:
 
 def scenario(row_id: str, w: dict) -> tuple[list[str], dict]:
     """(argv, extra environment) that plants the mistake of table row ``row_id``."""
+    return scenarios(w)[row_id]
+
+
+def scenarios(w: dict) -> dict[str, tuple[list[str], dict]]:
+    """Each table row's id: the (argv, extra environment) that plants its mistake."""
     train = ["train", str(TINY_CONF), *_base(w)]
     ref = ["ref-logps", str(TINY_CONF), *_base(w)]
     world = {f"WORLD_SIZE={n}": {"WORLD_SIZE": str(n), "RANK": "0"} for n in (2, 3, 4)}
@@ -184,6 +193,8 @@ def scenario(row_id: str, w: dict) -> tuple[list[str], dict]:
         "no-room": (train + ["model.preset=from_checkpoint", f"model.init_checkpoint={w['huge']}",
                              "reference.mode=online"], {}),
         "resume-changed": (train + [f"logging.run_dir={w['root'] / 'run'}", "optim.lr=2e-4"], {}),
+        "resume-past-schedule": (train + [f"logging.run_dir={w['root'] / 'run'}", "optim.lr=1e-4",
+                                          "train.max_steps=40"], {}),
         "resume-latest-broken": (train + [f"logging.run_dir={w['root'] / 'run2'}"], {}),
         "ref-logps-prefix-missing": (ref + ["--prefix", "/nonexistent/p"], {}),
         "ref-logps-checkpoint-missing": (ref + ["--checkpoint", "/nonexistent/ck"], {}),
@@ -195,7 +206,7 @@ def scenario(row_id: str, w: dict) -> tuple[list[str], dict]:
                                     str(w["root"] / "out")], {}),
         "convert-hf-is-mcore": (["convert", "hf-to-mcore", "--hf", w["ckpt"], "--out", str(w["root"] / "out")], {}),
     }
-    return table[row_id]
+    return table
 
 
 def _snapshot(root: Path) -> dict:
@@ -217,8 +228,8 @@ def _run_main(argv: list[str], env: dict, monkeypatch, capsys) -> tuple[int, str
 def test_the_table_has_a_scenario_per_row_and_enough_rows(ws):
     ids = [row["id"] for row in ROWS]
     assert len(ids) >= 25 and len(set(ids)) == len(ids)
-    for row_id in ids:
-        scenario(row_id, ws)  # a row without a scenario raises KeyError
+    assert all(row["setting"] and row["says"] and row["fix"] for row in ROWS)  # an empty cell would match any line
+    assert sorted(scenarios(ws)) == sorted(ids)  # a row without a scenario, or a scenario without a row, fails
     commands = {scenario(row_id, ws)[0][0] for row_id in ids}
     assert commands == {"train", "ref-logps", "eval", "convert"}
 
@@ -244,6 +255,9 @@ def test_a_good_config_passes_the_check(ws, monkeypatch, capsys):
                                {"WORLD_SIZE": "2", "RANK": "0"}, monkeypatch, capsys)
     assert (code, err) == (0, "") and "for 2 process" in out
     assert not (ws["root"] / "fresh_run").exists()
+    code, out, err = _run_main(["ref-logps", str(TINY_CONF), *_base(ws), "parallel.tp=2", "--check"],
+                               {"WORLD_SIZE": "2", "RANK": "0"}, monkeypatch, capsys)
+    assert (code, err) == (0, ""), err  # MoE at tp=2 without SP: megatron refuses it in training only
 
 
 def test_a_layout_change_resumes_with_a_note_and_a_breaking_one_when_asked(ws, monkeypatch, capsys):
@@ -253,7 +267,7 @@ def test_a_layout_change_resumes_with_a_note_and_a_breaking_one_when_asked(ws, m
     assert code == 0 and "parallel.tp 1 -> 2" in out, out + err
     code, out, err = _run_main(["train", str(TINY_CONF), *_base(ws), *run, "optim.lr=3e-4",
                                 "checkpoint.resume_despite_changes=true", "--check"], {}, monkeypatch, capsys)
-    assert code == 0 and "optim.lr 0.0001 -> 0.0003" in out, out + err
+    assert code == 0 and "optim.lr 0.0001 -> 0.0003 (not applied: the LR schedule is the checkpoint's)" in out, err
     code, out, err = _run_main(["train", str(TINY_CONF), *_base(ws), *run, "optim.lr=3e-4", "checkpoint.resume=false",
                                 "--check"], {}, monkeypatch, capsys)
     assert code == 0 and "starting fresh" in out, out + err
@@ -366,3 +380,15 @@ def test_ref_logps_records_its_checkpoint_and_training_accepts_it(ws, tmp_path, 
     code, out, err = _run_main(["train", str(TINY_CONF), *_base(ws), f"data.train_prefix={data}",
                                 f"model.init_checkpoint={ws['other']}", "--check"], {}, monkeypatch, capsys)
     assert code == 2 and f"were made by {Path(ws['ckpt']).resolve()}" in err, err
+
+
+def test_only_a_raised_max_steps_past_the_saved_decay_is_named():
+    """A run set to decay early (optim.decay_steps < max_steps) resumes as it was; raising max_steps is named."""
+    from nemo_lpo.config import load_config
+    from nemo_lpo.train.resume_check import _past_the_schedule
+
+    cfg = load_config(TINY_CONF, ["train.max_steps=40"])
+    schedule = {"lr_decay_steps": 10, "lr_decay_style": "cosine", "min_lr": 0.0}
+    assert "reaches optim.min_lr=0.0 at step 10" in _past_the_schedule(cfg, {"train": {"max_steps": 20}}, schedule)
+    assert _past_the_schedule(cfg, {"train": {"max_steps": 40}}, schedule) is None
+    assert _past_the_schedule(cfg, {"train": {"max_steps": 20}}, {**schedule, "lr_decay_style": "constant"}) is None

@@ -175,8 +175,13 @@ def check_reference_sidecar(cfg: Config, dataset: ListwiseDataset, prefix: str, 
                              f"{str(cfg.loss.length_average).lower()}", rerun)
 
 
-def check_layout(cfg: Config, preset: ModelPreset, world: int) -> None:
-    """The parallel layout fits ``world`` processes and the model (megatron's own checks run last)."""
+def check_layout(cfg: Config, preset: ModelPreset, world: int, training: bool = True) -> None:
+    """The parallel layout fits ``world`` processes and the model (megatron's own checks run last).
+
+    ``training``: the run trains (not ``ref-logps``'s forward-only pass), so MoE under tp > 1 needs sequence
+    parallelism: megatron-core 0.19.2's ``MoELayer.forward`` raises ValueError in training mode without it
+    (megatron/core/transformer/moe/moe_layer.py:629-633), at the first step, on every rank.
+    """
     p = cfg.parallel
     if world % (p.tp * p.pp):
         setting, value = ("parallel.tp", p.tp) if p.tp > 1 else ("parallel.pp", p.pp)
@@ -199,9 +204,10 @@ def check_layout(cfg: Config, preset: ModelPreset, world: int) -> None:
     if p.sequence_parallel and p.tp == 1:
         raise PreflightError("parallel.sequence_parallel", True, "sequence parallelism shards over tensor-parallel "
                              "ranks and needs parallel.tp > 1", "set it to false, or raise parallel.tp")
-    if preset.is_moe and p.tp > 1 and not p.sequence_parallel:
+    if training and preset.is_moe and p.tp > 1 and not p.sequence_parallel:
         raise PreflightError("parallel.sequence_parallel", False, f"{preset.name} is MoE and tp={p.tp}: megatron's "
-                             "MoE layers need sequence parallelism under tensor parallelism", "set it to true")
+                             "MoE layers need sequence parallelism under tensor parallelism in training (they "
+                             "raise at the first step)", "set it to true")
     cfg.data_parallel_size(world)  # ep vs dp*tp, batch sizes vs dp and micro-batch, vpp micro-batches (ConfigError)
     try:
         build_transformer_config(cfg)
@@ -253,7 +259,7 @@ def preflight(cfg: Config, command: str, world: int, prefixes: list[str] | None 
     """
     _check_checkpoints(cfg)
     preset = resolve_preset(cfg)  # the recorded architecture of the checkpoints against model.preset (ConfigError)
-    check_layout(cfg, preset, world)
+    check_layout(cfg, preset, world, training=command != "ref-logps")
     checked_layout(cfg, resolve_use_te(cfg.model.transformer_impl))  # the batch layout the attention serves
     if cfg.data.train_prefix is None and not prefixes:
         raise PreflightError("data.train_prefix", None, "no training dataset given", "set data.train_prefix="

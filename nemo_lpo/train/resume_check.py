@@ -25,6 +25,13 @@ BREAKS_EXACT_RESUME = (
 )
 
 
+# Restored from the checkpoint on resume, whatever the config says: megatron's OptimizerParamScheduler with
+# use_checkpoint_opt_param_scheduler=True (train/optimizer.py) takes the saved value in load_state_dict
+# (megatron/core/optimizer_param_scheduler.py, _check_and_set). A change to these is listed as not applied.
+SCHEDULE_FROM_CHECKPOINT = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_steps",
+                            "optim.decay_style", "optim.weight_decay")
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -47,6 +54,8 @@ def config_changes(saved: dict, now: Config) -> tuple[list[str], list[str]]:
         if key not in after or before.get(key) == after[key]:
             continue
         change = f"{key} {before.get(key)!r} -> {after[key]!r}"
+        if key in SCHEDULE_FROM_CHECKPOINT:
+            change += " (not applied: the LR schedule is the checkpoint's)"
         is_breaking = any(key == b or (b.endswith(".") and key.startswith(b)) for b in BREAKS_EXACT_RESUME)
         (breaking if is_breaking else allowed).append(change)
     return breaking, allowed
@@ -72,13 +81,19 @@ def check_resume(cfg: Config) -> list[str]:
         return [f"checkpoint.resume=false: starting fresh; the checkpoints in {marker.parent} get replaced"] if fresh \
             else []
     try:
-        saved = dist_checkpointing.load_common_state_dict(str(path)).get("config")
+        common = dist_checkpointing.load_common_state_dict(str(path))
     except Exception as err:  # an unreadable common state: the trainer's load would fail the same way
         raise PreflightError("checkpoint.resume", True, f"cannot read {path} ({type(err).__name__}: {err})",
                              "start fresh with checkpoint.resume=false or another logging.run_dir") from None
+    saved = common.get("config")
     if not isinstance(saved, dict):
         return []
     breaking, allowed = config_changes(saved, cfg)
+    past_schedule = _past_the_schedule(cfg, saved, common.get("scheduler"))
+    if past_schedule and float(common["scheduler"].get("min_lr", 0.0)) == 0.0:
+        breaking.append(past_schedule)  # every step after the schedule's end would train at lr 0
+    elif past_schedule:
+        allowed.append(past_schedule)
     if breaking and not cfg.checkpoint.resume_despite_changes:
         raise PreflightError("checkpoint.resume", True, f"{path} was saved with another config ({'; '.join(breaking)})"
                              ", so resuming would not continue that run", "restore those values, start fresh with "
@@ -86,3 +101,21 @@ def check_resume(cfg: Config) -> list[str]:
                              "resume anyway with checkpoint.resume_despite_changes=true")
     changes = breaking + allowed
     return [f"resuming {path} with changed settings: {'; '.join(changes)}"] if changes else []
+
+
+def _past_the_schedule(cfg: Config, saved: dict, scheduler: dict | None) -> str | None:
+    """A note when a raised ``train.max_steps`` runs past the end of the checkpoint's LR decay (restored on resume).
+
+    Only a changed max_steps: a run configured to decay early (``optim.decay_steps`` < max_steps) resumes as it was.
+    """
+    max_steps = cfg.train.max_steps
+    if not isinstance(scheduler, dict) or max_steps is None or scheduler.get("lr_decay_style") == "constant" \
+            or saved.get("train", {}).get("max_steps") == max_steps:
+        return None
+    decay_end = scheduler.get("lr_decay_steps")
+    if decay_end is None or max_steps <= decay_end:
+        return None
+    return (f"train.max_steps={cfg.train.max_steps} runs past the checkpoint's LR schedule, which reaches "
+            f"optim.min_lr={scheduler.get('min_lr')} at step {decay_end} and stays there (the schedule is restored "
+            f"from the checkpoint; to extend a run with a new schedule, start one from it: model.init_checkpoint="
+            f"{cfg.checkpoint_dir()} in another logging.run_dir)")
