@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+from nemo_lpo.data.transforms import RewardTransform
 from nemo_lpo.demo import tasks
 from nemo_lpo.demo.config import DemoConfig
 from nemo_lpo.demo.pipeline import pack_split, save_start_weights
@@ -90,6 +91,7 @@ def iterate_config(cfg: OnPolicyDemoConfig, out: Path, start: Path, prompts: Pat
         out_dir=str(out / "rounds"), prompts=str(prompts), eval_prompts=str(held) if cfg.eval_prompts else None,
         start_checkpoint=str(start),
         rounds=cfg.rounds, reward_fn=f"{__name__}:target_length", preset="tiny-mixtral",
+        reward_transform=RewardTransform(kind="rank"),
         sampling=SamplingSettings(k=cfg.k, temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                                   seed=cfg.seed, prompts_per_batch=16),
         train_overrides=["model.preset=tiny-mixtral", f"data.global_batch_size={batch}",
