@@ -7,11 +7,14 @@ import math
 import os
 from pathlib import Path
 
+import pytest
+
+from nemo_lpo.config import ConfigError
 from nemo_lpo.data import layout
 from nemo_lpo.data.pack import PackConfig, pack
 from nemo_lpo.demo.onpolicy import OnPolicyDemoConfig, iterate_config, run_onpolicy_demo, target_length
 from nemo_lpo.onpolicy import shards
-from nemo_lpo.onpolicy.iterate import round_paths, run_rounds
+from nemo_lpo.onpolicy.iterate import load_iterate_config, round_paths, run_rounds
 
 
 def test_target_length_reward():
@@ -54,3 +57,16 @@ def test_small_round_runs_and_its_artefacts_feed_pack(tmp_path):
     before = [os.stat(p).st_mtime_ns for p in outputs]
     run_rounds(icfg)
     assert [os.stat(p).st_mtime_ns for p in outputs] == before
+
+
+def test_iterate_config_yaml_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "it.yaml"
+    path.write_text("out_dir: runs/x\nprompts: p.jsonl\nstart_checkpoint: ckpt\nsampling: {k: 8, seed: 3}\n"
+                    "reward_fn: m:f\nreward_transform: {kind: rank}\ntrain_overrides: [train.max_steps=5]\n")
+    cfg = load_iterate_config(str(path), ["sampling.temperature=0.7", "rounds=2"])
+    assert (cfg.sampling.k, cfg.sampling.seed, cfg.sampling.temperature, cfg.rounds) == (8, 3, 0.7, 2)
+    assert cfg.reward_transform.kind == "rank" and cfg.train_overrides == ["train.max_steps=5"]
+    with pytest.raises(ConfigError, match="unknown key 'sampling.topp'"):
+        load_iterate_config(str(path), ["sampling.topp=0.9"])
+    with pytest.raises(ConfigError, match="'sampler'"):
+        load_iterate_config(str(path), ["reference=policy"])
