@@ -1,7 +1,7 @@
 """One on-policy round on CPU: generation tokens/s, scoring items/s, training lists/s, and each step's share.
 
-Runs the on-policy demonstration (``nemo_lpo.demo.onpolicy``: tiny Mixtral, the target-length reward) for one
-round plus the final sampling, in one process, and prints from that one run, side by side:
+Runs the on-policy demonstration (``nemo_lpo.demo.onpolicy``: tiny Mixtral after 4 SFT steps, the target-length
+reward) for one round plus the final sampling, in one process, and prints from that one run, side by side:
 
   generate   tokens sampled per second (HF transformers ``generate`` on the exported model, fp32 CPU)
   score      responses scored per second (a reward function, and a tiny HF reward model on the same responses)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "round"
         cfg = OnPolicyDemoConfig(out_dir=out, rounds=1, prompts=args.prompts, eval_prompts=0, k=args.k,
-                                 max_new_tokens=args.max_new_tokens, steps=args.steps)
+                                 max_new_tokens=args.max_new_tokens, sft_steps=4, steps=args.steps)
         summary = run_onpolicy_demo(cfg)
         paths = round_paths(iterate_config(cfg, out, out / "start", out / "prompts_train.jsonl",
                                            out / "prompts_heldout.jsonl"), 0)
