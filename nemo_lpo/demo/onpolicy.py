@@ -56,6 +56,7 @@ class OnPolicyDemoConfig:
         k: responses per prompt.
         max_new_tokens: response length limit (tokens).
         sft_steps: steps of the SFT warm start (the start policy) on the embedded train split's best responses.
+        sft_lr: peak learning rate of the warm start.
         steps: optimizer steps per round.
         lr: peak learning rate (cosine decay per round).
         seed: seed of the start weights and of sampling.
@@ -68,8 +69,9 @@ class OnPolicyDemoConfig:
     k: int = 4
     max_new_tokens: int = 16
     sft_steps: int = 60
-    steps: int = 24
-    lr: float = 1e-3
+    sft_lr: float = 1e-3
+    steps: int = 48
+    lr: float = 2e-3
     seed: int = 1234
 
 
@@ -110,7 +112,7 @@ def warm_start(cfg: OnPolicyDemoConfig, out: Path) -> Path:
             save_start_weights(out / "init", cfg.seed)
         prefix = out / "sft_data" / "train"
         pack_split(tasks.DATA_DIR / "train.jsonl", prefix)
-        demo = DemoConfig(out_dir=out, seed=cfg.seed, lr=cfg.lr)
+        demo = DemoConfig(out_dir=out, seed=cfg.seed, lr=cfg.sft_lr)
         shutil.rmtree(run_dir, ignore_errors=True)
         train(pipeline_train_config(demo, prefix, out / "init", run_dir, steps=cfg.sft_steps, loss="sft",
                                     extra=("reference.mode=online", "logging.log_interval=10")))
