@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,29 @@ def test_iterate_config_yaml_overrides_and_unknown_keys(tmp_path):
         load_iterate_config(str(path), ["sampling.topp=0.9"])
     with pytest.raises(ConfigError, match="'sampler'"):
         load_iterate_config(str(path), ["reference=policy"])
+
+
+def test_the_example_iterate_config_loads():
+    cfg = load_iterate_config(str(Path(__file__).resolve().parents[1] / "recipes" / "conf" / "iterate_mistral_7b.yaml"))
+    assert cfg.rounds == 3 and cfg.sampling.k == 8 and cfg.backend == "vllm" and cfg.reward_model
+
+
+def test_slurm_chain_submits_one_job_per_step_each_after_the_previous(tmp_path):
+    """recipes/iterate_lpo.sbatch's submission mode, against a stand-in ``sbatch`` that logs its arguments."""
+    log = tmp_path / "sbatch.log"
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\nwc -l < {log}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{fake.parent}:{env['PATH']}", NEMO_LPO_ITERATE_CONFIG="c.yaml", NEMO_LPO_ROUNDS="2")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "iterate_lpo.sbatch"
+    subprocess.run(["bash", str(recipe)], env=env, check=True, capture_output=True, text=True)
+    calls = log.read_text().splitlines()
+    steps = ["generate", "score", "pack", "ref-logps", "train", "export"]
+    expected = [(r, s) for r in range(2) for s in steps] + [(2, "generate"), (2, "score")]
+    assert len(calls) == len(expected)
+    for n, (call, (r, step)) in enumerate(zip(calls, expected, strict=True), start=1):
+        assert f"NEMO_LPO_ITERATE_ROUND={r},NEMO_LPO_ITERATE_STEP={step}" in call
+        assert (f"--dependency=afterok:{n - 1}" in call) == (n > 1)
+        assert ("--ntasks=1" in call) == (step in ("pack", "export"))
