@@ -97,3 +97,16 @@ def test_slurm_chain_submits_one_job_per_step_each_after_the_previous(tmp_path):
         assert f"NEMO_LPO_ITERATE_ROUND={r},NEMO_LPO_ITERATE_STEP={step}" in call
         assert (f"--dependency=afterok:{n - 1}" in call) == (n > 1)
         assert ("--ntasks=1" in call) == (step in ("pack", "export"))
+
+
+def test_report_section_says_whether_the_reward_rises(tmp_path):
+    from nemo_lpo.demo.onpolicy import onpolicy_section
+
+    def summary(held):
+        rows = [{"round": r, "policy": f"p{r}", "mean_reward": 0.5, "eval_mean_reward": v} for r, v in enumerate(held)]
+        return {"demo": {"rounds": 2, "k": 4, "prompts": 64, "eval_prompts": 32, "steps": 48}, "rounds": rows,
+                "seconds": 10.0, "plot": str(tmp_path / "onpolicy.png")}
+
+    rising = "\n".join(onpolicy_section(summary([0.3, 0.4, 0.5]), tmp_path))
+    assert "| p2 | 0.5000 | 0.5000 |" in rising and "rises round after round" in rising
+    assert "does not rise" in "\n".join(onpolicy_section(summary([0.3, 0.4, 0.35]), tmp_path))
