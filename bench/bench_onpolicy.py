@@ -1,7 +1,7 @@
 """One on-policy round on CPU: generation tokens/s, scoring items/s, training lists/s, and each step's share.
 
-Runs the on-policy demonstration (``nemo_lpo.demo.onpolicy``: tiny Mixtral, the target-length reward) for one
-round plus the final sampling, in one process, and prints from that one run, side by side:
+Runs the on-policy demonstration (``nemo_lpo.demo.onpolicy``: tiny Mixtral after 4 SFT steps, the target-length
+reward) for one round plus the final sampling, in one process, and prints from that one run, side by side:
 
   generate   tokens sampled per second (HF transformers ``generate`` on the exported model, fp32 CPU)
   score      responses scored per second (a reward function, and a tiny HF reward model on the same responses)
@@ -24,20 +24,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mistral_common  # noqa: E402
 from bench_utils import print_table  # noqa: E402
-from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaTokenizer  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast  # noqa: E402
 
 from nemo_lpo.demo.onpolicy import OnPolicyDemoConfig, iterate_config, run_onpolicy_demo  # noqa: E402
 from nemo_lpo.onpolicy.iterate import round_paths  # noqa: E402
 from nemo_lpo.onpolicy.score import ScoreConfig, score  # noqa: E402
 
 
-def tiny_reward_model(directory: Path) -> Path:
-    """A randomly initialised one-label Llama classifier with the Mistral vocabulary (tokenizer beside it)."""
-    sp_model = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    LlamaTokenizer(vocab_file=str(sp_model)).save_pretrained(directory)
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def tiny_reward_model(directory: Path, texts: list[str]) -> Path:
+    """A randomly initialised one-label Llama classifier with a byte-level BPE (trained on ``texts``) beside it."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
     LlamaForSequenceClassification(config).save_pretrained(directory)
     return directory
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "round"
         cfg = OnPolicyDemoConfig(out_dir=out, rounds=1, prompts=args.prompts, eval_prompts=0, k=args.k,
-                                 max_new_tokens=args.max_new_tokens, steps=args.steps)
+                                 max_new_tokens=args.max_new_tokens, sft_steps=4, steps=args.steps)
         summary = run_onpolicy_demo(cfg)
         paths = round_paths(iterate_config(cfg, out, out / "start", out / "prompts_train.jsonl",
                                            out / "prompts_heldout.jsonl"), 0)
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [json.loads(line) for line in paths.generated.read_text().splitlines()]
         tokens = sum(r["num_tokens"] + (r["finish_reason"] == "stop") for rec in records for r in rec["responses"])
         responses = sum(len(rec["responses"]) for rec in records)
-        rm = tiny_reward_model(Path(tmp) / "rm")
+        rm = tiny_reward_model(Path(tmp) / "rm", [r["text"] for rec in records for r in rec["responses"]])
         t0 = time.perf_counter()
         score(ScoreConfig(generated=str(paths.generated), out=str(Path(tmp) / "rm_scored.jsonl"),
                           reward_model=str(rm), batch_size=32, progress=False))

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from nemo_lpo.config import ConfigError
 from nemo_lpo.data import layout
 from nemo_lpo.data.pack import PackConfig, pack
 from nemo_lpo.demo.onpolicy import OnPolicyDemoConfig, iterate_config, run_onpolicy_demo, target_length
 from nemo_lpo.onpolicy import shards
-from nemo_lpo.onpolicy.iterate import round_paths, run_rounds
+from nemo_lpo.onpolicy.iterate import load_iterate_config, round_paths, run_rounds
 
 
 def test_target_length_reward():
@@ -54,3 +58,55 @@ def test_small_round_runs_and_its_artefacts_feed_pack(tmp_path):
     before = [os.stat(p).st_mtime_ns for p in outputs]
     run_rounds(icfg)
     assert [os.stat(p).st_mtime_ns for p in outputs] == before
+
+
+def test_iterate_config_yaml_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "it.yaml"
+    path.write_text("out_dir: runs/x\nprompts: p.jsonl\nstart_checkpoint: ckpt\nsampling: {k: 8, seed: 3}\n"
+                    "reward_fn: m:f\nreward_transform: {kind: rank}\ntrain_overrides: [train.max_steps=5]\n")
+    cfg = load_iterate_config(str(path), ["sampling.temperature=0.7", "rounds=2"])
+    assert (cfg.sampling.k, cfg.sampling.seed, cfg.sampling.temperature, cfg.rounds) == (8, 3, 0.7, 2)
+    assert cfg.reward_transform.kind == "rank" and cfg.train_overrides == ["train.max_steps=5"]
+    with pytest.raises(ConfigError, match="unknown key 'sampling.topp'"):
+        load_iterate_config(str(path), ["sampling.topp=0.9"])
+    with pytest.raises(ConfigError, match="'sampler'"):
+        load_iterate_config(str(path), ["reference=policy"])
+
+
+def test_the_example_iterate_config_loads():
+    cfg = load_iterate_config(str(Path(__file__).resolve().parents[1] / "recipes" / "conf" / "iterate_mistral_7b.yaml"))
+    assert cfg.rounds == 3 and cfg.sampling.k == 8 and cfg.backend == "vllm" and cfg.reward_model
+
+
+def test_slurm_chain_submits_one_job_per_step_each_after_the_previous(tmp_path):
+    """recipes/iterate_lpo.sbatch's submission mode, against a stand-in ``sbatch`` that logs its arguments."""
+    log = tmp_path / "sbatch.log"
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\nwc -l < {log}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{fake.parent}:{env['PATH']}", NEMO_LPO_ITERATE_CONFIG="c.yaml", NEMO_LPO_ROUNDS="2")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "iterate_lpo.sbatch"
+    subprocess.run(["bash", str(recipe)], env=env, check=True, capture_output=True, text=True)
+    calls = log.read_text().splitlines()
+    steps = ["generate", "score", "pack", "ref-logps", "train", "export"]
+    expected = [(r, s) for r in range(2) for s in steps] + [(2, "generate"), (2, "score")]
+    assert len(calls) == len(expected)
+    for n, (call, (r, step)) in enumerate(zip(calls, expected, strict=True), start=1):
+        assert f"NEMO_LPO_ITERATE_ROUND={r},NEMO_LPO_ITERATE_STEP={step}" in call
+        assert (f"--dependency=afterok:{n - 1}" in call) == (n > 1)
+        assert ("--ntasks=1" in call) == (step in ("pack", "export"))
+
+
+def test_report_section_says_whether_the_reward_rises(tmp_path):
+    from nemo_lpo.demo.onpolicy import onpolicy_section
+
+    def summary(held):
+        rows = [{"round": r, "policy": f"p{r}", "mean_reward": 0.5, "eval_mean_reward": v} for r, v in enumerate(held)]
+        return {"demo": {"rounds": 2, "k": 4, "prompts": 64, "eval_prompts": 32, "steps": 48}, "rounds": rows,
+                "seconds": 10.0, "plot": str(tmp_path / "onpolicy.png")}
+
+    rising = "\n".join(onpolicy_section(summary([0.3, 0.4, 0.5]), tmp_path))
+    assert "| p2 | 0.5000 | 0.5000 |" in rising and "rises round after round" in rising
+    assert "does not rise" in "\n".join(onpolicy_section(summary([0.3, 0.4, 0.35]), tmp_path))

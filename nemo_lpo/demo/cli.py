@@ -88,4 +88,4 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
     return run_reproduce(args.out, steps=args.steps, include_real=not args.skip_real, real_steps=args.real_steps,
                          include_embedded=not args.only_real, sft_steps=args.sft_steps,
                          real_sft_steps=args.real_sft_steps, compare_losses=args.compare_losses, data=args.data,
-                         include_onpolicy=not args.skip_onpolicy)
+                         include_onpolicy=not (args.skip_onpolicy or args.only_real))

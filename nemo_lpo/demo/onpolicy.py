@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+from nemo_lpo.data.transforms import RewardTransform
 from nemo_lpo.demo import tasks
 from nemo_lpo.demo.config import DemoConfig
 from nemo_lpo.demo.pipeline import pack_split, save_start_weights
@@ -55,6 +56,7 @@ class OnPolicyDemoConfig:
         k: responses per prompt.
         max_new_tokens: response length limit (tokens).
         sft_steps: steps of the SFT warm start (the start policy) on the embedded train split's best responses.
+        sft_lr: peak learning rate of the warm start.
         steps: optimizer steps per round.
         lr: peak learning rate (cosine decay per round).
         seed: seed of the start weights and of sampling.
@@ -67,8 +69,9 @@ class OnPolicyDemoConfig:
     k: int = 4
     max_new_tokens: int = 16
     sft_steps: int = 60
-    steps: int = 24
-    lr: float = 1e-3
+    sft_lr: float = 1e-3
+    steps: int = 48
+    lr: float = 2e-3
     seed: int = 1234
 
 
@@ -90,6 +93,7 @@ def iterate_config(cfg: OnPolicyDemoConfig, out: Path, start: Path, prompts: Pat
         out_dir=str(out / "rounds"), prompts=str(prompts), eval_prompts=str(held) if cfg.eval_prompts else None,
         start_checkpoint=str(start),
         rounds=cfg.rounds, reward_fn=f"{__name__}:target_length", preset="tiny-mixtral",
+        reward_transform=RewardTransform(kind="rank"),
         sampling=SamplingSettings(k=cfg.k, temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                                   seed=cfg.seed, prompts_per_batch=16),
         train_overrides=["model.preset=tiny-mixtral", f"data.global_batch_size={batch}",
@@ -108,7 +112,7 @@ def warm_start(cfg: OnPolicyDemoConfig, out: Path) -> Path:
             save_start_weights(out / "init", cfg.seed)
         prefix = out / "sft_data" / "train"
         pack_split(tasks.DATA_DIR / "train.jsonl", prefix)
-        demo = DemoConfig(out_dir=out, seed=cfg.seed, lr=cfg.lr)
+        demo = DemoConfig(out_dir=out, seed=cfg.seed, lr=cfg.sft_lr)
         shutil.rmtree(run_dir, ignore_errors=True)
         train(pipeline_train_config(demo, prefix, out / "init", run_dir, steps=cfg.sft_steps, loss="sft",
                                     extra=("reference.mode=online", "logging.log_interval=10")))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 
 import torch
 import transformers
@@ -76,6 +77,11 @@ def batch_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def local_device() -> str:
+    """This rank's GPU (``cuda:$LOCAL_RANK``, one GPU per rank of a torchrun / srun launch), or the CPU."""
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+
+
 def split_at_eos(new_ids: list[int], eos_id: int, max_new_tokens: int) -> Sample:
     """Cut a generated continuation at its first EOS; without one it was truncated at the limit."""
     if eos_id in new_ids:
@@ -89,7 +95,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir: str, eos_id: int, pad_id: int, device: str | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or local_device())
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         self.model.to(self.device).eval()

@@ -71,7 +71,9 @@ def _record(tokenizer, prompt, samples, seed: int) -> dict:
 
 
 def run_generate(cfg: GenerateConfig, rank: int | None = None, world: int | None = None) -> dict:
-    """Sample this rank's batches of prompts (batch ``b`` when ``b % world == rank``) into ``cfg.out``'s part files (``merge_generate`` joins them).
+    """Sample this rank's batches of prompts (batch b when b % world == rank) into ``cfg.out``'s part files.
+
+    ``merge_generate`` joins the parts once every rank is done.
 
     Args:
         cfg: the run's options.

@@ -27,6 +27,7 @@ from nemo_lpo.config.loader import _load_yaml, from_dict
 from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
 from nemo_lpo.data import layout
 from nemo_lpo.data.pack import PackConfig, pack
+from nemo_lpo.data.transforms import RewardTransform
 from nemo_lpo.io import atomic_write, latest_checkpoint
 from nemo_lpo.model.parallel import destroy_parallel
 from nemo_lpo.onpolicy import shards
@@ -63,6 +64,8 @@ class IterateConfig:
         chat_template: ``pack --chat-template`` for an HF tokenizer.
         backend: ``generate --backend``.
         pack_skip_invalid: skip lists ``pack`` cannot use (counted in its manifest) instead of stopping.
+        reward_transform: ``pack --reward-transform`` (e.g. ``kind: rank``: 0 = worst ... K-1 = best within each
+            list, so LPO's pair weights |r_i² - r_j²| do not depend on the reward's scale).
     """
 
     out_dir: str
@@ -83,6 +86,7 @@ class IterateConfig:
     chat_template: str | None = None
     backend: str = "hf"
     pack_skip_invalid: bool = True
+    reward_transform: RewardTransform = dataclasses.field(default_factory=RewardTransform)
 
 
 def load_iterate_config(path: str, overrides: list[str] = ()) -> IterateConfig:
@@ -202,7 +206,8 @@ def run_step(cfg: IterateConfig, r: int, step: str) -> None:
     elif step == "pack":
         if not layout.manifest_path(paths.data_prefix).is_file():
             pack(PackConfig(inputs=[str(paths.scored)], output_prefix=str(paths.data_prefix), tokenizer=cfg.tokenizer,
-                            chat_template=cfg.chat_template, format="listwise", skip_invalid=cfg.pack_skip_invalid),
+                            chat_template=cfg.chat_template, format="listwise", skip_invalid=cfg.pack_skip_invalid,
+                            reward_transform=cfg.reward_transform),
                  log=_say)
     elif step == "ref-logps":
         if not layout.ref_meta_path(paths.data_prefix).is_file():

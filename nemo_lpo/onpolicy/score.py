@@ -27,6 +27,7 @@ import transformers
 from tqdm import tqdm
 
 from nemo_lpo.onpolicy import shards
+from nemo_lpo.onpolicy.engines import local_device
 from nemo_lpo.onpolicy.prompts import prompt_text
 
 ON_BAD_REWARD = ("error", "drop")
@@ -111,7 +112,7 @@ class RewardModel:
     """
 
     def __init__(self, model_dir: str, batch_size: int, max_length: int, device: str | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or local_device())
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if self.tokenizer.pad_token is None:
