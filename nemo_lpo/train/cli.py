@@ -58,7 +58,7 @@ def _run(args, body) -> int:
         from nemo_lpo.train.adapters import require_peft
         from nemo_lpo.train.lpo_model import checked_layout
 
-        require_peft(cfg.peft)  # adapters need Megatron-Bridge's PEFT: say what to install before any launch
+        require_peft(cfg.peft, cfg.model.init_checkpoint)  # adapters need Megatron-Bridge's PEFT: say what to install before any launch
         resolve_preset(cfg)  # model.preset against the converted checkpoints' descriptions, before any launch
         checked_layout(cfg, resolve_use_te(cfg.model.transformer_impl))  # no layout the attention would get wrong
     except ConfigError as err:
