@@ -108,4 +108,3 @@ def test_peft_export_loads_with_peft(found):
     assert got["peft_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert got["peft_diff"] < 1e-5
     assert "fused" in got["experts_refused"] and got["no_partial_output"]
-
