@@ -15,7 +15,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--steps", "4", "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "step 4/4" in printed  # the trainer's progress line of every step
-    assert "held-out ranking accuracy" in printed and str(out / "hf") in printed
+    assert "ranking accuracy" in printed and str(out / "hf") in printed
+    # the two tables name their lists: the run summary's validation (16) and the demo's held-out table (64)
+    assert "all 64 held-out lists" in printed and "the first 16 of 64 lists (train.eval_lists)" in printed
 
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["heldout_before"], summary["heldout_after"]

@@ -20,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 SHELL_SCRIPTS = [*sorted(RECIPES.glob("*.sbatch")), RECIPES / "launch.sh", REPO / ".ci" / "slurm_test.sh"]
-GPU_RECIPES = {"mixtral_8x7b_h100.sbatch": 64, "mistral_7b_h100.sbatch": 8}
+GPU_RECIPES = {"mixtral_8x7b_h100.sbatch": 64, "mistral_7b_h100.sbatch": 8, "mixtral_8x7b_lora_h100.sbatch": 8,
+               "mistral_7b_lora_h100.sbatch": 8}
 
 
 def _tool(name: str) -> str | None:
@@ -102,12 +103,15 @@ def test_gpu_recipe_topology_matches_its_config(name: str, world: int) -> None:
     config = load_config(REPO / _exported_default(path, "NEMO_LPO_CONFIG"))
     dp = config.data_parallel_size(world)  # raises when the layout does not fit the allocation
     assert dp * config.parallel.tp * config.parallel.pp == world
-    if name.startswith("mixtral"):
-        p = config.parallel
+    p = config.parallel
+    if "_lora_" in name:  # one node: adapters over the frozen base, the base as reference (Megatron-Bridge's PEFT)
+        assert config.peft.type == "lora" and config.reference.mode == "base"
+        assert (p.tp, p.pp) == (1, 1) and p.ep == (8 if name.startswith("mixtral") else 1)
+        assert _exported_default(path, "NEMO_LPO_CONTAINER").endswith("nemo-lpo-nemo.sqsh"), "Bridge: the NeMo image"
+    elif name.startswith("mixtral"):
         assert (p.tp, p.pp, p.ep) == (1, 4, 8)
-        assert config.model.fp8 == "hybrid" and config.model.preset == "mixtral-8x7b"
-    else:
-        assert config.model.preset == "mistral-7b"
+        assert config.model.fp8 == "hybrid"
+    assert config.model.preset == ("mixtral-8x7b" if name.startswith("mixtral") else "mistral-7b")
 
 
 def test_tiny_cpu_recipe_fits_its_config() -> None:

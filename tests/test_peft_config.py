@@ -34,7 +34,6 @@ def test_lora_section_loads():
     ([*LORA, "peft.dropout=1.0"], "peft.dropout"),
     ([*LORA, "peft.target_modules=[linear_qkvv]"], "peft.target_modules"),
     ([*LORA, "peft.target_modules=[]"], "peft.target_modules"),
-    (["peft.type=dora"], "model.init_checkpoint"),  # adapters on a random base: refused
     (["reference.mode=base"], "peft.type"),  # the base reference needs adapters to switch off
 ])
 def test_bad_peft_settings_are_refused_by_name(overrides, names):
@@ -46,9 +45,15 @@ def test_bad_peft_settings_are_refused_by_name(overrides, names):
                     reason="Megatron-Bridge is installed here: the refusal is for environments without it")
 def test_adapters_without_bridge_stop_at_start_up_naming_what_to_install(capsys, tmp_path):
     with pytest.raises(ConfigError) as err:
-        require_peft(PeftConfig(type="lora"))
+        require_peft(PeftConfig(type="lora"), "/some/base")
     message = str(err.value)
     assert "megatron-bridge" in message and "nvcr.io/nvidia/nemo" in message and "transformer-engine" in message
-    require_peft(PeftConfig(type="none"))  # full-parameter runs never need it
+    require_peft(PeftConfig(type="none"), None)  # full-parameter runs never need it
     assert main(["train", str(TINY_CONF), *LORA, f"logging.run_dir={tmp_path}"]) == 2
     assert "megatron.bridge.peft" in capsys.readouterr().err
+
+
+def test_adapters_need_a_base_checkpoint():
+    cfg = load_config(TINY_CONF, ["peft.type=dora"])  # recipes leave the checkpoint to the command line
+    with pytest.raises(ConfigError, match=r"model\.init_checkpoint"):
+        require_peft(cfg.peft, cfg.model.init_checkpoint)

@@ -33,6 +33,7 @@ from nemo_lpo.data import ListwiseDataset
 from nemo_lpo.io import atomic_write, resolve_checkpoint
 from nemo_lpo.model.build import resolve_use_te
 from nemo_lpo.model.resolve import resolve_preset
+from nemo_lpo.train.adapters import build_peft
 from nemo_lpo.train.feeder import run_pad_multiple
 from nemo_lpo.train.lpo_model import checked_layout, layout_of
 
@@ -147,6 +148,7 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
             pretrained_checkpoint=(pretrained_layout(m.init_checkpoint, run_dir, p.tp, p.pp)
                                    if m.init_checkpoint else None)),
         rng=RNGConfig(seed=cfg.train.seed),
+        peft=build_peft(cfg.peft) if cfg.peft.enabled else None,  # Bridge's LoRA / DoRA from nemo-lpo's peft section
         mixed_precision=None,  # precision is the provider's (nemo-lpo's transformer_config: bf16 / fp8)
     )
 

@@ -43,8 +43,12 @@ class PeftConfig:
         return self.type != "none"
 
 
-def check_peft(peft: PeftConfig, reference_mode: str, init_checkpoint: str | None) -> None:
-    """Check the ``peft`` section and its interplay with ``reference.mode`` and ``model.init_checkpoint``."""
+def check_peft(peft: PeftConfig, reference_mode: str) -> None:
+    """Check the ``peft`` section and its interplay with ``reference.mode``.
+
+    That adapters need ``model.init_checkpoint`` is checked at start-up (``train.adapters.require_peft``): recipe
+    configs leave the checkpoint to the command line.
+    """
     if reference_mode == "base" and not peft.enabled:
         raise ConfigError("reference.mode=base takes the reference from the policy with its adapters switched off: "
                           "it needs peft.type=lora or dora (full-parameter runs: online or precomputed)")
@@ -63,6 +67,3 @@ def check_peft(peft: PeftConfig, reference_mode: str, init_checkpoint: str | Non
         if not isinstance(name, str) or (name not in TARGET_MODULES and "*" not in name):
             raise ConfigError(f"peft.target_modules: {name!r} is not one of {list(TARGET_MODULES)} "
                               "(or a full-name pattern with '*')")
-    if not init_checkpoint:
-        raise ConfigError(f"peft.type={peft.type} trains adapters on a frozen base model: set model.init_checkpoint "
-                          "(a converted checkpoint, nemo-lpo convert hf-to-mcore); a random base is not a model")

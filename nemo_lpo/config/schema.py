@@ -333,7 +333,7 @@ class Config:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
         self._check_precision_and_experts()
         self._check_data_sources()
-        check_peft(self.peft, self.reference.mode, self.model.init_checkpoint)
+        check_peft(self.peft, self.reference.mode)
 
     def _check_precision_and_experts(self) -> None:
         m = self.model

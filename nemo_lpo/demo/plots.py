@@ -14,11 +14,14 @@ from pathlib import Path
 from nemo_lpo.io import atomic_path
 
 # (file stem, title, y label, [(metric key, legend label)]): a training run's curve and, when the run
-# validated (data.valid_prefix), its validation curve of the same metric (the loss module's definitions)
+# validated (data.valid_prefix), its validation curve. Accuracy: the training curve is the loss module's
+# rewards/accuracies (a tied pair of implicit rewards counts as wrong, so it starts at 0.0 while every reward is 0);
+# the validation curve is implicit/accuracy, the measure of the end-of-run tables (a tie counts as half: 0.5).
 TRAINING_PLOTS = (
     ("loss", "Loss", "loss", [("loss", "train"), ("val/loss", "validation")]),
-    ("rewards_accuracies", "Ranking accuracy of the implicit reward", "rewards/accuracies",
-     [("rewards/accuracies", "train"), ("val/rewards/accuracies", "validation")]),
+    ("rewards_accuracies", "Ranking accuracy of the implicit reward", "pairwise accuracy",
+     [("rewards/accuracies", "train: rewards/accuracies (a tie counts 0)"),
+      ("val/implicit/accuracy", "validation: implicit/accuracy, as the tables (a tie counts ½)")]),
     ("logps", "Log-likelihood of chosen (best) and rejected responses", "log-likelihood (sum over response tokens)",
      [("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected"),
       ("val/logps/chosen", "validation logps/chosen"), ("val/logps/rejected", "validation logps/rejected")]),

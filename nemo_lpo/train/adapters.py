@@ -40,14 +40,18 @@ def peft_import_error() -> str | None:
     return None
 
 
-def require_peft(peft: PeftConfig) -> None:
-    """The start-up check: ``peft.type`` lora / dora needs Megatron-Bridge's PEFT to import; says what to install.
+def require_peft(peft: PeftConfig, init_checkpoint: str | None) -> None:
+    """The start-up check of an adapter run: a base checkpoint, and Megatron-Bridge's PEFT importing here.
 
     Raises:
-        ConfigError: adapters are configured and ``megatron.bridge.peft`` does not import.
+        ConfigError: adapters without ``model.init_checkpoint``, or ``megatron.bridge.peft`` does not import (the
+            message says what to install).
     """
     if not peft.enabled:
         return
+    if not init_checkpoint:
+        raise ConfigError(f"peft.type={peft.type} trains adapters on a frozen base model: set model.init_checkpoint "
+                          "(a converted checkpoint, nemo-lpo convert hf-to-mcore); a random base is not a model")
     error = peft_import_error()
     if error is not None:
         raise ConfigError(f"peft.type={peft.type} trains adapters with Megatron-Bridge's PEFT (megatron.bridge.peft), "

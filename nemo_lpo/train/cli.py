@@ -60,7 +60,7 @@ def _run(args, body) -> int:
         from nemo_lpo.train.preflight import launch_rank_and_world, preflight
 
         check_cuda_or_cpu_allowed(cfg.parallel.allow_cpu)  # no silent CPU fallback on a GPU machine
-        require_peft(cfg.peft)  # adapters need Megatron-Bridge's PEFT: say what to install before any launch
+        require_peft(cfg.peft, cfg.model.init_checkpoint)  # adapters need Megatron-Bridge's PEFT and a base: before any launch
         rank, world = launch_rank_and_world()
         if rank == 0 or args.check:  # once per launch: the other ranks wait in the process group, the launcher stops them
             prefixes = [args.prefix] if getattr(args, "prefix", None) else None

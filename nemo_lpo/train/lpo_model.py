@@ -70,7 +70,7 @@ class LPOModel:
 
     def __init__(self, cfg: Config, *, train: bool = True, layout: BatchLayout | None = None) -> None:
         self.cfg = cfg
-        require_peft(cfg.peft)  # a clear refusal where Megatron-Bridge's PEFT does not import
+        require_peft(cfg.peft, cfg.model.init_checkpoint)  # a clear refusal where Megatron-Bridge's PEFT does not import
         self.use_te = resolve_use_te(cfg.model.transformer_impl)
         self.layout = layout or layout_of(cfg)
         self.layout.check_backend(self.layout.backend_for(self.use_te))  # before anything is built

@@ -96,20 +96,21 @@ def _fmt(value, signed: bool = False) -> str:
 
 
 SUMMARY_ROWS = (
-    ("implicit/accuracy", "held-out ranking accuracy (implicit reward β·(log π − log μ))"),
-    ("implicit/kendall_tau", "held-out Kendall τ (implicit reward)"),
-    ("implicit/ndcg", "held-out NDCG@K (implicit reward)"),
-    ("likelihood/accuracy", "held-out ranking accuracy (log π per token)"),
+    ("implicit/accuracy", "ranking accuracy (implicit reward β·(log π − log μ); a tie counts ½)"),
+    ("implicit/kendall_tau", "Kendall τ (implicit reward)"),
+    ("implicit/ndcg", "NDCG@K (implicit reward)"),
+    ("likelihood/accuracy", "ranking accuracy (log π per token)"),
     ("logps/best", "log-likelihood of the best response"),
     ("logps/worst", "log-likelihood of the worst response"),
 )
 
 
-def summary_table(before: dict, after: dict, title: str = "held-out lists: before vs after training",
-                  columns: tuple[str, str] = ("before", "after"), prefix: str = ""):
-    """A rich Table of the held-out metrics before and after training, with the change.
+def summary_table(before: dict, after: dict, title: str, columns: tuple[str, str] = ("before", "after"),
+                  prefix: str = ""):
+    """A rich Table of ranking metrics before and after training, with the change.
 
-    ``prefix`` is put before each key (``val/`` for a training run's validation records).
+    ``title`` says which lists they were computed on (the run summary's validation lists and the demo's held-out
+    set differ); ``prefix`` is put before each key (``val/`` for a training run's validation records).
     """
     table = Table(title=title)
     for name, justify in (("metric", "left"), (columns[0], "right"), (columns[1], "right"), ("change", "right")):
@@ -135,6 +136,7 @@ def print_summary(summary: dict) -> None:
         console.print(summary_table(first["metrics"], final["metrics"], prefix="val/",
                                     title="validation lists: first vs final validation",
                                     columns=(f"step {first['step']}", f"step {final['step']}")))
+        print(f"validation table: {val.get('lists') or 'the data.valid_prefix lists'}", flush=True)
         for key, best in val["best"].items():
             print(f"best {key} ({best['mode']}): {best['value']:.4f} at step {best['step']}")
     ckpt = summary["checkpoints"]

@@ -75,6 +75,13 @@ class ValidationSet:
     def __len__(self) -> int:
         return len(self.members)
 
+    def describe(self) -> str:
+        """Which lists these are, for the summary: ``the first 16 of 64 lists of valid (train.eval_lists)``."""
+        total = sum(len(ds) for ds in self.datasets)
+        which = f"all {total} lists" if len(self.members) == total else \
+            f"the first {len(self.members)} of {total} lists (train.eval_lists)"
+        return f"{which} of {', '.join(self.names)}"
+
     def items(self, rows: range) -> list[dict]:
         """The dataset items of ``rows`` (positions in the validation order)."""
         return [self.datasets[s][i] for s, i in (self.members[r] for r in rows)]
@@ -249,6 +256,7 @@ class ValidationSchedule:
         checkpoints = {"dir": str(trainer.ckpt_root), "latest": str(latest) if latest else None,
                        "keep_best": self.best.summary() if self.best is not None else None}
         summary = self.summary.to_dict(step, checkpoints)
+        summary["validation"]["lists"] = self.validator.lists.describe() if self.validator is not None else None
         summary["metrics"] = str(trainer.run_dir / "metrics.jsonl")
         if trainer.rank == 0:
             write_summary(summary, trainer.run_dir / "summary.json")

@@ -52,6 +52,13 @@ SCENARIOS = {
     "resume": ["checkpoint.resume=true"],
     "dora": ["peft.type=dora"],
     "wrong_base": ["checkpoint.resume=true"],
+    # parallel parity from one adapter init (WORK_DIR/adapters0, written by ``adapters0`` in a 1-process launch)
+    "p_single": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0"],
+    "p_tp2": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0", "parallel.tp=2",
+              "parallel.sequence_parallel=true"],
+    "p_pp2": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0", "parallel.pp=2"],
+    "p_ep2": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0", "parallel.ep=2",
+              "model.moe_token_dispatcher=alltoall"],
     # adapters on attention only (transformers fuses Mixtral's experts, which peft cannot target): PEFT export
     "lora_attn": ["peft.target_modules=[linear_qkv,linear_proj]", "train.max_steps=2", "checkpoint.save_interval=0"],
 }
@@ -104,6 +111,38 @@ def _resume_from(work: Path, name: str, saved: Path) -> None:
     torch.distributed.barrier()
 
 
+def _adapter_request(trainer) -> dict:
+    from nemo_lpo.train.adapters import adapter_sharded_state
+    from nemo_lpo.train.checkpoint import model_sharded_state_dict
+
+    return adapter_sharded_state(trainer.lpo.peft, model_sharded_state_dict(trainer.lpo.module))
+
+
+def _load_adapters(trainer, path: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    from nemo_lpo.train.adapters import load_adapter_state
+
+    request = _adapter_request(trainer)
+    loaded = dist_checkpointing.load(request, str(path))
+    load_adapter_state(trainer.lpo.module, {k: v for k, v in loaded.items() if k in request})
+
+
+def _save_adapters0(work: Path, prefix: str) -> dict:
+    """The 1-process adapter init every parity layout starts from (the adapters of a fresh lora Trainer)."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_lpo.train.loop import Trainer, init_parallel
+
+    cfg = _config(work, prefix, "p_single")
+    init_parallel(cfg)
+    _write_init(cfg, work / "init", seed=cfg.train.seed)
+    trainer = Trainer(cfg)
+    (work / "adapters0").mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(_adapter_request(trainer), str(work / "adapters0"))
+    return {"saved": True}
+
+
 def _weights(trainer) -> dict:
     return {name: p.detach().clone() for name, p in trainer.lpo.modules[0].named_parameters()}
 
@@ -125,6 +164,8 @@ def _train(work: Path, prefix: str, name: str) -> dict:
 
         write_reference(cfg)
     trainer = Trainer(cfg)
+    if name.startswith("p_"):  # one adapter init for every layout, as the full-parameter parity's init checkpoint
+        _load_adapters(trainer, work / "adapters0")
     try:
         trainer.resume()
     except ValueError as err:
@@ -157,7 +198,9 @@ def run(work: Path, prefix: str, name: str) -> None:
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     destroy_moe_metrics_tracker()
-    if name == "export":
+    if name == "adapters0":
+        result = _save_adapters0(work, prefix)
+    elif name == "export":
         from tests.dist.peft_export import export_and_compare
 
         def train_attention_only() -> Path:
