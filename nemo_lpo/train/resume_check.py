@@ -4,7 +4,8 @@ The newest checkpoint stores the config it was saved with (``train.checkpoint.sa
 continuation cannot follow exactly (the data, the model, the loss, the optimizer, the seeds) refuses to resume
 unless ``checkpoint.resume_despite_changes=true``; ``checkpoint.resume=false`` starts fresh instead. Changes the
 trainer is built to absorb (the parallel layout: checkpoints reshard; logging, checkpointing, validation, the run's
-length) are listed and the run resumes.
+length) are listed and the run resumes. The LR schedule is the checkpoint's (``SCHEDULE_FROM_CHECKPOINT``): a change to it
+is marked as not applied, and a raised ``train.max_steps`` past the saved decay's end is named (refused at min_lr 0).
 """
 
 from __future__ import annotations
