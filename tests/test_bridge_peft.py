@@ -23,7 +23,7 @@ SCENARIOS = ("lora", "sidecar", "resume", "dora", "wrong_base", "export", "adapt
 PARALLEL = ("p_pp2", "p_ep2")  # 2 processes, from the same base and adapter init as p_single
 TOL = 1e-6
 
-pytestmark = [pytest.mark.distributed,
+pytestmark = [pytest.mark.bridge, pytest.mark.distributed,
               pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is None
                                  or importlib.util.find_spec("peft") is None,
                                  reason="needs the Megatron-Bridge test environment (megatron-bridge 0.6, peft)")]
