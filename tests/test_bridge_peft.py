@@ -4,9 +4,10 @@ One torchrun launch (1 process, tests/dist/peft_train.py; the test-only TE impor
 trains the tiny Mixtral with LoRA on every linear (experts included) from a base init checkpoint with
 ``reference.mode=base``, then: the same run on a precomputed sidecar of the base, a resume of its step-2
 checkpoint, a DoRA run, a resume onto another base, the exports (merged weights through transformers,
-PEFT adapters through peft), and a run from a saved adapter init; a 2-process launch runs that init at PP2 and
-EP2. (TP2 + SP is not in the suite: it differs from 1 process, see docs/training.md.) Needs Megatron-Bridge 0.6 with transformers 5.12 and peft in the interpreter that
-runs pytest; elsewhere the module is skipped with the reason (the main environment has no Bridge).
+PEFT adapters through peft), and a run from a saved adapter init; a 2-process launch runs that init at TP2 + SP
+(expert TP 2: the expert adapters' collectives of ``nemo_lpo/train/lora_experts.py``), PP2 and EP2. Needs
+Megatron-Bridge 0.6 with transformers 5.12 and peft in the interpreter that runs pytest; elsewhere the module is
+skipped with the reason (the main environment has no Bridge).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from tests.torchrun import run_torchrun
 
 WORKER = "tests/dist/peft_train.py"
 SCENARIOS = ("lora", "sidecar", "resume", "dora", "wrong_base", "export", "adapters0", "p_single")
-PARALLEL = ("p_pp2", "p_ep2")  # 2 processes, from the same base and adapter init as p_single
+PARALLEL = ("p_tp2", "p_pp2", "p_ep2")  # 2 processes, from the same base and adapter init as p_single
+REFUSED = ("dora_tp2",)  # 2 processes, last: expert DoRA at expert TP 2 stops at start-up
 TOL = 1e-6
+# the trainer's parity tolerances (tests/test_train_parity.py): loss TOL, grad norm LATER_TOL, other metrics 1e-4
+PARITY_TOL = {"loss": 1e-5, "grad_norm": 1e-4, "rewards/margins": 1e-4, "params/trainable": 0, "params/total": 0}
 
-pytestmark = [pytest.mark.distributed,
+pytestmark = [pytest.mark.bridge, pytest.mark.distributed,
               pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is None
                                  or importlib.util.find_spec("peft") is None,
                                  reason="needs the Megatron-Bridge test environment (megatron-bridge 0.6, peft)")]
@@ -34,7 +38,8 @@ def found(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bridge_peft")
     prefix = pack_lists(DEMO_LISTS, root / "src" / "lists", 8)
     found = results(run_torchrun(WORKER, 1, str(root / "work"), str(prefix), *SCENARIOS, timeout=900))
-    found.update(results(run_torchrun(WORKER, 2, str(root / "work"), str(prefix), *PARALLEL, timeout=900)))
+    found.update(results(run_torchrun(WORKER, 2, str(root / "work"), str(prefix), *PARALLEL, *REFUSED,
+                                       timeout=900)))
     return found
 
 
@@ -120,5 +125,10 @@ def test_parallel_layouts_equal_one_process_from_one_init(found, name):
     assert [line["step"] for line in layout] == [line["step"] for line in single] == [1, 2, 3]
     assert single[0]["loss"] != single[2]["loss"]
     for want, got in zip(single, layout, strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "params/trainable", "params/total"):
-            assert got[key] == pytest.approx(want[key], abs=1e-5), (name, want["step"], key, got[key], want[key])
+        for key, tol in PARITY_TOL.items():
+            assert got[key] == pytest.approx(want[key], abs=tol), (name, want["step"], key, got[key], want[key])
+
+
+def test_expert_dora_at_expert_tensor_parallelism_is_refused(found):
+    error = found.get("dora_tp2", {}).get("error", "")  # Bridge's expert DoRA loses its TP collectives at etp > 1
+    assert "ConfigError" in error and "parallel.etp=1" in error, error[-2000:]

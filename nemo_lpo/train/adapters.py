@@ -59,12 +59,11 @@ def require_peft(peft: PeftConfig, init_checkpoint: str | None) -> None:
 
 
 def build_peft(peft: PeftConfig):
-    """Bridge's ``LoRA``, or ``DoRA`` with 2-D (expert) inputs served (``dora_experts``), for the ``peft`` section."""
-    from megatron.bridge.peft.lora import LoRA
-
+    """Bridge's ``LoRA`` / ``DoRA`` for the ``peft`` section, with ``lora_experts`` / ``dora_experts`` fixes."""
     from nemo_lpo.train.dora_experts import ExpertsDoRA
+    from nemo_lpo.train.lora_experts import ExpertsLoRA
 
-    cls = {"lora": LoRA, "dora": ExpertsDoRA}[peft.type]
+    cls = {"lora": ExpertsLoRA, "dora": ExpertsDoRA}[peft.type]
     return cls(target_modules=list(peft.target_modules), dim=peft.dim, alpha=peft.alpha, dropout=peft.dropout)
 
 

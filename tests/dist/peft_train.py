@@ -8,7 +8,9 @@ at step 2 and 3; records whether the base weights stayed bitwise and the adapter
 base's reference pass into a copy of the dataset, then the same LoRA run on reference.mode=precomputed),
 resume (lora's step-2 checkpoint resumed for step 3), dora (reference.mode=base, 3 steps), export (lora's
 final checkpoint through ``convert mcore-to-hf``: merged weights and the HF PEFT adapters; logits of both
-through transformers / peft against the adapter model's own), wrong_base (resume onto another base: refused).
+through transformers / peft against the adapter model's own), wrong_base (resume onto another base: refused),
+adapters0 (saves the 1-process adapter init), p_single / p_tp2 (TP2 + SP, expert TP 2) / p_pp2 / p_ep2 (3 steps from
+that init), dora_tp2 (expert DoRA at expert TP 2: refused at start-up).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ SCENARIOS = {
     "p_single": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0"],
     "p_tp2": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0", "parallel.tp=2",
               "parallel.sequence_parallel=true"],
+    "dora_tp2": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0", "parallel.tp=2",
+                   "parallel.sequence_parallel=true", "peft.type=dora"],
     "p_pp2": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0", "parallel.pp=2"],
     "p_ep2": ["checkpoint.save_at_end=false", "checkpoint.save_interval=0", "parallel.ep=2",
               "model.moe_token_dispatcher=alltoall"],
