@@ -6,7 +6,7 @@ every command warns at its start when either is present (``warn_if_set``, called
 Armed, the process prints ``killpoint: SIGKILL at NAME ...`` to stderr and kills itself with SIGKILL (no
 cleanup, no ``finally``: as a node failure or the OOM killer would) the N-th time (default: the first) it
 reaches ``kill_point(NAME)``, on global rank RANK only when given (``$RANK``, as torchrun and the Slurm mapping
-set it). Only tests set them (tests/test_train_crash.py); the points are:
+set it). Only tests set them (tests/test_train_crash.py, tests/test_onpolicy.py); the points are:
 
 - ``train/before_optimizer_step``: a step's forward and backward done, its optimizer step not yet taken;
 - ``checkpoint/between_shard_writes``: a checkpoint's shard file written by this rank under ``step_N.tmp/``
@@ -17,7 +17,9 @@ set it). Only tests set them (tests/test_train_crash.py); the points are:
 - ``ref-logps/before_metadata``: the reference sidecar's arrays renamed into place, its metadata (which marks
   it complete) not yet;
 - ``pack/before_manifest``: a packed dataset's parts renamed into place, its manifest (which marks it
-  complete) not yet.
+  complete) not yet;
+- ``generate/after_prompt``: a prompt's K samples appended to this rank's part file, the output not yet merged
+  (tests/test_onpolicy.py).
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def test_kill_mid_generation_resumes_without_duplicates(generated, models):
     cmd = [sys.executable, "-m", "nemo_lpo.cli", "generate", "--model", models["policy"], "--prompts",
            models["prompts"], "--out", str(out), "--k", str(K), "--max-new-tokens", str(MAX_NEW), "--seed", "7", "--prompts-per-batch", str(BATCH),
            "--tokenizer", models["tok"], "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NEMO_LPO_TEST_KILL_AT": "generate/after_prompt#3"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NEMO_LPO_TEST_KILL_AT": "generate/after_prompt#3",
+           "NEMO_LPO_CRASH_TEST": "1"}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert not out.exists()

@@ -39,10 +39,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from nemo_lpo.config import ConfigError
     from nemo_lpo.evaluate.run import SIDECAR, evaluate_checkpoint, metrics_table, to_jsonable
-    from nemo_lpo.model.parallel import CPUFallbackRefused
+    from nemo_lpo.model.parallel import CPUFallbackRefused, check_cuda_or_cpu_allowed
     from nemo_lpo.train.preflight import check_dist_checkpoint, check_packed_dataset
 
-    try:  # the start-up check: one line, exit 2, before a model is built
+    try:  # the start-up check: one line, exit 2, before a model is built; the device first, as train / ref-logps
+        check_cuda_or_cpu_allowed()
         check_dist_checkpoint(args.checkpoint, "CKPT")
         check_packed_dataset(args.data, "DATA")
         if args.reference not in (None, SIDECAR):
@@ -50,15 +51,15 @@ def run_eval(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"nemo-lpo eval: {err}", file=sys.stderr)
         return 2
+    except CPUFallbackRefused as err:  # a GPU machine whose CUDA does not work: one line, as train / ref-logps
+        print(f"nemo-lpo eval: error: {err}", file=sys.stderr)
+        return 2
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, reference=args.reference, beta=args.beta,
                                      preset=args.preset, micro_batch_size=args.micro_batch_size, ndcg_k=args.ndcg_k)
     except (FileNotFoundError, ValueError) as err:
         print(f"nemo-lpo eval: {err}", file=sys.stderr)
         return 1
-    except CPUFallbackRefused as err:  # a GPU machine whose CUDA does not work: one line, as train / ref-logps
-        print(f"nemo-lpo eval: error: {err}", file=sys.stderr)
-        return 2
     payload = to_jsonable(result)
     text = json.dumps(payload, indent=2)
     if args.json:
