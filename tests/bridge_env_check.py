@@ -21,7 +21,7 @@ ENTRY_POINTS = ("megatron.core.dist_checkpointing", "megatron.bridge.training.fi
 
 
 def pinned() -> dict[str, str]:
-    """name -> version of every ``name==version`` line of constraints-bridge.txt."""
+    """Name -> version of every ``name==version`` line of constraints-bridge.txt."""
     lines = [line.split("#")[0].strip() for line in PINS.read_text().splitlines()]
     return dict(line.split("==") for line in lines if "==" in line)
 

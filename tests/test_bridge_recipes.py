@@ -77,8 +77,7 @@ def test_online_reference_is_refused(prefix):
     (["checkpoint.save_at_end=false"], "checkpoint.save_at_end"),
 ])
 def test_trainer_only_settings_are_refused_by_name(prefix, overrides, field):
-    """What only nemo-lpo train does (virtual pipeline, shared-prompt rows, validation, its sampler and resume /
-    final-save switches) is not silently ignored."""
+    """What only nemo-lpo train does (vpp, shared prompts, validation, sampler, resume, final save) is refused."""
     from nemo_lpo.bridge.recipes import config_container
     from nemo_lpo.config import CONF_DIR, ConfigError, load_config
 

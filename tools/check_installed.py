@@ -49,6 +49,7 @@ def import_problems(modules=MODULES) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    """Print every problem of this environment; 1 when there is one, else 0."""
     found = version_problems(Path(argv[0]) if argv else PYPROJECT) + import_problems()
     for line in found:
         print(f"check_installed: {line}", file=sys.stderr)

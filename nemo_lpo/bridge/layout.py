@@ -27,7 +27,7 @@ RENAME_TRIES = 20
 
 
 def _contents(folder: Path) -> dict[str, str] | None:
-    """name -> link target (or ``run_config.yaml``'s text) of a layout folder; None when it is not one."""
+    """Name -> link target (or ``run_config.yaml``'s text) of a layout folder; None when it is not one."""
     if not folder.is_dir() or folder.is_symlink():
         return None
     try:
