@@ -64,6 +64,21 @@ def test_loader_flags_go_to_the_cpu(one_rank):
     assert loaders.torch.float32 is torch.float32  # everything else is torch itself
 
 
+def test_ddp_wrapping_builds_under_a_host_stream(one_rank):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.training.models import dist_utils
+
+    from nemo_lpo.bridge.provider import lpo_model_provider
+
+    model = [lpo_model_provider("tiny-mixtral", seq_length=64).provide(pre_process=True, post_process=True)]
+    dist_utils.torch = torch
+    with pytest.raises((RuntimeError, AssertionError)):
+        dist_utils._ddp_wrap(model, False, DistributedDataParallelConfig(), False, pg_collection=one_rank)
+    PATCHES["ddp_init_stream"]()
+    wrapped = dist_utils._ddp_wrap(model, False, DistributedDataParallelConfig(), False, pg_collection=one_rank)
+    assert isinstance(wrapped[0], DistributedDataParallel) and wrapped[0].module is model[0]
+
+
 def test_apply_is_idempotent_and_active_without_cuda(one_rank):
     assert apply_bridge_cpu_compat() is True and apply_bridge_cpu_compat() is True
     assert isinstance(checkpointing.torch.cuda.get_rng_state(), torch.Tensor)

@@ -3,7 +3,7 @@
 The style of ``nemo_lpo.model.cpu_compat`` (which handles megatron-core): each ``patch_*`` removes one assumption,
 its docstring says where Megatron-Bridge makes it and why the replacement is faithful on CPU;
 ``apply_bridge_cpu_compat()`` applies them all, once, only when CUDA is absent (on a GPU nothing changes), after
-megatron-core's layer. tests/test_bridge_recipes.py shows, per patch, the Bridge call that fails without it.
+megatron-core's layer. tests/test_bridge_cpu_compat.py shows, per patch, the Bridge call that fails without it.
 Import only where Megatron-Bridge is installed.
 
 Not patched: ``initialize_megatron`` (asserts CUDA; CPU runs initialise the process groups as nemo-lpo's trainer
@@ -17,29 +17,31 @@ import types
 import torch
 from megatron.bridge.data import loaders
 from megatron.bridge.training import checkpointing
+from megatron.training.models import dist_utils
 
-from nemo_lpo.model.cpu_compat import _cpu_get_rng_state, _HostTorch, apply_cpu_compat
+from nemo_lpo.model.cpu_compat import _HOST_STREAM, _cpu_get_rng_state, _HostTorch, apply_cpu_compat
 
 _APPLIED = False
+
+
+def _host_torch(**cuda: object) -> _HostTorch:
+    """The host ``torch`` proxy (``device="cuda"`` factories on the CPU) with ``torch.cuda`` names replaced.
+
+    Every other ``torch.cuda`` name is torch.cuda's own.
+    """
+    proxy = _HostTorch()
+    proxy.cuda = types.SimpleNamespace(**{name: getattr(torch.cuda, name) for name in dir(torch.cuda)
+                                          if not name.startswith("__")} | cuda)
+    return proxy
 
 
 def patch_loader_flags() -> None:
     """``data/loaders.py``: the do-train/valid/test flags broadcast in ``build_train_valid_test_data_loaders``.
 
-    They are created with ``device="cuda"``; the module's ``torch`` becomes nemo-lpo's host proxy (only literal
+    They are created with ``device="cuda"``; the module's ``torch`` becomes the host proxy (only literal
     ``device="cuda"`` factories go to the CPU), so gloo broadcasts the same three integers.
     """
-    loaders.torch = _HostTorch()
-
-
-class _HostTorchWithCpuRng(_HostTorch):
-    """The host proxy whose ``torch.cuda.get_rng_state`` answers the CPU generator's state."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cuda = types.SimpleNamespace(**{name: getattr(torch.cuda, name) for name in dir(torch.cuda)
-                                             if not name.startswith("__")})
-        self.cuda.get_rng_state = _cpu_get_rng_state
+    loaders.torch = _host_torch()
 
 
 def patch_checkpoint_cuda_state() -> None:
@@ -49,10 +51,20 @@ def patch_checkpoint_cuda_state() -> None:
     ``torch.cuda.get_rng_state()``. On CPU every random op draws from the CPU generator (as megatron-core's RNG
     tracker does under nemo-lpo's compat layer), so its state stands in for the CUDA one.
     """
-    checkpointing.torch = _HostTorchWithCpuRng()
+    checkpointing.torch = _host_torch(get_rng_state=_cpu_get_rng_state)
 
 
-PATCHES = {"loader_flags": patch_loader_flags, "checkpoint_cuda_state": patch_checkpoint_cuda_state}
+def patch_ddp_init_stream() -> None:
+    """``megatron.training.models.dist_utils._ddp_wrap``: DDP built under ``torch.cuda.stream(torch.cuda.Stream())``.
+
+    Bridge's ``provide_distributed_model`` wraps the model there. CPU work is synchronous, so a host stream whose
+    waits are no-ops (megatron-core's layer already answers ``current_stream`` with it) is faithful.
+    """
+    dist_utils.torch = _host_torch(Stream=lambda *args, **kwargs: _HOST_STREAM)
+
+
+PATCHES = {"loader_flags": patch_loader_flags, "checkpoint_cuda_state": patch_checkpoint_cuda_state,
+           "ddp_init_stream": patch_ddp_init_stream}
 """name -> patch; applied in this order."""
 
 
