@@ -17,6 +17,7 @@ import types
 import torch
 from megatron.bridge.data import loaders
 from megatron.bridge.training import checkpointing
+from megatron.bridge.training.utils import train_utils
 from megatron.training.models import dist_utils
 
 from nemo_lpo.model.cpu_compat import _HOST_STREAM, _cpu_get_rng_state, _HostTorch, apply_cpu_compat
@@ -63,8 +64,19 @@ def patch_ddp_init_stream() -> None:
     dist_utils.torch = _host_torch(Stream=lambda *args, **kwargs: _HOST_STREAM)
 
 
+def patch_train_log_accumulators() -> None:
+    """``training/utils/train_utils.py``: ``training_log``'s loss accumulators, created with ``device="cuda"``.
+
+    ``train()`` calls ``training_log`` after every ``train_step``; it sums each step's reduced losses into
+    ``torch.tensor([0.0], device="cuda")`` start values (and ``report_memory``-free helpers of the same module
+    build their all-reduce buffers the same way). The module's ``torch`` becomes the host proxy, so those sums
+    are the same float32 additions on the CPU.
+    """
+    train_utils.torch = _host_torch()
+
+
 PATCHES = {"loader_flags": patch_loader_flags, "checkpoint_cuda_state": patch_checkpoint_cuda_state,
-           "ddp_init_stream": patch_ddp_init_stream}
+           "ddp_init_stream": patch_ddp_init_stream, "train_log_accumulators": patch_train_log_accumulators}
 """name -> patch; applied in this order."""
 
 
