@@ -1,7 +1,8 @@
-"""Megatron-Bridge recipes and providers (marker ``bridge``; skipped where Megatron-Bridge does not import).
+"""Megatron-Bridge recipes and providers (marker ``bridge``: run in .venv-bridge by ``make test``).
 
-Run where Megatron-Bridge 0.6 is installed (the NeMo container, or a venv with it): on a machine without
-Transformer Engine the test-only ``bridge_te_shim`` answers Megatron-Bridge's unguarded TE / nvrx imports.
+``make test`` runs the ``bridge`` tests in the Megatron-Bridge test environment (``make bridge-env``: megatron-bridge
+0.6.2, transformers 5.12.1) and the rest in the main one. They fail, not skip, where Megatron-Bridge does not
+import. On a machine without TE the test-only ``bridge_te_shim`` answers Megatron-Bridge's unguarded TE / nvrx imports.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from tests.dist import bridge_te_shim
 from tests.dist.train_common import DEMO_LISTS, pack_lists
 
 bridge_te_shim.install()
-from nemo_lpo.bridge import bridge_import_error  # noqa: E402
+from nemo_lpo.bridge import bridge_import_error, missing_bridge_message  # noqa: E402
 
-ERROR = bridge_import_error()
-pytestmark = [pytest.mark.bridge, pytest.mark.skipif(ERROR is not None, reason=f"Megatron-Bridge: {ERROR}")]
+pytestmark = pytest.mark.bridge
+
+
+def test_megatron_bridge_imports():
+    error = bridge_import_error()
+    assert error is None, missing_bridge_message(error)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +71,13 @@ def test_online_reference_is_refused(prefix):
     (["parallel.pp=2", "parallel.vpp=2"], "parallel.vpp"),
     (["data.shared_prompt=true"], "data.shared_prompt"),
     (["checkpoint.keep_best=val/loss", "data.valid_prefix={prefix}"], "data.valid_prefix"),
+    (["data.shuffle=false"], "data.shuffle"),
+    (["data.seed=7"], "data.seed"),
+    (["checkpoint.resume=false"], "checkpoint.resume"),
+    (["checkpoint.save_at_end=false"], "checkpoint.save_at_end"),
 ])
 def test_trainer_only_settings_are_refused_by_name(prefix, overrides, field):
-    """What only nemo-lpo train does (virtual pipeline, shared-prompt rows, validation) is not silently ignored."""
+    """What only nemo-lpo train does (vpp, shared prompts, validation, sampler, resume, final save) is refused."""
     from nemo_lpo.bridge.recipes import config_container
     from nemo_lpo.config import CONF_DIR, ConfigError, load_config
 
@@ -78,18 +87,34 @@ def test_trainer_only_settings_are_refused_by_name(prefix, overrides, field):
         config_container(cfg)
 
 
-def test_pretrained_layout_links_the_checkpoint_and_adds_run_config(tmp_path):
-    import yaml
+def test_trainer_settings_reach_their_bridge_counterparts(prefix, tmp_path):
+    """keep_last -> most_recent_k, checkpoint.dir -> save/load, W&B -> the logger, seq_length on the dataset."""
+    from nemo_lpo.bridge.recipes import recipe
 
-    from nemo_lpo.bridge.recipes import pretrained_layout
+    base = [f"data.train_prefix={prefix}", f"logging.run_dir={tmp_path / 'run'}"]
+    c = recipe("tiny-cpu", [*base, "checkpoint.keep_last=3", f"checkpoint.dir={tmp_path / 'ck'}",
+                            "logging.wandb_project=lpo", "logging.wandb_name=run1"])[0]
+    assert c.checkpoint.most_recent_k == 3
+    assert c.checkpoint.save == c.checkpoint.load == str(tmp_path / "ck")
+    assert (c.logger.wandb_project, c.logger.wandb_exp_name) == ("lpo", "run1")
+    assert c.logger.wandb_save_dir == str(tmp_path / "run" / "wandb")
+    assert c.dataset.seq_length == c.model.seq_length > 0
+    c = recipe("tiny-cpu", [*base, "checkpoint.keep_last=0"])[0]
+    assert c.checkpoint.most_recent_k == -1  # keep all, in Megatron-Bridge's terms
+    assert c.checkpoint.save == str(tmp_path / "run" / "checkpoints") and c.logger.wandb_project is None
 
-    ckpt = tmp_path / "converted"
-    ckpt.mkdir()
-    (ckpt / "metadata.json").write_text("{}")
-    (ckpt / "nemo_lpo_model.json").write_text("{}")
-    out = pretrained_layout(ckpt, tmp_path / "run", tp=2, pp=4)
-    assert sorted(p.name for p in (tmp_path / "run" / "pretrained").iterdir()) == \
-        ["metadata.json", "nemo_lpo_model.json", "run_config.yaml"]
-    run_config = yaml.safe_load((tmp_path / "run" / "pretrained" / "run_config.yaml").read_text())
-    assert run_config["model"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 4}
-    assert out == str(tmp_path / "run" / "pretrained") and not (ckpt / "run_config.yaml").exists()
+
+def test_seq_length_feeds_bridge_runtime_logging(prefix, tmp_path):
+    """Megatron-Bridge's runtime / throughput logging reads ``config.dataset.seq_length`` (train_utils.py)."""
+    import time
+
+    from megatron.bridge.training.state import TrainState
+    from megatron.bridge.training.utils.train_utils import report_runtime
+
+    from nemo_lpo.bridge.recipes import recipe
+
+    c = recipe("tiny-cpu", [f"data.train_prefix={prefix}", f"logging.run_dir={tmp_path}"])[0]
+    state = TrainState()
+    state.step, state.consumed_train_samples = 2, 8
+    metrics = report_runtime(state, time.time(), c.dataset.seq_length, train_iters=4)
+    assert metrics["time/tokens"] == 8 * c.model.seq_length

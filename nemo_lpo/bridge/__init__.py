@@ -9,8 +9,10 @@ from __future__ import annotations
 
 NEMO_IMAGE = "nvcr.io/nvidia/nemo:26.08"
 """The NGC NeMo Framework container whose Megatron-Bridge (0.6.x on megatron-core 0.19) the recipes target."""
-INSTALL_COMMAND = "pip install 'megatron-bridge>=0.6,<0.7'"
-"""How to add Megatron-Bridge to an environment that lacks it (the NeMo image already has it)."""
+INSTALL_COMMAND = "make bridge-env"
+"""The tested way to get Megatron-Bridge beside nemo-lpo's environment, from its source tree: ``.venv-bridge``,
+``pip install --no-deps -r constraints-bridge.txt`` over the main venv's torch and megatron-core. A plain
+``pip install megatron-bridge`` resolves transformers down to <= 5.12.1 and pulls nvidia-resiliency-ext from PyPI, which breaks ``import megatron.core.dist_checkpointing``."""
 
 
 def bridge_import_error() -> str | None:
@@ -32,4 +34,5 @@ def missing_bridge_message(error: str | None = None) -> str:
     why = f" ({error})" if error else ""
     return (f"Megatron-Bridge does not import here{why}. Run this inside the NeMo Framework container "
             f"{NEMO_IMAGE} (it ships Megatron-Bridge with Transformer Engine; see Dockerfile.nemo and docs/nemo.md), "
-            f"or install it: {INSTALL_COMMAND}")
+            f"or, from nemo-lpo's source tree, `{INSTALL_COMMAND}` (.venv-bridge beside .venv, the set CI tests: "
+            "no Transformer Engine; see docs/nemo.md)")

@@ -107,6 +107,9 @@ class LPODatasetProvider(DatasetProvider):
     """Padded sequence length multiple (a multiple of tp under sequence parallelism)."""
     packed: bool = False
     """One row of back-to-back sequences per micro-batch (megatron's local attention only)."""
+    seq_length: int = 4096
+    """Nominal tokens per sample: Megatron-Bridge's throughput and runtime logging read ``dataset.seq_length``
+    (tokens = samples × seq_length); the recipes give the model provider's. Lists are padded per micro-batch."""
 
     def build_datasets(self, context: DatasetBuildContext):
         """(train, None, None): the collated listwise dataset; no validation or test split."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from megatron.bridge.training.config import (
     CheckpointConfig,
     ConfigContainer,
@@ -26,11 +25,11 @@ from megatron.bridge.training.config import (
 )
 from megatron.bridge.training.tokenizers.config import TokenizerConfig
 
+from nemo_lpo.bridge.layout import pretrained_layout
 from nemo_lpo.bridge.provider import LPODatasetProvider, lpo_model_provider
 from nemo_lpo.bridge.task import LPOTask
-from nemo_lpo.config import Config, ConfigError, load_config
+from nemo_lpo.config import Config, ConfigError, DataConfig, load_config
 from nemo_lpo.data import ListwiseDataset
-from nemo_lpo.io import atomic_write, resolve_checkpoint
 from nemo_lpo.model.build import resolve_use_te
 from nemo_lpo.model.resolve import resolve_preset
 from nemo_lpo.train.adapters import build_peft
@@ -41,32 +40,6 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE_CONFS = {"mixtral-8x7b": REPO / "recipes" / "conf" / "mixtral_8x7b_h100.yaml",
                 "mistral-7b": REPO / "recipes" / "conf" / "mistral_7b_h100.yaml",
                 "tiny-cpu": REPO / "conf" / "tiny_cpu.yaml"}
-RUN_CONFIG = "run_config.yaml"  # what Megatron-Bridge reads beside a torch_dist checkpoint (its TP/PP check)
-
-
-def pretrained_layout(checkpoint: str | Path, run_dir: str | Path, tp: int, pp: int) -> str:
-    """A checkpoint directory Megatron-Bridge's ``pretrained_checkpoint`` loads, for a nemo-lpo / converted one.
-
-    Megatron-Bridge (0.6) loads a torch_dist directory given directly (it has ``metadata.json``) but then wants
-    ``run_config.yaml`` beside it (else it looks for Megatron-LM's legacy ``args`` and fails). The layout is
-    ``run_dir/pretrained``: links to every file of the checkpoint plus that small ``run_config.yaml``; the
-    converted checkpoint itself is not modified. A training run's ``checkpoints/`` folder resolves to its latest.
-    """
-    source = resolve_checkpoint(Path(checkpoint).resolve())
-    if not (source / "metadata.json").is_file():
-        raise FileNotFoundError(f"model.init_checkpoint: {source} is not a megatron dist checkpoint (no metadata.json); "
-                                "convert the HF model with `nemo-lpo convert hf-to-mcore`")
-    target = Path(run_dir) / "pretrained"
-    target.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        link = target / item.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(item)
-    run_config = {"model": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
-                  "checkpoint": {"save_optim": False, "save_rng": False, "fully_parallel_save": True}}
-    atomic_write(target / RUN_CONFIG, yaml.safe_dump(run_config))
-    return str(target)
 
 
 def train_iters(cfg: Config) -> int:
@@ -91,6 +64,16 @@ def _refuse_trainer_only_settings(cfg: Config) -> None:
         # megatron's interleaved schedule needs the p2p settings and one shape per step that nemo-lpo's trainer sets
         # (model.resolve.VIRTUAL_PIPELINE_P2P, feeder.collate_uniform): without them pp=2 crosses messages silently
         "parallel.vpp": (cfg.parallel.vpp > 1, "the virtual pipeline runs in nemo-lpo train only"),
+        # Megatron-Bridge's cyclic sampler always shuffles, seeded by the epoch number (not by a setting), and its
+        # order depends on the data-parallel size: nemo-lpo's sampler settings would be ignored
+        "data.shuffle": (not cfg.data.shuffle, "Megatron-Bridge's sampler always shuffles (seeded by the epoch); "
+                         "run unshuffled data with nemo-lpo train"),
+        "data.seed": (cfg.data.seed != DataConfig.seed, "Megatron-Bridge's sampler seeds its shuffle by the epoch "
+                      "number, not by data.seed; leave it at its default"),
+        "checkpoint.resume": (not cfg.checkpoint.resume, "Megatron-Bridge always resumes from the checkpoint folder "
+                              "when it holds a checkpoint; use a new logging.run_dir or checkpoint.dir instead"),
+        "checkpoint.save_at_end": (not cfg.checkpoint.save_at_end, "Megatron-Bridge always saves after the last "
+                                   "step"),
     }
     for field_name, (bad, why) in refused.items():
         if bad:
@@ -119,6 +102,7 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
         use_te=use_te, **precision)
     iters = train_iters(cfg)
     run_dir = Path(cfg.logging.run_dir)
+    checkpoints = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     multiple = run_pad_multiple(cfg)
     return ConfigContainer(
         model=provider,
@@ -137,13 +121,17 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
                                           overlap_param_gather=p.overlap_param_gather, average_in_collective=False,
                                           use_distributed_optimizer=p.distributed_optimizer),
         dataset=LPODatasetProvider(train_prefix=d.train_prefix, pad_to_multiple_of=multiple, packed=d.packed,
+                                   seq_length=provider.seq_length,
                                    dataloader_type="cyclic", num_workers=num_workers,
                                    pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0),
         logger=LoggerConfig(log_interval=cfg.logging.log_interval,
-                            tensorboard_dir=str(run_dir / "tb") if cfg.logging.tensorboard else None),
+                            tensorboard_dir=str(run_dir / "tb") if cfg.logging.tensorboard else None,
+                            wandb_project=cfg.logging.wandb_project, wandb_exp_name=cfg.logging.wandb_name,
+                            wandb_save_dir=str(run_dir / "wandb") if cfg.logging.wandb_project else None),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=provider.vocab_size),
         checkpoint=CheckpointConfig(
-            save=str(run_dir / "checkpoints"), load=str(run_dir / "checkpoints"), ckpt_format="torch_dist",
+            save=str(checkpoints), load=str(checkpoints), ckpt_format="torch_dist",
+            most_recent_k=cfg.checkpoint.keep_last or -1,  # nemo-lpo's 0 and Megatron-Bridge's -1 keep all
             save_interval=cfg.checkpoint.save_interval or iters,
             pretrained_checkpoint=(pretrained_layout(m.init_checkpoint, run_dir, p.tp, p.pp)
                                    if m.init_checkpoint else None)),
