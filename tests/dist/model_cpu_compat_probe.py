@@ -197,8 +197,8 @@ if __name__ == "__main__":
     from megatron.core.distributed import DistributedDataParallel  # noqa: F401
     from megatron.core.optimizer import get_megatron_optimizer  # noqa: F401
 
-    import nemo_lpo.model.build  # noqa: F401
     import nemo_lpo.batch.layouts  # noqa: F401
+    import nemo_lpo.model.build  # noqa: F401
 
     for spec in sys.argv[1:]:
         print(json.dumps(_run(spec)), flush=True)

@@ -35,8 +35,8 @@ def batches() -> dict:
 
 
 def _logps_and_grads(model, batch):
-    from nemo_lpo.batch.logps import sequence_logps
     from nemo_lpo.batch.layouts import sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
 
     logps = sequence_logps(sequence_layout_of(batch).token_logps(model, batch), batch)
     logps.sum().backward()
@@ -63,8 +63,8 @@ def save(out: Path) -> None:
 
 
 def _forward_step(data_iterator, model):
-    from nemo_lpo.batch.logps import sequence_logps
     from nemo_lpo.batch.layouts import sequence_layout_of
+    from nemo_lpo.batch.logps import sequence_logps
 
     batch = next(data_iterator)
 

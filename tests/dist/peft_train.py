@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from tests.dist import bridge_te_shim
+from tests.dist.train_common import seed_resume
 
 bridge_te_shim.install()
 
@@ -104,17 +105,6 @@ def _copy_dataset(prefix: str, dest: Path) -> str:
     return str(dest / Path(prefix).name)
 
 
-def _resume_from(work: Path, name: str, saved: Path) -> None:
-    import torch
-
-    if torch.distributed.get_rank() == 0:
-        ckpt = work / name / "checkpoints"
-        shutil.rmtree(ckpt, ignore_errors=True)
-        shutil.copytree(saved, ckpt / saved.name)
-        (ckpt / "latest").write_text(saved.name + "\n")
-    torch.distributed.barrier()
-
-
 def _adapter_request(trainer) -> dict:
     from nemo_lpo.train.adapters import adapter_sharded_state
     from nemo_lpo.train.checkpoint import model_sharded_state_dict
@@ -162,7 +152,7 @@ def _train(work: Path, prefix: str, name: str) -> dict:
     if name == "wrong_base":
         _write_init(cfg, work / "init_other", seed=cfg.train.seed + 1)
     if name in ("resume", "wrong_base"):
-        _resume_from(work, name, work / "lora" / "checkpoints" / "step_0000002")
+        seed_resume(work, name, work / "lora" / "checkpoints" / "step_0000002")
     if name == "sidecar":
         from nemo_lpo.train.reference import write_reference
 

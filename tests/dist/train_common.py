@@ -79,3 +79,20 @@ def write_ragged_lists(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(records) + "\n")
     return path
+
+
+def seed_resume(work: Path, name: str, saved: Path) -> None:
+    """Make ``saved`` (a step folder) the latest checkpoint of run ``work/name`` so that the run resumes from it.
+
+    Rank 0 copies, every rank waits (a torchrun worker helper: the process group is up).
+    """
+    import shutil
+
+    import torch
+
+    if torch.distributed.get_rank() == 0:
+        ckpt = work / name / "checkpoints"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.copytree(saved, ckpt / saved.name)
+        (ckpt / "latest").write_text(saved.name + "\n")
+    torch.distributed.barrier()

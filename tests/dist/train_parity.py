@@ -35,6 +35,8 @@ import json
 import shutil
 from pathlib import Path
 
+from tests.dist.train_common import seed_resume
+
 STEPS = 3
 TINY4 = "tiny-mixtral-4layers"
 TINY8 = "tiny-mixtral-8layers"
@@ -188,13 +190,7 @@ def run(work: Path, prefix: str, name: str) -> None:
         torch.distributed.barrier()
         overrides.append(f"data.train_prefix={sidecar_prefix}")
     if name in RESUMES:
-        saved = work / RESUMES[name]
-        if torch.distributed.get_rank() == 0:
-            ckpt = work / name / "checkpoints"
-            shutil.rmtree(ckpt, ignore_errors=True)
-            shutil.copytree(saved, ckpt / saved.name)
-            (ckpt / "latest").write_text(saved.name + "\n")
-        torch.distributed.barrier()
+        seed_resume(work, name, work / RESUMES[name])
     cfg = load_config(Path(__file__).resolve().parents[2] / "conf" / "tiny_cpu.yaml", overrides)
     init_parallel(cfg)
     if not (init / "metadata.json").exists():
