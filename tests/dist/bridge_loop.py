@@ -146,21 +146,29 @@ def run_bridge(work: Path, data: str, name: str, load: Path | None = None, load_
             "saved": sorted(p.name for p in (work / name / "checkpoints").glob("iter_*"))}
 
 
-def bridge_order(num_lists: int, data_sharding: bool) -> list[int]:
-    """The list order of epoch 0 at one data-parallel rank, as Bridge's cyclic sampler draws it."""
+def bridge_order(num_lists: int, global_batch: int, dp_size: int, data_sharding: bool) -> list[int]:
+    """Epoch 0's lists, global batch after global batch, as Bridge's cyclic sampler hands them to ``dp_size`` ranks.
+
+    Each rank's ``MegatronPretrainingRandomSampler`` (micro-batches of one list) is drawn; a global batch is every
+    rank's next ``global_batch / dp_size`` lists (the per-list mean over it does not depend on their order).
+    """
     from megatron.bridge.data.samplers import MegatronPretrainingRandomSampler
 
-    sampler = MegatronPretrainingRandomSampler(None, total_samples=num_lists, consumed_samples=0, micro_batch_size=1,
-                                               data_parallel_rank=0, data_parallel_size=1, data_sharding=data_sharding)
-    return [index for batch in sampler for index in batch]
+    per_rank = [[batch[0] for batch in MegatronPretrainingRandomSampler(
+        None, total_samples=num_lists, consumed_samples=0, micro_batch_size=1, data_parallel_rank=rank,
+        data_parallel_size=dp_size, data_sharding=data_sharding)] for rank in range(dp_size)]
+    chunk = global_batch // dp_size
+    return [index for start in range(0, len(per_rank[0]), chunk) for lists in per_rank
+            for index in lists[start:start + chunk]]
 
 
 def run_trainer(work: Path, data: str, name: str) -> dict:
     """nemo-lpo's own trainer on the same settings: its losses in its own list order and in Bridge's.
 
-    The two samplers differ (nemo-lpo's: ``numpy`` permutation seeded by ``(data.seed, epoch)``; Bridge's:
-    ``torch.randperm`` seeded by the epoch number alone), so the second run hands the trainer's sampler Bridge's
-    epoch order: the same lists in the same order.
+    The two samplers differ (nemo-lpo's: a ``numpy`` permutation seeded by ``(data.seed, epoch)``, the same for every
+    data-parallel size; Bridge's: ``torch.randperm`` seeded by the epoch number alone, drawn per data-parallel rank
+    from its own shard), so the ``bridge_dpN`` runs hand the trainer's sampler the order Bridge's sampler gives at
+    N data-parallel ranks: the same lists in the same global batches.
     """
     import numpy as np
 
@@ -171,19 +179,20 @@ def run_trainer(work: Path, data: str, name: str) -> dict:
 
     sharding = recipe("tiny-cpu", overrides(work, data, name))[0].dataset.data_sharding
     result = {}
-    for order in ("own", "bridge"):
+    for order, dp_size in (("own", None), ("bridge_dp1", 1), ("bridge_dp2", 2)):
         cfg = load_config(CONF, [*overrides(work, data, name), "checkpoint.save_at_end=false",
                                  f"logging.run_dir={work / name / order}"])
         init_parallel(cfg)
         trainer = Trainer(cfg)
         sampler = trainer.feeder.sampler
-        if order == "bridge":
-            sampler.epoch_order = lambda epoch, n=sampler.num_lists: np.asarray(bridge_order(n, sharding))
-        result[f"order_{order}"] = sampler.epoch_order(0).tolist()
+        if dp_size:
+            bridge = np.asarray(bridge_order(sampler.num_lists, sampler.global_batch_size, dp_size, sharding))
+            sampler.epoch_order = lambda epoch, bridge=bridge: bridge
         trainer.resume()
         trainer.run()
         lines = metrics_lines(Path(cfg.logging.run_dir) / "metrics.jsonl")
-        result[order] = {"loss": [line["loss"] for line in lines], "grad_norm": [line["grad_norm"] for line in lines]}
+        result[order] = {"order": sampler.epoch_order(0).tolist(), "loss": [line["loss"] for line in lines],
+                         "grad_norm": [line["grad_norm"] for line in lines]}
     return result
 
 
