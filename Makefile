@@ -54,7 +54,8 @@ demo: setup
 # Megatron-Bridge's import costs a minute, paid once there), everything else in .venv. In .venv-bridge they fail,
 # never skip, when Megatron-Bridge does not import. BRIDGE_TESTS: the files holding `bridge` tests (collecting
 # the whole suite there would import every other test module under transformers 5.12.1 for nothing).
-BRIDGE_TESTS := tests/test_bridge_cpu_compat.py tests/test_bridge_recipes.py tests/test_bridge_peft.py
+BRIDGE_TESTS := tests/test_bridge_cpu_compat.py tests/test_bridge_recipes.py tests/test_bridge_loop.py \
+	tests/test_bridge_peft.py
 BRIDGE_PYTEST := PYTHONPATH=$(CURDIR) $(BRIDGE_VENV)/bin/python -m pytest -m bridge $(BRIDGE_TESTS)
 
 test: setup

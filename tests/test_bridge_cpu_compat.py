@@ -79,6 +79,18 @@ def test_ddp_wrapping_builds_under_a_host_stream(one_rank):
     assert isinstance(wrapped[0], DistributedDataParallel) and wrapped[0].module is model[0]
 
 
+def test_training_log_sums_losses_on_the_cpu(one_rank):
+    from megatron.bridge.training.utils import train_utils
+
+    train_utils.torch = torch
+    with pytest.raises((RuntimeError, AssertionError)):  # the start value training_log adds each step's loss to
+        train_utils.torch.tensor([0.0], dtype=torch.float, device="cuda")
+    PATCHES["train_log_accumulators"]()
+    total = train_utils.torch.tensor([0.0], dtype=torch.float, device="cuda") + torch.tensor([1.5])
+    assert total.device.type == "cpu" and total.item() == 1.5
+    assert train_utils.torch.float32 is torch.float32
+
+
 def test_apply_is_idempotent_and_active_without_cuda(one_rank):
     assert apply_bridge_cpu_compat() is True and apply_bridge_cpu_compat() is True
     assert isinstance(checkpointing.torch.cuda.get_rng_state(), torch.Tensor)

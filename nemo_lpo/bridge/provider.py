@@ -16,6 +16,7 @@ from pathlib import Path
 
 from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig as MCoreTransformerConfig
 
 from nemo_lpo.batch.layouts import select_layout
@@ -50,8 +51,25 @@ class LPOModelProvider(GPTModelProvider):
     def provide(self, pre_process=None, post_process=None, vp_stage=None):
         """nemo-lpo's GPTModel of this pipeline stage (TE's layer spec when ``lpo_use_te``, the local one otherwise)."""
         preset = resolve_preset(self.lpo_preset, self.lpo_checkpoint)
-        return build_gpt_model(preset, self, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                               use_te=self.lpo_use_te)
+        model = build_gpt_model(preset, self, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                                use_te=self.lpo_use_te)
+        keep_router_losses_per_list(model)
+        return model
+
+
+def keep_router_losses_per_list(model) -> None:
+    """Turn off the routers' per-TOKEN scaling of the load-balancing and z losses (they read it at construction).
+
+    Under ``calculate_per_token_loss`` megatron-core 0.19's ``Router`` multiplies those losses by the micro-batch's
+    token count, assuming ``finalize_model_grads`` divides by the global TOKEN count. The LPO loss function's count
+    is lists (``nemo_lpo.bridge.task``), so that factor would weight the router losses by tokens per list (hundreds
+    to thousands). Without it the router losses keep their unscaled per-micro-batch value, and with
+    ``moe_aux_loss_coeff`` × lists per micro-batch (``lpo_model_provider``) the divide by the global list count gives
+    nemo-lpo's weight. Found by tests/test_bridge_loop.py (Bridge's train(): grad norm 1.465 vs the trainer's 1.031).
+    """
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.calculate_per_token_loss = False
 
 
 def lpo_model_provider(preset: str = "tiny-mixtral", *, checkpoint: str | None = None, micro_batch_size: int = 1,

@@ -48,6 +48,7 @@ def bridge_setup(cfg, container, load: Path | None = None, load_step: int | None
     """Bridge's ``setup()`` below ``initialize_megatron``: (state, model, optimizer, scheduler, iterator, manager, pgs)."""
     from megatron.bridge.data.loaders import setup_data_iterators
     from megatron.bridge.data.utils import get_dataset_provider
+    from megatron.bridge.training import checkpointing
     from megatron.bridge.training import setup as bridge
     from megatron.bridge.training.checkpointing import CheckpointLoadContext, create_checkpoint_manager
     from megatron.bridge.training.config import runtime_config_update
@@ -60,6 +61,7 @@ def bridge_setup(cfg, container, load: Path | None = None, load_step: int | None
         init_num_microbatches_calculator,
     )
     from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
 
     from nemo_lpo.train.loop import init_parallel
 
@@ -72,6 +74,8 @@ def bridge_setup(cfg, container, load: Path | None = None, load_step: int | None
     destroy_num_microbatches_calculator()
     init_num_microbatches_calculator(0, t.rampup_batch_size, t.global_batch_size, t.micro_batch_size,
                                      container.data_parallel_size, t.decrease_batch_size_if_needed)
+    destroy_rerun_state_machine()  # process-globals, set by the previous scenario's set-up and checkpoint load
+    checkpointing._CHECKPOINT_VERSION = None
     init_rerun_state(container.rerun_state_machine)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     state = GlobalState()
@@ -142,19 +146,54 @@ def run_bridge(work: Path, data: str, name: str, load: Path | None = None, load_
             "saved": sorted(p.name for p in (work / name / "checkpoints").glob("iter_*"))}
 
 
+def bridge_order(num_lists: int, global_batch: int, dp_size: int, data_sharding: bool) -> list[int]:
+    """Epoch 0's lists, global batch after global batch, as Bridge's cyclic sampler hands them to ``dp_size`` ranks.
+
+    Each rank's ``MegatronPretrainingRandomSampler`` (micro-batches of one list) is drawn; a global batch is every
+    rank's next ``global_batch / dp_size`` lists (the per-list mean over it does not depend on their order).
+    """
+    from megatron.bridge.data.samplers import MegatronPretrainingRandomSampler
+
+    per_rank = [[batch[0] for batch in MegatronPretrainingRandomSampler(
+        None, total_samples=num_lists, consumed_samples=0, micro_batch_size=1, data_parallel_rank=rank,
+        data_parallel_size=dp_size, data_sharding=data_sharding)] for rank in range(dp_size)]
+    chunk = global_batch // dp_size
+    return [index for start in range(0, len(per_rank[0]), chunk) for lists in per_rank
+            for index in lists[start:start + chunk]]
+
+
 def run_trainer(work: Path, data: str, name: str) -> dict:
-    """nemo-lpo's own trainer on the same settings and lists: its per-step losses."""
+    """nemo-lpo's own trainer on the same settings: its losses in its own list order and in Bridge's.
+
+    The two samplers differ (nemo-lpo's: a ``numpy`` permutation seeded by ``(data.seed, epoch)``, the same for every
+    data-parallel size; Bridge's: ``torch.randperm`` seeded by the epoch number alone, drawn per data-parallel rank
+    from its own shard), so the ``bridge_dpN`` runs hand the trainer's sampler the order Bridge's sampler gives at
+    N data-parallel ranks: the same lists in the same global batches.
+    """
+    import numpy as np
+
+    from nemo_lpo.bridge.recipes import recipe
     from nemo_lpo.config import load_config
     from nemo_lpo.train.loop import Trainer, init_parallel
     from tests.dist.train_common import metrics_lines
 
-    cfg = load_config(CONF, [*overrides(work, data, name), "checkpoint.save_at_end=false"])
-    init_parallel(cfg)
-    trainer = Trainer(cfg)
-    trainer.resume()
-    trainer.run()
-    lines = metrics_lines(Path(cfg.logging.run_dir) / "metrics.jsonl")
-    return {"loss": [line["loss"] for line in lines], "grad_norm": [line["grad_norm"] for line in lines]}
+    sharding = recipe("tiny-cpu", overrides(work, data, name))[0].dataset.data_sharding
+    result = {}
+    for order, dp_size in (("own", None), ("bridge_dp1", 1), ("bridge_dp2", 2)):
+        cfg = load_config(CONF, [*overrides(work, data, name), "checkpoint.save_at_end=false",
+                                 f"logging.run_dir={work / name / order}"])
+        init_parallel(cfg)
+        trainer = Trainer(cfg)
+        sampler = trainer.feeder.sampler
+        if dp_size:
+            bridge = np.asarray(bridge_order(sampler.num_lists, sampler.global_batch_size, dp_size, sharding))
+            sampler.epoch_order = lambda epoch, bridge=bridge: bridge
+        trainer.resume()
+        trainer.run()
+        lines = metrics_lines(Path(cfg.logging.run_dir) / "metrics.jsonl")
+        result[order] = {"order": sampler.epoch_order(0).tolist(), "loss": [line["loss"] for line in lines],
+                         "grad_norm": [line["grad_norm"] for line in lines]}
+    return result
 
 
 def run(work: Path, prefix: str, name: str) -> None:
