@@ -55,8 +55,8 @@ demo: setup
 # never skip, when Megatron-Bridge does not import. BRIDGE_TESTS: the files holding `bridge` tests (collecting
 # the whole suite there would import every other test module under transformers 5.12.1 for nothing); the .venv run
 # does not collect them (some import Megatron-Bridge at their top).
-NOT_BRIDGE := -m "not bridge" $(addprefix --ignore=,$(BRIDGE_TESTS))
 BRIDGE_TESTS := tests/test_bridge_cpu_compat.py tests/test_bridge_recipes.py tests/test_bridge_loop.py tests/test_bridge_peft.py
+NOT_BRIDGE := -m "not bridge" $(addprefix --ignore=,$(BRIDGE_TESTS))
 BRIDGE_PYTEST := PYTHONPATH=$(CURDIR) $(BRIDGE_VENV)/bin/python -m pytest -m bridge $(BRIDGE_TESTS)
 
 test: setup
