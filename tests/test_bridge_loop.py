@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.train_common import DEMO_LISTS, pack_lists, results
+from tests.dist.train_common import DEMO_LISTS, pack_lists, results, scenario
 from tests.torchrun import run_torchrun
 
 WORKER = Path(__file__).parent / "dist" / "bridge_loop.py"
@@ -29,12 +29,6 @@ def found(tmp_path_factory) -> dict:
     out = results(run_torchrun(WORKER, 1, str(root / "work"), str(prefix), "single", "resume", "trainer"))
     out.update(results(run_torchrun(WORKER, 2, str(root / "work"), str(prefix), "pp2", "dp2", "ep2")))
     return out
-
-
-def scenario(found: dict, name: str) -> dict:
-    assert name in found, f"scenario {name} printed no result"
-    assert "error" not in found[name], f"scenario {name} failed:\n{found[name]['error']}"
-    return found[name]
 
 
 def test_bridge_train_runs_four_steps_and_saves(found):

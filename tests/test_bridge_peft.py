@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dist.train_common import DEMO_LISTS, pack_lists, results
+from tests.dist.train_common import DEMO_LISTS, pack_lists, results, scenario
 from tests.torchrun import run_torchrun
 
 WORKER = "tests/dist/peft_train.py"
@@ -37,12 +37,6 @@ def found(tmp_path_factory) -> dict:
     found.update(results(run_torchrun(WORKER, 2, str(root / "work"), str(prefix), *PARALLEL, *REFUSED,
                                        timeout=900)))
     return found
-
-
-def scenario(found: dict, name: str) -> dict:
-    assert name in found, f"scenario {name} printed no result"
-    assert "error" not in found[name], f"scenario {name} failed:\n{found[name]['error']}"
-    return found[name]
 
 
 def test_only_adapters_train_and_the_base_stays_bitwise(found):

@@ -96,3 +96,10 @@ def seed_resume(work: Path, name: str, saved: Path) -> None:
         shutil.copytree(saved, ckpt / saved.name)
         (ckpt / "latest").write_text(saved.name + "\n")
     torch.distributed.barrier()
+
+
+def scenario(found: dict, name: str) -> dict:
+    """The result a worker printed for scenario ``name`` (``results``); fails naming a missing or failed one."""
+    assert name in found, f"scenario {name} printed no result"
+    assert "error" not in found[name], f"scenario {name} failed:\n{found[name]['error']}"
+    return found[name]
