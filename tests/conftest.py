@@ -79,11 +79,17 @@ def megatron_single():
     destroy_parallel()
 
 
-# The longest modules first (measured per file on the 2-core box, issue 28: parity 355 s, crash 205 s, checkpoint 161 s,
-# Slurm 109 s, ...), so that the two pytest-xdist workers (pyproject.toml: a module per worker) end together; the
-# others keep their order. Items of one module stay together (module-scoped fixtures run once).
-SLOWEST_FIRST = ("test_train_parity.py", "test_train_crash.py", "test_launch_slurm.py", "test_train_checkpoint.py",
-                 "test_model_parallel.py", "test_bridge_parity.py", "test_tools.py", "test_bridge_deps.py")
+# The longest modules first, so that the two pytest-xdist workers end together (the others keep their order; the
+# scheduler keeps this order with --no-loadscope-reorder, pyproject.toml). Measured per file on the 2-core box,
+# today's run of 2026-12-07: parity 441 s, crash 247 s, Slurm 85 s, tools 76 s, Bridge parity 55 s, Bridge deps
+# 52 s (mostly waiting for PyPI), checkpoint 49 s, from-checkpoint 43 s, convert-dist 39 s, container check 33 s,
+# learns 32 s, on-policy ~30 s, quiet 30 s, demo 30 s, model parallel 29 s (one launch). Items of one module stay
+# together (module-scoped fixtures run once).
+SLOWEST_FIRST = ("test_train_parity.py", "test_train_crash.py", "test_launch_slurm.py", "test_tools.py",
+                 "test_bridge_parity.py", "test_bridge_deps.py", "test_train_checkpoint.py",
+                 "test_train_from_checkpoint.py", "test_convert_dist.py", "test_container_check.py",
+                 "test_train_learns.py", "test_onpolicy.py", "test_quiet.py", "test_demo_pipeline.py",
+                 "test_model_parallel.py", "test_shared_prompt_train.py", "test_convert_memory.py")
 
 
 def pytest_collection_modifyitems(items):

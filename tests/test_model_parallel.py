@@ -19,6 +19,7 @@ from tests.torchrun import run_torchrun
 
 WORKER = Path(__file__).parent / "dist" / "model_parity.py"
 TOL = 1e-5
+LAYOUTS = ["tp2sp", "ep2", "pp2"]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,16 @@ def reference_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def layouts_log(reference_dir) -> str:
+    """One 2-process launch checks every layout in turn (a launch costs ~20 s of start-up on 2 cores)."""
+    return run_torchrun(WORKER, 2, "check", str(reference_dir), *LAYOUTS)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["tp2sp", "ep2", "pp2"])
-def test_layout_reproduces_single_process_logps(reference_dir, layout):
-    log = run_torchrun(WORKER, 2, "check", str(reference_dir), layout)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_reproduces_single_process_logps(layouts_log, layout):
+    log = layouts_log
     parity = {m[0]: float(m[1]) for m in re.findall(rf"PARITY {layout} (\w+) (\S+)", log)}
     assert set(parity) == {"padded", "packed"}, log[-3000:]
     assert max(parity.values()) < TOL, parity

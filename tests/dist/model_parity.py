@@ -2,8 +2,10 @@
 
 save OUT:          one process (TP1): build tiny-mixtral, save a megatron dist checkpoint to OUT/ckpt and the
                    reference log-probs and RMSNorm weight grads to OUT/ref.pt.
-check OUT LAYOUT:  under torchrun: build for LAYOUT (tp2sp | ep2 | pp2), load OUT/ckpt (megatron reshards),
-                   recompute, and print ``PARITY <name> <max abs diff>`` lines on rank 0.
+check OUT LAYOUT [LAYOUT ...]:
+                   under torchrun: for each LAYOUT in turn (tp2sp | ep2 | pp2; one launch, the process group
+                   stays), build for it, load OUT/ckpt (megatron reshards), recompute, and print
+                   ``PARITY <layout> <name> <max abs diff>`` lines on rank 0.
 """
 
 from __future__ import annotations
@@ -77,12 +79,14 @@ def _forward_step(data_iterator, model):
 
 def check(out: Path, layout: str) -> None:
     from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
+    from nemo_lpo.model.parallel import initialize_parallel
 
     plan = LAYOUTS[layout]
+    destroy_moe_metrics_tracker()  # process-global, sized by the previous layout's model
     initialize_parallel(**{k: v for k, v in plan.items() if k in ("tp", "pp", "ep", "etp")}, seed=99)
     model = build_tiny(PRESET, **plan)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(out / "ckpt"))
@@ -106,7 +110,6 @@ def check(out: Path, layout: str) -> None:
             for name, record in zip(data, stored, strict=True):
                 diff = (record["logps"] - ref[name]).abs().max().item()
                 print(f"PARITY {layout} {name} {diff:.3e}", flush=True)
-        destroy_parallel()
         return
 
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
@@ -121,7 +124,6 @@ def check(out: Path, layout: str) -> None:
         if rank0:
             print(f"PARITY {layout} {name} {diff:.3e}", flush=True)
             print(f"GRAD {layout} {name} {grad_diff:.3e} {grad_scale:.3e}", flush=True)
-    destroy_parallel()
 
 
 if __name__ == "__main__":
@@ -129,4 +131,8 @@ if __name__ == "__main__":
     if mode == "save":
         save(out)
     else:
-        check(out, sys.argv[3])
+        from nemo_lpo.model.parallel import destroy_parallel
+
+        for layout in sys.argv[3:]:  # initialize_parallel re-makes megatron's groups; the process group stays
+            check(out, layout)
+        destroy_parallel()
