@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tests.dist import bridge_te_shim
+from tools.check_installed import import_problems
 
 PINS = Path(__file__).resolve().parents[1] / "constraints-bridge.txt"
 ENTRY_POINTS = ("megatron.core.dist_checkpointing", "megatron.bridge.training.finetune",
@@ -39,12 +40,7 @@ def problems() -> list[str]:
     if importlib.util.find_spec("nvidia_resiliency_ext") is not None:
         found.append("nvidia_resiliency_ext is installed (it breaks megatron-core's dist_checkpointing import)")
     bridge_te_shim.install()
-    for module in ENTRY_POINTS:
-        try:
-            importlib.import_module(module)
-        except Exception as err:  # noqa: BLE001 - every failure is reported by name
-            found.append(f"import {module}: {type(err).__name__}: {err}")
-    return found
+    return found + import_problems(ENTRY_POINTS)
 
 
 if __name__ == "__main__":

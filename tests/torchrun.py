@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 
 def free_port() -> int:
@@ -14,6 +17,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it.
+
+    torchrun starts each worker in a session of its own, so killing torchrun (what ``subprocess.run``'s timeout
+    does) or its process group leaves the workers running: stuck in a collective, they spin for good and take the
+    CPU from the rest of the suite.
+    """
+    try:
+        family = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_torchrun(script: Path | str, nproc: int, *args: str, timeout: float = 600, env: dict | None = None) -> str:
@@ -35,8 +56,15 @@ def run_torchrun(script: Path | str, nproc: int, *args: str, timeout: float = 60
     )
     if env:
         full_env.update(env)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    out = proc.stdout + proc.stderr
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"torchrun {script} (nproc={nproc}) timed out after {timeout} s (killed with its "
+                                 f"workers):\n{(stdout + stderr)[-8000:]}") from None
+    out = stdout + stderr
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} (nproc={nproc}) failed with rc={proc.returncode}:\n{out[-8000:]}")
     return out
