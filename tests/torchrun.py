@@ -27,8 +27,9 @@ def kill_tree(pid: int) -> None:
     CPU from the rest of the suite.
     """
     try:
+        os.kill(pid, signal.SIGSTOP)  # stopped, it starts no worker between the listing and the kill
         family = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return
     for member in family:
         try:
