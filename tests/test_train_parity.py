@@ -11,14 +11,13 @@ ordered pair, responses of 2..200 tokens), from the same starting weights (a dis
 single-process launch), and is compared step by step with 1 process on EVERY logged metric and on per-parameter
 gradient checksums (``tests/dist/grad_checksums.py``: Σg, Σg², Σ|g| and <r, g> of each parameter, by its global
 checkpoint key; r follows each element's index in the unsharded tensor), every tolerance relative per key. A
-planted fault (two TP shards of a gradient swapped) shows that a misplaced shard fails the comparison. Four
-torchrun launches (1, 2, 4, then 1 process again for the way back from EP2 x PP2).
+planted fault (two TP shards of a gradient swapped; a distributed-optimizer slice shifted) shows that misplaced
+elements fail the comparison. Four torchrun launches (1, 2, 4, then 1 process again for the way back from EP2 x PP2).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +55,7 @@ ZERO_FLOOR = {"rewards/chosen": 1e-9, "rewards/rejected": 1e-9, "rewards/margins
 # |want|) of before.
 SIGNED = ("sum g", "<r, g>")
 LAYOUTS = ["tp2", "pp2", "dp2", "ep2", "dp2_overlap"]
+PLANTED = ["tp2_swapped_shards", "dp2_misplaced_slice"]  # faults the comparison must see (tests/dist/train_parity.py)
 RESUMES = ["tp2_resume", "pp2_resume", "ep2_resume", "dp2_resume"]  # base4's 1-process checkpoint at 2 processes
 RESUMED_BACK = ["pp2", "dp2"]  # and their step-5 checkpoints back at 1 process
 EXACT = ("step", "lists/valid", "tokens")  # counts: equal, not close
@@ -90,7 +90,7 @@ def single(work) -> dict:
 def layouts(work, single) -> dict:
     root, prefix = work
     assert "lines" in single["base"], single["base"].get("error")
-    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, "tp2_swapped_shards", *RESUMES,
+    return results(run_torchrun(WORKER, 2, str(root), str(prefix), *LAYOUTS, *PLANTED, *RESUMES,
                                 "pp2_shared_noaux", "pp2_vpp2",
                                 "pp2_vpp2_precomputed", "pp2_vpp2_resume", "pp2_from_vpp2", "pp2_val"))
 
@@ -205,22 +205,24 @@ def test_layout_reproduces_single_process(layouts, single, layout):
     assert_same_run(steps_of(layouts, layout), base, name=layout)
 
 
-def test_swapped_tensor_parallel_shards_fail_the_comparison(layouts, single):
-    """PLANTED fault: TP2 with the two ranks' gradient shards of one weight swapped before step 1's checksums.
+@pytest.mark.parametrize("planted", PLANTED)
+def test_misplaced_gradient_elements_fail_the_comparison(layouts, single, planted):
+    """PLANTED faults before step 1's checksums move gradient elements of one weight, and the comparison sees it.
+
+    tp2_swapped_shards: TP2 with the two ranks' gradient shards of the weight swapped; dp2_misplaced_slice: DP2
+    with one distributed-optimizer slice of its gradient put back shifted by half its length.
 
     Every element is still there, so Σg, Σg² and Σ|g| of the whole tensor cannot see it; ``<r, g>``, whose
     weights follow each element's index in the unsharded tensor, must, and only for that weight.
     """
-    got, want = steps_of(layouts, "tp2_swapped_shards"), steps_of(single, "base")[:1]
+    got, want = steps_of(layouts, planted), steps_of(single, "base")[:1]
     with pytest.raises(AssertionError, match=r"<r, g>"):
         assert_same_run(got, want, steps=(1,))
     have, sums = got[0]["grads"], want[0]["grads"]
     failing = [(key, checksum) for key in sums
                for checksum, g, w in zip(CHECKSUMS, have[key], sums[key], strict=True)
                if abs(g - w) > checksum_limits(sums[key], TOL)[checksum]]
-    swapped = layouts["tp2_swapped_shards"]["swapped"]  # a module name: decoder.layers.0.x.weight, or a plain one
-    key = re.sub(r"layers\.(\d+)\.(.*)", r"layers.\2[\1]", swapped) if ".layers." in swapped else f"{swapped}[]"
-    assert failing == [(key, "<r, g>")], failing
+    assert failing == [(layouts[planted]["swapped"], "<r, g>")], failing  # the planted weight's checksum name
 
 
 def test_softmax_gradients_sum_to_zero(single):

@@ -19,8 +19,20 @@ import torch
 CHECKSUMS = ("sum g", "sum g^2", "sum |g|", "<r, g>")
 _HASH = 2654435761  # Knuth's multiplicative hash: neighbouring indices get unrelated weights
 
-def _sub_optimizers(optimizer) -> list:
+def sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def owned_slice(optimizer, param) -> tuple[int, int] | None:
+    """(start, end) of the flat elements of ``param`` whose reduced gradient this rank's DistributedOptimizer owns.
+
+    None when the rank owns none of it (or ``optimizer`` is not a DistributedOptimizer).
+    """
+    if param not in getattr(optimizer, "model_param_gbuf_map", {}):
+        return None
+    gbuf_index, dtype, bucket = optimizer.model_param_gbuf_map[param]
+    owned = optimizer.gbuf_ranges[gbuf_index][dtype][bucket]["param_map"][param]["param"]
+    return owned.start, owned.end
 
 
 def _distributed_grads(optimizer) -> dict:
@@ -28,19 +40,16 @@ def _distributed_grads(optimizer) -> dict:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     grads = {}
-    for opt in _sub_optimizers(optimizer):
+    for opt in sub_optimizers(optimizer):
         if not isinstance(opt, DistributedOptimizer):
             continue
         # every parameter of the buffers, in the same order on every rank of the group (the optimizer's own
         # map lists only the parameters this rank owns a slice of)
         for param in [param for buffer in opt.buffers for param in buffer.params]:
-            owned = None
-            if param in opt.model_param_gbuf_map:
-                gbuf_index, dtype, bucket = opt.model_param_gbuf_map[param]
-                owned = opt.gbuf_ranges[gbuf_index][dtype][bucket]["param_map"][param]
+            owned = owned_slice(opt, param)
             full = torch.zeros(param.numel(), dtype=torch.float64)
             if owned is not None:
-                start, end = owned["param"].start, owned["param"].end
+                start, end = owned
                 full[start:end] = param.main_grad.detach().view(-1)[start:end].double()
             torch.distributed.all_reduce(full, group=opt.data_parallel_group)
             grads[param] = full.view(param.shape)
@@ -81,29 +90,44 @@ def _sums(piece, g: torch.Tensor) -> list[float]:
             (index_weights(piece, g.shape) * g).sum().item()]
 
 
+def _trainable_items(chunks: list):
+    """(parameter, its sharded-state-dict item) for every trainable parameter of the model ``chunks``."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for chunk in chunks:
+        for item in nested_values(chunk.sharded_state_dict()):
+            if (isinstance(item, ShardedTensor | ShardedTensorFactory) and isinstance(item.data, torch.nn.Parameter)
+                    and item.data.requires_grad):
+                yield item.data, item
+
+
+def _name(piece) -> str:
+    """The checkpoint key and the offsets along the stacked layer / expert axes (the layout-free name)."""
+    return f"{piece.key}{list(piece.global_offset[:piece.prepend_axis_num])}"
+
+
+def checksum_names(chunks: list, param) -> list[str]:
+    """The names ``grad_checksums`` gives the pieces of ``param`` (one, unless a factory splits it)."""
+    return sorted({_name(piece) for p, item in _trainable_items(chunks) if p is param
+                   for piece, _ in _pieces(item, p.detach())})
+
+
 def grad_checksums(chunks: list, optimizer) -> dict[str, list[float]]:
     """{global key[layer, expert]: CHECKSUMS} of the reduced gradients; the same dict on every rank.
 
     Megatron stacks the layers (and experts) of a parameter under one key; the offsets along those stacked
     ("prepended") axes name the layer and the expert, so they are part of the name here.
     """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
 
     distributed = _distributed_grads(optimizer)
     local: dict[str, list[float]] = {}
-    for chunk in chunks:
-        for item in nested_values(chunk.sharded_state_dict()):
-            if not isinstance(item, ShardedTensor | ShardedTensorFactory):
-                continue
-            param = item.data
-            if not isinstance(param, torch.nn.Parameter) or not param.requires_grad:
-                continue
-            grad = distributed[param] if param in distributed else param.main_grad.detach().double()
-            for piece, g in _pieces(item, grad):
-                if not is_main_replica(piece.replica_id):
-                    continue
-                name = f"{piece.key}{list(piece.global_offset[:piece.prepend_axis_num])}"
+    for param, item in _trainable_items(chunks):
+        grad = distributed[param] if param in distributed else param.main_grad.detach().double()
+        for piece, g in _pieces(item, grad):
+            if is_main_replica(piece.replica_id):
+                name = _name(piece)
                 local[name] = [a + b for a, b in zip(local.get(name, [0.0] * len(CHECKSUMS)), _sums(piece, g),
                                                      strict=True)]
     gathered: list = [None] * torch.distributed.get_world_size()

@@ -22,7 +22,8 @@ back at 1 process); dp2_overlap (2 processes: distributed optimizer, overlapped 
 saves step 2) and base_from_dp2_overlap (that checkpoint resumed by 1 process for step 3); tp2_resume, pp2_resume,
 ep2_resume, dp2_resume (base4's step-3 checkpoint at 2 processes, steps 4-6; pp2 and dp2 save step 5) and
 base4_from_pp2 / base4_from_dp2 (those back at 1 process for step 6); tp2_swapped_shards (a PLANTED fault: tp2's
-step 1 with two TP shards of a gradient swapped, which the checksums must see). A resume scenario
+step 1 with two TP shards of a gradient swapped, which the checksums must see); dp2_misplaced_slice (PLANTED:
+dp2's step 1 with one distributed-optimizer gradient slice shifted within its parameter). A resume scenario
 needs the process group: launch it after another scenario (``init`` will do).
 ``init`` only writes WORK_DIR/init (for other tests' runs). With the metrics lines, the RESULT holds each step's
 per-parameter gradient checksums (``grad_checksums.py``).
@@ -57,6 +58,9 @@ SCENARIOS = {
     # swapped before the checksums (plant_swapped_tp_shards); its comparison with base must fail on <r, g>
     "tp2_swapped_shards": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.max_steps=1",
                            f"optim.decay_steps={STEPS}"],
+    # a PLANTED fault: dp2 (distributed optimizer) for one step with one owned gradient slice put back shifted
+    # (plant_misplaced_optimizer_slice); its comparison with base must fail on <r, g>
+    "dp2_misplaced_slice": ["parallel.distributed_optimizer=true", "train.max_steps=1", f"optim.decay_steps={STEPS}"],
     "pp2": ["parallel.pp=2"],
     "ep2": EP2,
     "dp2": ["parallel.distributed_optimizer=true"],
@@ -143,14 +147,16 @@ def register_tiny4() -> None:
 def plant_swapped_tp_shards(trainer) -> str:
     """Before each optimizer step, swap the TP ranks' gradient shards of the first column-parallel weight.
 
-    Returns that parameter's name. A fault of the kind a wrong sharding offset makes: every element's value is
-    still there (Σg, Σg² and Σ|g| of the whole tensor unchanged), in the wrong place.
+    Returns that parameter's checksum name. A fault of the kind a wrong sharding offset makes: every element's
+    value is still there (Σg, Σg² and Σ|g| of the whole tensor unchanged), in the wrong place.
     """
     import torch
     from megatron.core import parallel_state
 
-    name, param = next((n, p) for n, p in trainer.lpo.modules[0].named_parameters()
-                       if getattr(p, "tensor_model_parallel", False) and p.partition_dim == 0)
+    from tests.dist.grad_checksums import checksum_names
+
+    param = next(p for p in trainer.lpo.modules[0].parameters()
+                 if getattr(p, "tensor_model_parallel", False) and p.partition_dim == 0)
     group = parallel_state.get_tensor_model_parallel_group()
     step = trainer.optimizer.step
 
@@ -161,7 +167,40 @@ def plant_swapped_tp_shards(trainer) -> str:
         return step(*args, **kwargs)
 
     trainer.optimizer.step = swapped_step
-    return name
+    (key,) = checksum_names(trainer.lpo.modules, param)
+    return key
+
+
+def plant_misplaced_optimizer_slice(trainer) -> str | None:
+    """Before each optimizer step, data-parallel rank 0 puts its owned slice of one gradient back shifted.
+
+    With the DistributedOptimizer each rank owns a slice of every reduced gradient; the slice of the first
+    non-expert weight this rank owns (at least 2 elements) is rolled by half its length: the fault a wrong offset
+    in the optimizer's ranges makes, every value still there. Returns that parameter's checksum name on
+    data-parallel rank 0 (None elsewhere).
+    """
+    import torch
+    from megatron.core import parallel_state
+
+    from tests.dist.grad_checksums import checksum_names, owned_slice, sub_optimizers
+
+    if parallel_state.get_data_parallel_rank() != 0:
+        return None
+    optimizers = sub_optimizers(trainer.optimizer)
+    param, (start, end) = next(
+        (p, owned) for n, p in trainer.lpo.modules[0].named_parameters() if "experts" not in n
+        for owned in [next(filter(None, (owned_slice(opt, p) for opt in optimizers)), None)]
+        if owned is not None and owned[1] - owned[0] >= 2)
+    step = trainer.optimizer.step
+
+    def misplaced_step(*args, **kwargs):
+        flat = param.main_grad.view(-1)
+        flat[start:end] = torch.roll(flat[start:end].clone(), (end - start) // 2)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = misplaced_step
+    (key,) = checksum_names(trainer.lpo.modules, param)
+    return key
 
 
 def run(work: Path, prefix: str, name: str) -> None:
@@ -207,7 +246,9 @@ def run(work: Path, prefix: str, name: str) -> None:
     trainer = Trainer(cfg)
     trainer.resume()  # checkpoint.resume=false: starts at step 0 and clears an old metrics file
     grads = record_grad_checksums(trainer)
-    swapped = plant_swapped_tp_shards(trainer) if name == "tp2_swapped_shards" else None  # runs first, then grads
+    # a planted fault runs first, then the checksums
+    swapped = {"tp2_swapped_shards": plant_swapped_tp_shards,
+               "dp2_misplaced_slice": plant_misplaced_optimizer_slice}.get(name, lambda trainer: None)(trainer)
     # forwards of the first layer's core attention (this rank's first chunk): one per micro-batch, two under
     # activation recompute (the checkpointed forward and its re-run in backward)
     attention_forwards = [0]
