@@ -42,3 +42,34 @@ def fp8_loss_failures(bf16: np.ndarray, fp8: np.ndarray, tolerance: float) -> li
     if not rel.max() < tolerance:
         failures.append(f"FP8 losses differ from bf16 by {rel.max():.3g} (relative) >= {tolerance:g}")
     return failures
+
+
+FP8_PROBE = """
+import torch
+import transformer_engine.pytorch as te
+
+ask = getattr(te, "is_fp8_available", None)  # newer TE exports it; older TE answers through FP8GlobalStateManager
+if ask is not None:
+    ok, why = ask(return_reason=True)
+else:
+    from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    ok, why = FP8GlobalStateManager.is_fp8_available()
+print("FP8", int(bool(ok)), torch.cuda.get_device_name(0), "|", why)
+"""
+"""Asks Transformer Engine whether this GPU runs FP8 with delayed / current scaling (the recipe the checks use)."""
+
+
+def fp8_not_supported(probe_rc: int, probe_stdout: str) -> str | None:
+    """TE's reason this GPU has no FP8 (with the GPU's name), from ``FP8_PROBE``'s output; None when it has FP8.
+
+    Only TE's own "no" excuses the FP8 checks: a probe that failed or printed no answer gives None, so the checks
+    run and fail with their own error instead of being reported not applicable.
+    """
+    answers = [line for line in probe_stdout.splitlines() if line.startswith("FP8 ")]
+    if probe_rc != 0 or not answers:
+        return None
+    flag, rest = answers[-1][len("FP8 "):].split(" ", 1)
+    if flag != "0":
+        return None
+    name, _, why = rest.partition(" | ")
+    return f"{why.strip() or 'Transformer Engine reports no FP8'} ({name.strip()})"

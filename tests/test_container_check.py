@@ -2,7 +2,8 @@
 
 Without a GPU it exits 0 and reports every GPU / TE item skipped; on a machine whose ``nvidia-smi -L`` lists a
 GPU (a stand-in ``nvidia-smi`` here, CUDA unusable) every skip is a failure with its reason and no GPU check
-passes without CUDA.
+passes without CUDA. The one exception, a check the GPU cannot run (FP8 where Transformer Engine says the GPU has
+none), is listed n/a with TE's reason.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import pytest
 
 from tests.conftest import GPU_PRESENT
 from tests.dist.train_common import REPO
+from tests.te_verdicts import fp8_not_supported
+from tools.container_report import NOT_APPLICABLE
 from tools.container_report import main as report_main
 
 STAND_IN_NVIDIA_SMI = """#!/bin/sh
@@ -97,3 +100,52 @@ def test_container_report_counts_a_skip_as_a_failure_only_where_a_gpu_is_listed(
     else:
         assert rc == 0 and " skipped " in row and "container check: OK" in out
     assert "rel 1e-5" in out
+
+
+A100_NO_FP8 = "Device compute capability 8.9 or higher required for FP8 execution. (NVIDIA A100-SXM4-80GB)"
+
+
+def _junit(*cases: tuple[str, str | None]) -> str:
+    """A JUnit report of test_te cases: (name, skip message or None for a pass)."""
+    body = "".join(
+        f'<testcase classname="tests.test_te" name="{name}" time="0.1">'
+        + (f'<skipped type="pytest.skip" message="{skip}">skip</skipped>' if skip is not None else "")
+        + "</testcase>" for name, skip in cases)
+    return f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
+
+
+def _report(tmp_path, capsys, xml: str) -> tuple[int, dict[str, str], str]:
+    (tmp_path / "report.xml").write_text(xml)
+    rc = report_main([str(tmp_path / "report.xml"), "--pytest-rc", "0", "--gpu-listed"])
+    out = capsys.readouterr().out
+    statuses = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("test_te::")}
+    return rc, statuses, out
+
+
+def test_a_check_the_gpu_cannot_run_is_listed_not_applicable_and_nothing_else_is(tmp_path, capsys):
+    rc, statuses, out = _report(tmp_path, capsys, _junit(
+        ("test_te_kernels", None), ("test_te_fp8", f"{NOT_APPLICABLE} {A100_NO_FP8}"),
+        ("test_te_grouped", "Transformer Engine does not import in this image: ImportError: libcudnn.so.9"),
+        # the marker anywhere but at the start is an ordinary skip: a failure where a GPU is listed
+        ("test_te_other", f"needs something; {NOT_APPLICABLE} maybe")))
+    assert statuses == {"test_te::test_te_kernels": "passed", "test_te::test_te_fp8": "n/a",
+                        "test_te::test_te_grouped": "FAILED(skip)", "test_te::test_te_other": "FAILED(skip)"}
+    assert rc == 1 and "A100-SXM4-80GB" in out and "2 skipped on a GPU machine" in out
+
+
+def test_a_gpu_without_fp8_passes_the_self_check_with_the_fp8_checks_not_applicable(tmp_path, capsys):
+    rc, statuses, out = _report(tmp_path, capsys, _junit(
+        ("test_te_kernels", None), ("test_te_fp8", f"{NOT_APPLICABLE} {A100_NO_FP8}")))
+    assert rc == 0 and statuses["test_te::test_te_fp8"] == "n/a"
+    assert "container check: OK (1 checks not applicable on this GPU)" in out
+
+
+@pytest.mark.parametrize(("rc", "stdout", "verdict"), [
+    (0, "FP8 0 NVIDIA A100-SXM4-80GB | Device compute capability 8.9 or higher required for FP8 execution.\n",
+     A100_NO_FP8),
+    (0, "FP8 1 NVIDIA H100 80GB HBM3 | \n", None),  # has FP8: the checks run
+    (1, "FP8 0 NVIDIA A100-SXM4-80GB | no\n", None),  # the probe failed: the checks run and fail on their own
+    (0, "Traceback (most recent call last):\n", None),  # no answer from TE: never excused
+])
+def test_only_transformer_engines_own_no_makes_the_fp8_checks_not_applicable(rc, stdout, verdict):
+    assert fp8_not_supported(rc, stdout) == verdict
