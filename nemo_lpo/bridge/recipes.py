@@ -136,7 +136,8 @@ def config_container(cfg: Config, *, num_workers: int = 2) -> ConfigContainer:
             pretrained_checkpoint=(pretrained_layout(m.init_checkpoint, run_dir, p.tp, p.pp)
                                    if m.init_checkpoint else None)),
         rng=RNGConfig(seed=cfg.train.seed),
-        peft=build_peft(cfg.peft) if cfg.peft.enabled else None,  # Bridge's LoRA / DoRA from nemo-lpo's peft section
+        # Bridge's LoRA / DoRA from nemo-lpo's peft section, seeded as nemo-lpo train seeds it
+        peft=build_peft(cfg.peft, cfg.train.seed) if cfg.peft.enabled else None,
         mixed_precision=None,  # precision is the provider's (nemo-lpo's transformer_config: bf16 / fp8)
     )
 

@@ -58,26 +58,29 @@ def require_peft(peft: PeftConfig, init_checkpoint: str | None) -> None:
                           f"which does not import here ({error}): {INSTALL_HINT}; or set peft.type=none")
 
 
-def build_peft(peft: PeftConfig):
-    """Bridge's ``LoRA`` / ``DoRA`` for the ``peft`` section, with ``lora_experts`` / ``dora_experts`` fixes."""
+def build_peft(peft: PeftConfig, seed: int):
+    """Bridge's ``LoRA`` / ``DoRA`` for the ``peft`` section, with ``lora_experts`` / ``dora_experts`` fixes.
+
+    ``seed`` (``train.seed``): the adapter init's own seed (``adapter_init.SeededAdapterInit``), so that
+    ``nemo-lpo train`` and Megatron-Bridge's PEFT hook in ``bridge-train`` draw the same adapters.
+    """
     from nemo_lpo.train.dora_experts import ExpertsDoRA
     from nemo_lpo.train.lora_experts import ExpertsLoRA
 
     cls = {"lora": ExpertsLoRA, "dora": ExpertsDoRA}[peft.type]
-    return cls(target_modules=list(peft.target_modules), dim=peft.dim, alpha=peft.alpha, dropout=peft.dropout)
+    built = cls(target_modules=list(peft.target_modules), dim=peft.dim, alpha=peft.alpha, dropout=peft.dropout)
+    built.init_seed = seed
+    return built
 
 
-def add_adapters(peft, modules: list, seed: int) -> None:
+def add_adapters(peft, modules: list) -> None:
     """Freeze ``modules`` (the model chunks, base weights loaded) and wrap the targeted linears with adapters.
 
     Only the adapter parameters require grad afterwards, so megatron's DDP buckets and its optimizer (plain or
-    distributed) see only them. The adapter init (A: xavier, B: zero) draws from torch's generator, re-seeded
-    with ``seed`` for the purpose (forked: the run's own stream is untouched), so it does not depend on what
-    ran before in the process (a reference pass, another model).
+    distributed) see only them. The adapter init (A: xavier, B: zero) draws from ``peft``'s own seed
+    (``build_peft``), so it does not depend on what ran before in the process (a reference pass, another model).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft(modules, training=True)
+    peft(modules, training=True)
     peft.set_params_to_save(modules)
     if not any(p.requires_grad for m in modules for p in m.parameters()):
         raise ConfigError(f"peft.target_modules={peft.target_modules} matched no linear layer of the model")

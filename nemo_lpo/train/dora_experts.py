@@ -17,6 +17,7 @@ from megatron.bridge.peft.dora import DoRA
 from megatron.bridge.peft.dora_layers import DoRALinear
 
 from nemo_lpo.config import ConfigError
+from nemo_lpo.train.adapter_init import SeededAdapterInit
 
 
 class ExpertsDoRALinear(DoRALinear):
@@ -30,8 +31,8 @@ class ExpertsDoRALinear(DoRALinear):
         return output.squeeze(1), bias
 
 
-class ExpertsDoRA(DoRA):
-    """Bridge's ``DoRA`` whose wrappers are ``ExpertsDoRALinear`` (same parameters, same state-dict keys)."""
+class ExpertsDoRA(SeededAdapterInit, DoRA):
+    """Bridge's ``DoRA`` whose wrappers are ``ExpertsDoRALinear`` (same parameters, state-dict keys; ``init_seed``)."""
 
     def transform(self, m, name=None, prefix=None):
         """Bridge's transform, then the wrapper's class swapped for the one that serves 2-D inputs."""

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from megatron.bridge.peft.lora import LoRA
 from megatron.bridge.peft.utils import ParallelLinearAdapter
 
+from nemo_lpo.train.adapter_init import SeededAdapterInit
+
 
 def _tp_size(adapter: ParallelLinearAdapter) -> int:
     return torch.distributed.get_world_size(adapter.tp_group) if adapter.tp_group is not None else 1
@@ -49,8 +51,8 @@ def complete_expert_adapter_comm(adapter: ParallelLinearAdapter) -> None:
         adapter.linear_out.register_forward_hook(_embed_output_shard)
 
 
-class ExpertsLoRA(LoRA):
-    """Bridge's ``LoRA`` whose expert adapters are exact at expert tensor parallelism > 1."""
+class ExpertsLoRA(SeededAdapterInit, LoRA):
+    """Bridge's ``LoRA`` whose expert adapters are exact at expert tensor parallelism > 1 (init from ``init_seed``)."""
 
     def transform(self, m, name=None, prefix=None):
         """Bridge's transform, then the missing collectives of an expert adapter at etp > 1."""

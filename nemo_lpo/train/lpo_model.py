@@ -91,10 +91,10 @@ class LPOModel:
             self.references = self._build_reference()
         self.reference = None if self.references is None else _one_or_list(self.references)
         # adapters after the base weights (and after the online reference copied them): Bridge's LoRA / DoRA
-        self.peft = build_peft(cfg.peft) if cfg.peft.enabled else None
+        self.peft = build_peft(cfg.peft, cfg.train.seed) if cfg.peft.enabled else None
         self.base = None  # adapter runs: the base checkpoint's path and weight checksum (checkpoints record it)
         if self.peft is not None:
-            add_adapters(self.peft, self.modules, cfg.train.seed)
+            add_adapters(self.peft, self.modules)
             self.base = base_pointer(cfg, self.modules)
         self.param_counts = parameter_counts(self.modules)
         self.models = self.modules
