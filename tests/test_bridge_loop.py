@@ -1,7 +1,8 @@
-"""Megatron-Bridge's own set-up functions and ``train()`` train LPO on CPU at 1 rank, PP2, DP2 and EP2.
+"""Megatron-Bridge's own set-up functions and ``train()`` train LPO on CPU at 1 rank, PP2, DP2 and EP2, and LoRA.
 
 Marker ``bridge``: ``make test`` runs it in .venv-bridge. Two torchrun launches of tests/dist/bridge_loop.py
-(1 process: the init checkpoint, ``single``, ``resume``, ``trainer``; 2 processes: ``pp2``, ``dp2``, ``ep2``), every
+(1 process: the init checkpoint, ``single``, ``resume``, ``trainer``, ``lora`` (Bridge's PEFT hook applies
+nemo-lpo's LoRA), ``lora_resume``, ``trainer_lora``; 2 processes: ``pp2``, ``dp2``, ``ep2``), every
 scenario from the same init weights through Bridge's ``pretrained`` layout; the worker's docstring lists the Bridge
 functions that run and where it enters below ``setup()``. Executed on CPU (gloo) with nemo_lpo.bridge.cpu_compat.
 """
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.bridge, pytest.mark.distributed]
 def found(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bridge_loop")
     prefix = pack_lists(DEMO_LISTS, root / "src" / "lists", 16)
-    out = results(run_torchrun(WORKER, 1, str(root / "work"), str(prefix), "single", "resume", "trainer"))
+    out = results(run_torchrun(WORKER, 1, str(root / "work"), str(prefix), "single", "resume", "trainer", "lora",
+                               "lora_resume", "trainer_lora"))
     out.update(results(run_torchrun(WORKER, 2, str(root / "work"), str(prefix), "pp2", "dp2", "ep2")))
     return out
 
@@ -75,3 +77,30 @@ def test_sample_order_difference_is_what_separates_bridge_from_the_trainer(found
     assert len({tuple(order) for order in orders}) == 3
     assert trainer["own"]["loss"][0] != pytest.approx(trainer["bridge_dp1"]["loss"][0], abs=1e-3)
     assert scenario(found, "dp2")["loss"][0] != pytest.approx(scenario(found, "single")["loss"][0], abs=1e-3)
+
+
+def test_bridge_train_with_lora_trains_only_the_adapters_and_saves_only_them(found):
+    lora, single = scenario(found, "lora"), scenario(found, "single")
+    assert (lora["start"], lora["end"]) == (0, 4) and len(set(lora["loss"])) == 4
+    assert lora["base"][0] == lora["base"][1]  # the frozen base: bitwise the same sum of |w| after 4 steps
+    assert lora["trainable_names"] == ["linear_in.weight", "linear_out.weight"]  # adapters only
+    assert 0 < lora["params/trainable"] and lora["params/total"] == single["params/total"] + lora["params/trainable"]
+    assert lora["params/trainable"] == scenario(found, "trainer_lora")["bridge_dp1"]["trainable"]
+    model_keys = [key for key in lora["saved_keys"] if not key.startswith("optimizer.")]
+    assert model_keys and all(".adapter." in key for key in model_keys), model_keys  # Bridge saved adapters only
+    assert len(lora["saved_keys"]) < len(single["saved_keys"])
+
+
+def test_bridge_lora_equals_the_trainers_lora_in_bridge_order(found):
+    """Bridge's hook and nemo-lpo's trainer draw the same adapters (``adapter_init``) on the same base."""
+    lora, trainer = scenario(found, "lora"), scenario(found, "trainer_lora")["bridge_dp1"]
+    assert lora["base"][0] == pytest.approx(trainer["base"], rel=1e-12)  # the base came through the pretrained layout
+    assert lora["loss"][0] == pytest.approx(scenario(found, "single")["loss"][0], abs=TOL)  # B = 0: the base's step 1
+    assert_close(lora, trainer)
+
+
+def test_bridge_lora_resume_reproduces_steps_3_and_4(found):
+    lora, resume = scenario(found, "lora"), scenario(found, "lora_resume")
+    assert (resume["start"], resume["end"]) == (2, 4)
+    assert resume["loss"] == lora["loss"][2:]
+    assert resume["grad_norm"] == lora["grad_norm"][2:]

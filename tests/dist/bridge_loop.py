@@ -1,7 +1,7 @@
 """torchrun worker: Megatron-Bridge's own set-up functions and ``train()`` run the LPO forward step on CPU (gloo).
 
 Usage: bridge_loop.py WORK_DIR PREFIX SCENARIO [SCENARIO ...]
-(scenarios: single, resume, trainer with 1 process; pp2, dp2, ep2 with 2 processes)
+(scenarios: single, resume, trainer, lora, lora_resume, trainer_lora with 1 process; pp2, dp2, ep2 with 2)
 
 The first launch writes WORK_DIR/init (nemo-lpo's dist checkpoint of freshly seeded weights) and the dataset copy
 with its reference sidecar (``tests/dist/bridge_parity.prepare``); every scenario starts from that init through
@@ -18,6 +18,9 @@ Bridge's ``init_rerun_state``), then calls Bridge's own functions in ``setup()``
 (``load_checkpoint``: the pretrained layout, or a Bridge checkpoint on resume), ``_update_model_config_funcs``,
 ``get_dataset_provider`` + ``_bind_dataset_provider_context`` + ``setup_data_iterators`` (LPODatasetProvider), and
 then Bridge's ``train()`` itself (its ``train_step``, logging, and ``save_checkpoint`` at ``save_interval``).
+With ``peft`` set (lora, lora_resume), setup()'s PEFT pre-wrap hook is registered before the model is built
+(``_create_peft_pre_wrap_hook``: Bridge loads the base from the pretrained layout and applies nemo-lpo's LoRA), and
+the checkpoint manager loads only on a resume, as in setup().
 
 Rank 0 prints one ``RESULT {json}`` per scenario: the loss ``train_step`` reduced per step (from the forward step's
 ``[sum, count]`` pairs) and the optimizer's grad norm.
@@ -35,7 +38,12 @@ CONF = Path(__file__).resolve().parents[2] / "conf" / "tiny_cpu.yaml"
 COMMON = ["reference.mode=precomputed", f"train.max_steps={STEPS}", "optim.warmup_steps=0", "optim.lr=1e-3",
           "optim.clip_grad=1.0", "data.global_batch_size=4", "data.micro_batch_size=1", "logging.tensorboard=false",
           "logging.log_interval=1", f"checkpoint.save_interval={SAVE_STEP}"]
-LAYOUTS = {"single": [], "resume": [], "trainer": [], "pp2": ["parallel.pp=2"], "dp2": [], "ep2": ["parallel.ep=2"]}
+LORA = ["peft.type=lora", "peft.dim=4", "peft.alpha=8"]
+LAYOUTS = {"single": [], "resume": [], "trainer": [], "pp2": ["parallel.pp=2"], "dp2": [], "ep2": ["parallel.ep=2"],
+           "lora": LORA, "lora_resume": LORA,
+           # the online reference (the same numbers as the sidecar) builds a second model before the adapters are
+           # drawn: the adapters must still be Bridge's (adapter_init seeds them)
+           "trainer_lora": [*LORA, "reference.mode=online"]}
 
 
 def overrides(work: Path, data: str, name: str) -> list[str]:
@@ -81,6 +89,8 @@ def bridge_setup(cfg, container, load: Path | None = None, load_step: int | None
     state = GlobalState()
     state.cfg = container
     tokenizer = build_tokenizer(container.tokenizer)
+    if container.peft is not None:  # setup(): Bridge's hook loads the base (pretrained layout), adds the adapters
+        bridge._register_pre_wrap_hook(container.model, bridge._create_peft_pre_wrap_hook(container, state))
     # setup()'s _build_distributed_model makes this call without use_cpu_initialization, and Bridge's get_model
     # then sets the provider's flag to False and moves the model with .cuda(): the one argument added here
     model = container.model.provide_distributed_model(
@@ -94,8 +104,13 @@ def bridge_setup(cfg, container, load: Path | None = None, load_step: int | None
         use_gloo_process_groups=container.dist.use_gloo_process_groups, pg_collection=None,
         optimizer_config_override_provider=container.optimizer_config_override_provider)
     manager = create_checkpoint_manager(container.checkpoint)
-    assert bridge._should_load_checkpoint(container, manager), "no checkpoint to load"
-    manager.load(CheckpointLoadContext(state=state, model=model, optimizer=optimizer, opt_param_scheduler=scheduler))
+    if bridge._should_load_checkpoint(container, manager):  # PEFT: only a resume (the hook loaded the base)
+        if container.peft is not None:  # as setup() does: the adapters' resume loads optimizer and RNG too
+            container.checkpoint.finetune = False
+        manager.load(CheckpointLoadContext(state=state, model=model, optimizer=optimizer,
+                                           opt_param_scheduler=scheduler))
+    else:
+        assert container.peft is not None, "no checkpoint to load"
     bridge._update_model_config_funcs(model, container.model, container.ddp, optimizer,
                                       align_grad_reduce=container.dist.align_grad_reduce, pg_collection=pgs)
     provider = bridge._bind_dataset_provider_context(get_dataset_provider(container.dataset), tokenizer=tokenizer,
@@ -114,6 +129,7 @@ def run_bridge(work: Path, data: str, name: str, load: Path | None = None, load_
 
     from nemo_lpo.bridge.recipes import recipe
     from nemo_lpo.config import load_config
+    from nemo_lpo.train.adapters import base_checksum, parameter_counts
 
     destroy_moe_metrics_tracker()  # megatron's process-global MoE tracker, sized by the first model
     settings = overrides(work, data, name)
@@ -123,6 +139,7 @@ def run_bridge(work: Path, data: str, name: str, load: Path | None = None, load_
     container.dataset.persistent_workers = False
     state, model, optimizer, scheduler, train_iter, manager, pgs = bridge_setup(cfg, container, load, load_step)
     start = state.train_state.step
+    base_before = base_checksum(model)
     steps = []
     original_step = bridge_train.train_step
 
@@ -141,9 +158,20 @@ def run_bridge(work: Path, data: str, name: str, load: Path | None = None, load_
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, steps)
     losses = next((g for g in gathered if g and g[0]["loss"] is not None), steps)
+    checkpoints = work / name / "checkpoints"
     return {"start": start, "end": state.train_state.step, "loss": [s["loss"] for s in losses],
-            "grad_norm": [s["grad_norm"] for s in steps],
-            "saved": sorted(p.name for p in (work / name / "checkpoints").glob("iter_*"))}
+            "grad_norm": [s["grad_norm"] for s in steps], "saved": sorted(p.name for p in checkpoints.glob("iter_*")),
+            "base": [base_before, base_checksum(model)], **parameter_counts(model),
+            "trainable_names": sorted({n.split(".adapter.")[-1] if ".adapter." in n else n
+                                       for m in model for n, p in m.named_parameters() if p.requires_grad}),
+            "saved_keys": saved_tensor_keys(checkpoints / f"iter_{SAVE_STEP:07d}")}
+
+
+def saved_tensor_keys(folder: Path) -> list[str]:
+    """The tensor keys of a torch_dist checkpoint folder (its metadata), [] when there is none."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    return sorted(load_tensors_metadata(str(folder))) if (folder / "metadata.json").exists() else []
 
 
 def bridge_order(num_lists: int, global_batch: int, dp_size: int, data_sharding: bool) -> list[int]:
@@ -177,9 +205,12 @@ def run_trainer(work: Path, data: str, name: str) -> dict:
     from nemo_lpo.train.loop import Trainer, init_parallel
     from tests.dist.train_common import metrics_lines
 
-    sharding = recipe("tiny-cpu", overrides(work, data, name))[0].dataset.data_sharding
+    from nemo_lpo.train.adapters import base_checksum
+
+    sharding = recipe("tiny-cpu", overrides(work, data, "trainer"))[0].dataset.data_sharding
     result = {}
-    for order, dp_size in (("own", None), ("bridge_dp1", 1), ("bridge_dp2", 2)):
+    orders = (("own", None), ("bridge_dp1", 1), ("bridge_dp2", 2)) if name == "trainer" else (("bridge_dp1", 1),)
+    for order, dp_size in orders:
         cfg = load_config(CONF, [*overrides(work, data, name), "checkpoint.save_at_end=false",
                                  f"logging.run_dir={work / name / order}"])
         init_parallel(cfg)
@@ -192,7 +223,8 @@ def run_trainer(work: Path, data: str, name: str) -> dict:
         trainer.run()
         lines = metrics_lines(Path(cfg.logging.run_dir) / "metrics.jsonl")
         result[order] = {"order": sampler.epoch_order(0).tolist(), "loss": [line["loss"] for line in lines],
-                         "grad_norm": [line["grad_norm"] for line in lines]}
+                         "grad_norm": [line["grad_norm"] for line in lines], "base": base_checksum(trainer.lpo.modules),
+                         "trainable": lines[0].get("params/trainable")}
     return result
 
 
@@ -203,10 +235,11 @@ def run(work: Path, prefix: str, name: str) -> None:
     from tests.dist.bridge_parity import prepare
 
     data = prepare(work, prefix, lambda scenario, d: load_config(CONF, overrides(work, d, "single")))
-    if name == "trainer":
+    if name.startswith("trainer"):
         result = run_trainer(work, data, name)
-    elif name == "resume":  # Bridge's loader resumes the uninterrupted run's step-2 checkpoint
-        result = run_bridge(work, data, name, load=work / "single" / "checkpoints", load_step=SAVE_STEP)
+    elif name.endswith("resume"):  # Bridge's loader resumes the uninterrupted run's step-2 checkpoint
+        uninterrupted = name.removesuffix("resume").removesuffix("_") or "single"
+        result = run_bridge(work, data, name, load=work / uninterrupted / "checkpoints", load_step=SAVE_STEP)
     else:
         result = run_bridge(work, data, name)
     if torch.distributed.get_rank() == 0:
@@ -217,6 +250,7 @@ def main() -> None:
     from tests.dist import bridge_te_shim
 
     bridge_te_shim.install()
+    bridge_te_shim.bridge_peft_without_te()
     from nemo_lpo.bridge.cpu_compat import apply_bridge_cpu_compat
     from tests.dist.scenarios import run_scenarios
 

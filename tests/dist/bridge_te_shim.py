@@ -64,3 +64,19 @@ def install() -> None:
     except (ImportError, RuntimeError, OSError):
         pass
     builtins.__import__ = _import
+
+
+def bridge_peft_without_te() -> None:
+    """Tell Bridge's PEFT that TE is absent where it is (test environment only; the container has TE).
+
+    megatron-core 0.19.2 without TE still defines ``TEColumnParallelLinear`` & co. in
+    ``megatron.core.extensions.transformer_engine`` (MagicMock placeholders, ``None`` for the grouped ones), so
+    Bridge 0.6.2's ``safe_import_from`` succeeds and ``megatron/bridge/peft/utils.py:86`` sets ``HAVE_TE = True``;
+    ``get_adapter_attributes_from_linear`` then calls ``isinstance(m, None)`` (utils.py:591) and raises.
+    """
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        import megatron.bridge.peft.utils as peft_utils
+
+        peft_utils.HAVE_TE = False

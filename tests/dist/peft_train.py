@@ -24,25 +24,7 @@ from tests.dist import bridge_te_shim
 from tests.dist.train_common import seed_resume
 
 bridge_te_shim.install()
-
-
-def _bridge_peft_without_te() -> None:
-    """Tell Bridge's PEFT that TE is absent where it is (test environment only; the container has TE).
-
-    megatron-core 0.19.2 without TE still defines ``TEColumnParallelLinear`` & co. in
-    ``megatron.core.extensions.transformer_engine`` (MagicMock placeholders, ``None`` for the grouped ones), so
-    Bridge 0.6.2's ``safe_import_from`` succeeds and ``megatron/bridge/peft/utils.py:86`` sets ``HAVE_TE = True``;
-    ``get_adapter_attributes_from_linear`` then calls ``isinstance(m, None)`` (utils.py:591) and raises.
-    """
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        import megatron.bridge.peft.utils as peft_utils
-
-        peft_utils.HAVE_TE = False
-
-
-_bridge_peft_without_te()
+bridge_te_shim.bridge_peft_without_te()
 
 STEPS = 3
 COMMON = ["optim.lr=1e-2", "optim.warmup_steps=0", "optim.clip_grad=1.0", "data.global_batch_size=4",
