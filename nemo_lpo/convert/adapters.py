@@ -1,7 +1,7 @@
 """Export of an adapter checkpoint (``peft.type`` lora / dora): merged weights, and the adapters in HF PEFT format.
 
 The run's model is rebuilt in one process (TP=PP=EP=1) from the base checkpoint the adapter checkpoint points
-at (its weight checksum checked), Bridge's adapters are added and loaded from the checkpoint, then either
+at (``train.adapter_checkpoint``: its weight checksum checked, Bridge's adapters added and loaded), then either
 folded into the base weights (``merge_adapter_checkpoint``: Bridge's ``LoRAMerge`` through ``LoRALinear.weight``;
 DoRA's magnitude x direction) and written as an ordinary megatron checkpoint for ``mcore_to_hf``, or written
 alone as ``adapter_config.json`` + ``adapter_model.safetensors`` for ``peft.PeftModel.from_pretrained`` on the
@@ -14,51 +14,24 @@ import json
 import shutil
 from pathlib import Path
 
-from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
-from nemo_lpo.config.loader import from_dict
 from nemo_lpo.convert.hf_config import ConversionError
 from nemo_lpo.convert.mapping import expand
 from nemo_lpo.convert.mcore_side import ensure_single_process_parallel
 from nemo_lpo.io import SIDECAR_NAME, atomic_write
-from nemo_lpo.train.adapters import adapter_sharded_state, check_base_pointer, load_adapter_state, merge_adapters
-from nemo_lpo.train.checkpoint import model_sharded_state_dict, save_model_weights
-from nemo_lpo.train.lpo_model import LPOModel
-
-SINGLE_PROCESS = {"tp": 1, "pp": 1, "vpp": 1, "ep": 1, "etp": None, "sequence_parallel": False,
-                  "distributed_optimizer": False, "overlap_grad_reduce": False, "overlap_param_gather": False}
+from nemo_lpo.train.adapter_checkpoint import load_adapter_model
+from nemo_lpo.train.adapters import merge_adapters
+from nemo_lpo.train.checkpoint import save_model_weights
 
 
-def adapter_pointer(ckpt: Path) -> dict | None:
-    """The base pointer of an adapter checkpoint (``peft`` in its common state); None for any other checkpoint."""
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception:  # noqa: BLE001 - not a training checkpoint: no pointer
-        return None
-    return common.get("peft") if isinstance(common, dict) else None
-
-
-def load_adapter_model(ckpt: Path) -> LPOModel:
-    """The adapter run's policy at TP=PP=EP=1: base weights from the pointed-at checkpoint, adapters from ``ckpt``."""
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    pointer = common["peft"]
-    saved = common["config"]
-    saved["parallel"] = {**saved.get("parallel", {}), **SINGLE_PROCESS}
-    saved["model"] = {**saved["model"], "init_checkpoint": pointer["base_checkpoint"]}
-    if not Path(pointer["base_checkpoint"]).is_dir():
-        raise ConversionError(f"{ckpt}: the adapters' base checkpoint {pointer['base_checkpoint']} is not there; the "
-                              "export needs it (the adapter checkpoint holds only the adapters)")
-    cfg = from_dict(saved, source=f"{ckpt} (run config)")
+def _adapter_model(ckpt: Path):
+    """``adapter_checkpoint.load_adapter_model`` in the converters' one-rank world; a missing base names itself."""
     ensure_single_process_parallel()
-    lpo = LPOModel(cfg, train=False)
-    check_base_pointer(pointer, lpo.base, ckpt)
-    request = adapter_sharded_state(lpo.peft, model_sharded_state_dict(lpo.module))
-    loaded = dist_checkpointing.load(request, str(ckpt))  # with the checkpoint's common state: keep the model's
-    load_adapter_state(lpo.module, {key: value for key, value in loaded.items() if key in request})
-    for module in lpo.modules:
-        module.eval()
-    return lpo
+    try:
+        return load_adapter_model(ckpt)
+    except FileNotFoundError as err:
+        raise ConversionError(f"{err}; the export needs it") from None
 
 
 def merge_adapter_checkpoint(ckpt: Path, dest: Path) -> tuple[str, str | None]:
@@ -66,7 +39,7 @@ def merge_adapter_checkpoint(ckpt: Path, dest: Path) -> tuple[str, str | None]:
 
     Returns (the run's model preset name, the base checkpoint's tokenizer folder ``hf`` or None).
     """
-    lpo = load_adapter_model(ckpt)
+    lpo = _adapter_model(ckpt)
     merge_adapters(lpo.modules)
     save_model_weights(lpo.module, dest)
     if (ckpt / SIDECAR_NAME).is_file():  # a converted base's description: for from_checkpoint models
@@ -93,7 +66,7 @@ def write_peft_adapters(ckpt: Path, out: Path, architecture: str | None = None) 
 
     if out.exists():
         raise ConversionError(f"{out}: already exists; refusing to overwrite")
-    lpo = load_adapter_model(ckpt)
+    lpo = _adapter_model(ckpt)
     preset = lpo.preset
     architecture = architecture or ("MixtralForCausalLM" if preset.is_moe else "MistralForCausalLM")
     by_mcore = {m.mcore: m for m in expand(architecture, preset)}

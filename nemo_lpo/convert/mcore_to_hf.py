@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, GenerationConfig
 
 from nemo_lpo.config.sources import train_prefixes
-from nemo_lpo.convert.adapters import adapter_pointer, merge_adapter_checkpoint, write_peft_adapters
+from nemo_lpo.convert.adapters import merge_adapter_checkpoint, write_peft_adapters
 from nemo_lpo.convert.hf_config import (
     ConversionError,
     architecture_of,
@@ -46,6 +46,7 @@ from nemo_lpo.data.layout import manifest_path
 from nemo_lpo.io import resolve_checkpoint
 from nemo_lpo.model.presets import get_preset
 from nemo_lpo.model.sidecar import read_sidecar
+from nemo_lpo.train.adapter_checkpoint import adapter_pointer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")

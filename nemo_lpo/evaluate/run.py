@@ -9,7 +9,8 @@ carry. The reference μ of the implicit
 reward β(log π − log μ) is, in order: an explicit reference checkpoint; the run's own reference (its
 ``reference.checkpoint`` or ``model.init_checkpoint``); the dataset's reference sidecar (``nemo-lpo
 ref-logps``). Policy and reference go through the same forward code, so a policy evaluated against itself
-has implicit rewards of exactly 0.
+has implicit rewards of exactly 0. An adapter checkpoint (a ``peft`` run) is scored as its base with the adapters
+(``train.adapter_checkpoint``, Megatron-Bridge's PEFT), the base being the run's reference.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from nemo_lpo.model.build import build_gpt_model
 from nemo_lpo.model.parallel import destroy_parallel, initialize_parallel
 from nemo_lpo.model.presets import get_preset, transformer_config
 from nemo_lpo.model.resolve import FROM_CHECKPOINT, resolve_preset
+from nemo_lpo.train.adapter_checkpoint import adapter_pointer, load_adapter_model
 
 SIDECAR = "sidecar"  # ``reference=SIDECAR``: use the dataset's stored reference log-probs
 
@@ -109,6 +111,13 @@ def load_weights(module, checkpoint: str | Path) -> None:
     module.load_state_dict({k: v for k, v in loaded.items() if k in request})
 
 
+def _policy_model(preset, checkpoint: Path):
+    """The evaluated model: the checkpoint's weights, or for an adapter checkpoint its base with the adapters."""
+    if adapter_pointer(checkpoint) is None:
+        return build_model(preset, checkpoint)
+    return load_adapter_model(checkpoint).module
+
+
 def _run_reference(run_config: dict | None) -> str | None:
     if not run_config:
         return None
@@ -131,7 +140,8 @@ def evaluate_checkpoint(
     """Return the ranking metrics of ``checkpoint`` on ``data_prefix`` (see ``metrics.ranking_metrics``).
 
     Args:
-        checkpoint: policy dist checkpoint (training folder, ``step_*`` folder or weights-only).
+        checkpoint: policy dist checkpoint (training folder, ``step_*`` folder or weights-only); an adapter
+            checkpoint (``peft``) is its base with the adapters, the base its default reference.
         data_prefix: packed dataset prefix (``nemo-lpo pack --output-prefix``).
         reference: reference checkpoint, or ``"sidecar"`` for the dataset's stored log-probs; default: the
             run's own reference, then the sidecar.
@@ -159,7 +169,7 @@ def evaluate_checkpoint(
         if reference is None:
             raise ValueError(f"no reference for {checkpoint}: pass a reference checkpoint, or run "
                              f"`nemo-lpo ref-logps` on {data_prefix} to store the reference log-probs")
-        policy_model = build_model(model_preset, resolve_checkpoint(checkpoint))
+        policy_model = _policy_model(model_preset, resolve_checkpoint(checkpoint))
         policy = dataset_logps(policy_model, dataset, micro_batch_size, progress=progress)
         del policy_model
         if reference_logps is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_lpo.convert.adapters import load_adapter_model
+from nemo_lpo.train.adapter_checkpoint import load_adapter_model
 from nemo_lpo.convert.hf_config import ConversionError
 from nemo_lpo.convert.mcore_to_hf import convert_mcore_to_hf
 from nemo_lpo.convert.verify import hf_logits, megatron_logits
