@@ -4,8 +4,8 @@ One torchrun launch (1 process, tests/dist/peft_train.py; the test-only TE impor
 trains the tiny Mixtral with LoRA on every linear (experts included) from a base init checkpoint with
 ``reference.mode=base``, then: the same run on a precomputed sidecar of the base, a resume of its step-2
 checkpoint, a DoRA run, a resume onto another base, the exports (merged weights through transformers,
-PEFT adapters through peft), and a run from a saved adapter init (then, in a plain process, ``nemo-lpo eval``'s
-scoring of the adapter checkpoint against its merged weights); a 2-process launch runs that init at TP2 + SP
+PEFT adapters through peft), a run from a saved adapter init, and ``nemo-lpo eval``'s scoring of the adapter
+checkpoint against its merged weights; a 2-process launch runs that init at TP2 + SP
 (expert TP 2: the expert adapters' collectives of ``nemo_lpo/train/lora_experts.py``), PP2 and EP2. Needs
 Megatron-Bridge 0.6 with transformers 5.12 and peft in the interpreter that runs pytest: `make test` runs it in
 .venv-bridge (BRIDGE_TESTS); the main run deselects the `bridge` marker.
@@ -13,17 +13,13 @@ Megatron-Bridge 0.6 with transformers 5.12 and peft in the interpreter that runs
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.dist.train_common import DEMO_LISTS, REPO, pack_lists, results, scenario
+from tests.dist.train_common import DEMO_LISTS, pack_lists, results, scenario
 from tests.torchrun import run_torchrun
 
 WORKER = "tests/dist/peft_train.py"
-SCENARIOS = ("lora", "sidecar", "resume", "dora", "wrong_base", "export", "adapters0", "p_single")
+SCENARIOS = ("lora", "sidecar", "resume", "dora", "wrong_base", "export", "adapters0", "p_single", "eval")
 PARALLEL = ("p_tp2", "p_pp2", "p_ep2")  # 2 processes, from the same base and adapter init as p_single
 REFUSED = ("dora_tp2",)  # 2 processes, last: expert DoRA at expert TP 2 stops at start-up
 TOL = 1e-6
@@ -41,7 +37,6 @@ def found(tmp_path_factory) -> dict:
     found = results(run_torchrun(WORKER, 1, str(root / "work"), str(prefix), *SCENARIOS, timeout=900))
     found.update(results(run_torchrun(WORKER, 2, str(root / "work"), str(prefix), *PARALLEL, *REFUSED,
                                        timeout=900)))
-    found["_paths"] = {"work": str(root / "work"), "prefix": str(prefix)}
     return found
 
 
@@ -136,12 +131,7 @@ def test_eval_scores_an_adapter_checkpoint_as_its_merged_weights(found):
     The adapter checkpoint is scored as base + adapters against the run's base; it differs from the base's own
     scores (tests/dist/peft_eval.py).
     """
-    paths = found["_paths"]
-    proc = subprocess.run([sys.executable, "-m", "tests.dist.peft_eval", paths["work"], paths["prefix"]],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    got = json.loads(lines[-1][len("RESULT "):])
+    got = scenario(found, "eval")
     assert got["reference"].endswith("/init")  # the run's base, read from the adapter checkpoint's config
     assert got["vs_merged"] < 1e-4, got  # summed over up to 200 tokens per response
     assert got["vs_base"] > 1e-2, got  # the adapters were applied

@@ -158,6 +158,7 @@ def evaluate_checkpoint(
         ValueError: no reference can be found, or its log-probs do not fit the dataset.
     """
     dataset = ListwiseDataset(data_prefix)
+    owns_process_group = not torch.distributed.is_initialized()
     initialize_parallel(seed=1234)
     try:
         run_config = checkpoint_run_config(checkpoint)
@@ -187,7 +188,8 @@ def evaluate_checkpoint(
                                          micro_batch_size).policy_logps
             ref_name = str(ref_path)
     finally:
-        destroy_parallel()
+        if owns_process_group:  # a caller's process group (e.g. a one-rank torchrun worker's) stays
+            destroy_parallel()
     result = _summarize_with_loss(policy, ref_logps, beta, ndcg_k, run_config)
     result["_policy_logps"] = policy.policy_logps
     result.update(checkpoint=str(resolve_checkpoint(checkpoint)), data=str(data_prefix), reference=ref_name,

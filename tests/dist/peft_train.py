@@ -9,7 +9,8 @@ base's reference pass into a copy of the dataset, then the same LoRA run on refe
 resume (lora's step-2 checkpoint resumed for step 3), dora (reference.mode=base, 3 steps), export (lora's
 final checkpoint through ``convert mcore-to-hf``: merged weights and the HF PEFT adapters; logits of both
 through transformers / peft against the adapter model's own), wrong_base (resume onto another base: refused),
-adapters0 (saves the 1-process adapter init), p_single / p_tp2 (TP2 + SP, expert TP 2) / p_pp2 / p_ep2 (3 steps from
+eval (lora's adapter checkpoint scored by nemo-lpo eval, against its merged weights and the base; last in its
+launch), adapters0 (saves the 1-process adapter init), p_single / p_tp2 (TP2 + SP, expert TP 2) / p_pp2 / p_ep2 (3 steps from
 that init), dora_tp2 (expert DoRA at expert TP 2: refused at start-up).
 """
 
@@ -184,6 +185,10 @@ def run(work: Path, prefix: str, name: str) -> None:
             return work / "lora_attn"
 
         result = export_and_compare(work, _config(work, prefix, "lora"), train_attention_only)
+    elif name == "eval":  # the lora run's adapter checkpoint through nemo-lpo eval (tests/dist/peft_eval.py)
+        from tests.dist.peft_eval import eval_and_compare
+
+        result = eval_and_compare(work, prefix)
     else:
         result = _train(work, prefix, name)
     if torch.distributed.get_rank() == 0:
