@@ -392,3 +392,19 @@ def test_only_a_raised_max_steps_past_the_saved_decay_is_named():
     assert "reaches optim.min_lr=0.0 at step 10" in _past_the_schedule(cfg, {"train": {"max_steps": 20}}, schedule)
     assert _past_the_schedule(cfg, {"train": {"max_steps": 40}}, schedule) is None
     assert _past_the_schedule(cfg, {"train": {"max_steps": 20}}, {**schedule, "lr_decay_style": "constant"}) is None
+
+
+def test_raised_epochs_past_the_saved_decay_are_named():
+    """max_steps null: more epochs than saved run past a decay that ended at the saved run's last step."""
+    from nemo_lpo.config import load_config
+    from nemo_lpo.train.resume_check import _past_the_schedule
+
+    cfg = load_config(TINY_CONF, ["train.max_steps=null", "train.epochs=3"])
+    schedule = {"lr_decay_steps": 10, "lr_decay_style": "cosine", "min_lr": 0.0}  # 1 epoch = 10 steps when saved
+    saved = {"train": {"max_steps": None, "epochs": 1}, "optim": {"decay_steps": None}}
+    note = _past_the_schedule(cfg, saved, schedule)
+    assert "train.epochs=3 (30 steps; 1 when saved)" in note and "min_lr=0.0 at step 10" in note
+    assert _past_the_schedule(cfg, {**saved, "train": {"max_steps": None, "epochs": 3}}, schedule) is None
+    assert _past_the_schedule(cfg, {**saved, "optim": {"decay_steps": 10}}, schedule) is None  # decays early by design
+    fewer = load_config(TINY_CONF, ["train.max_steps=null", "train.epochs=1"])
+    assert _past_the_schedule(fewer, {**saved, "train": {"max_steps": None, "epochs": 2}}, schedule) is None

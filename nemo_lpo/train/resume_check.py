@@ -5,7 +5,8 @@ continuation cannot follow exactly (the data, the model, the loss, the optimizer
 unless ``checkpoint.resume_despite_changes=true``; ``checkpoint.resume=false`` starts fresh instead. Changes the
 trainer is built to absorb (the parallel layout: checkpoints reshard; logging, checkpointing, validation, the run's
 length) are listed and the run resumes. The LR schedule is the checkpoint's (``SCHEDULE_FROM_CHECKPOINT``): a change to it
-is marked as not applied, and a raised ``train.max_steps`` past the saved decay's end is named (refused at min_lr 0).
+is marked as not applied, and a raised ``train.max_steps`` (or ``train.epochs``) past the saved decay's end is named
+(refused at min_lr 0).
 """
 
 from __future__ import annotations
@@ -105,18 +106,29 @@ def check_resume(cfg: Config) -> list[str]:
 
 
 def _past_the_schedule(cfg: Config, saved: dict, scheduler: dict | None) -> str | None:
-    """A note when a raised ``train.max_steps`` runs past the end of the checkpoint's LR decay (restored on resume).
+    """A note when a longer run (``train.max_steps``, or ``train.epochs``) goes past the checkpoint's LR decay.
 
-    Only a changed max_steps: a run configured to decay early (``optim.decay_steps`` < max_steps) resumes as it was.
+    The decay is restored on resume. Only a changed run length counts: a run configured to decay early
+    (``optim.decay_steps`` < max_steps) resumes as it was. Raised ``train.epochs`` (max_steps null before and now)
+    is measured against the saved decay only where that decay ended at the run's last step (``optim.decay_steps``
+    null then): the new length is then the decay's end × new / old epochs; otherwise it is not checked.
     """
-    max_steps = cfg.train.max_steps
-    if not isinstance(scheduler, dict) or max_steps is None or scheduler.get("lr_decay_style") == "constant" \
-            or saved.get("train", {}).get("max_steps") == max_steps:
+    if not isinstance(scheduler, dict) or scheduler.get("lr_decay_style") == "constant" \
+            or scheduler.get("lr_decay_steps") is None:
         return None
-    decay_end = scheduler.get("lr_decay_steps")
-    if decay_end is None or max_steps <= decay_end:
+    decay_end, was = scheduler["lr_decay_steps"], saved.get("train", {})
+    if cfg.train.max_steps is not None:
+        if was.get("max_steps") == cfg.train.max_steps:
+            return None
+        setting, steps = f"train.max_steps={cfg.train.max_steps}", cfg.train.max_steps
+    elif was.get("max_steps") is None and saved.get("optim", {}).get("decay_steps") is None and was.get("epochs"):
+        steps = decay_end // was["epochs"] * cfg.train.epochs
+        setting = f"train.epochs={cfg.train.epochs} ({steps} steps; {was['epochs']} when saved)"
+    else:
         return None
-    return (f"train.max_steps={cfg.train.max_steps} runs past the checkpoint's LR schedule, which reaches "
+    if steps <= decay_end:
+        return None
+    return (f"{setting} runs past the checkpoint's LR schedule, which reaches "
             f"optim.min_lr={scheduler.get('min_lr')} at step {decay_end} and stays there (the schedule is restored "
             f"from the checkpoint; to extend a run with a new schedule, start one from it: model.init_checkpoint="
             f"{cfg.checkpoint_dir()} in another logging.run_dir)")
