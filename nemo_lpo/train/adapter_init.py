@@ -19,17 +19,14 @@ import torch
 class SeededAdapterInit:
     """Mixin for a Megatron-Bridge PEFT class: its adapter init drawn from ``init_seed``.
 
-    ``__call__`` (the transform of the whole model) runs on a forked CPU generator seeded with ``init_seed``,
-    leaving the process's own stream untouched; ``init_seed`` None keeps Bridge's behaviour (the generator as it
-    stands).
+    ``__call__`` (the transform of the whole model) runs on a forked CPU generator seeded with ``init_seed``
+    (set by ``adapters.build_peft``), leaving the process's own stream untouched.
     """
 
-    init_seed: int | None = None
+    init_seed: int
 
     def __call__(self, model, training: bool = True):
         """Bridge's transform of ``model`` (a chunk or a list of chunks), drawing from ``init_seed``."""
-        if self.init_seed is None:
-            return super().__call__(model, training)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             return super().__call__(model, training)

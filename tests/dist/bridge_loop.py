@@ -162,7 +162,7 @@ def run_bridge(work: Path, data: str, name: str, load: Path | None = None, load_
     return {"start": start, "end": state.train_state.step, "loss": [s["loss"] for s in losses],
             "grad_norm": [s["grad_norm"] for s in steps], "saved": sorted(p.name for p in checkpoints.glob("iter_*")),
             "base": [base_before, base_checksum(model)], **parameter_counts(model),
-            "trainable_names": sorted({n.split(".adapter.")[-1] if ".adapter." in n else n
+            "trainable_names": sorted({n.split(".adapter.")[-1]  # an adapter's own name; any other name whole
                                        for m in model for n, p in m.named_parameters() if p.requires_grad}),
             "saved_keys": saved_tensor_keys(checkpoints / f"iter_{SAVE_STEP:07d}")}
 
@@ -202,10 +202,9 @@ def run_trainer(work: Path, data: str, name: str) -> dict:
 
     from nemo_lpo.bridge.recipes import recipe
     from nemo_lpo.config import load_config
+    from nemo_lpo.train.adapters import base_checksum
     from nemo_lpo.train.loop import Trainer, init_parallel
     from tests.dist.train_common import metrics_lines
-
-    from nemo_lpo.train.adapters import base_checksum
 
     sharding = recipe("tiny-cpu", overrides(work, data, "trainer"))[0].dataset.data_sharding
     result = {}
